@@ -1,0 +1,349 @@
+"""The broker (the paper's transfer process E): what needs one owner.
+
+Theory of operation:
+- It creates the segment, and alone unlinks it. Clients on the node make
+  their own state transitions in it; the broker is not on the path of a
+  small file's open, write, read or close.
+- It hands out arena blocks (ALLOC): one request per extent, an extent at
+  least as large as what the file already has, so a file of n bytes costs
+  O(log n) requests. Only the broker sets bitmap bits, so the first-fit
+  scan never races another allocator; holders clear bits as they free.
+- When the arena cannot satisfy a request it moves the least recently
+  published WAIT files to the spill store (holding each as its reader so no
+  consumer takes it mid-move), and if that is not enough, moves the
+  requesting file itself. The memory tier is thus the spill store's cache.
+  Bytes past a spilled file's inline buffer are read and written through
+  the broker (SPILL_READ, SPILL_WRITE).
+- A malformed or mistaken request gets an error reply; nothing a client
+  sends can stop the broker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import zmq
+
+from tfem import discovery, protocol
+from tfem._atomics import ffi, lib
+from tfem.config import Instance
+from tfem.errors import InvalidArgument, NoSpace, ProtocolError, TfemError
+from tfem.protocol import Op, Reply
+from tfem.segment import Layout, Segment
+from tfem.states import State
+from tfem.table import SlotTable
+
+from .spill import SpillStore
+
+log = logging.getLogger("tfem.broker")
+
+
+@dataclasses.dataclass
+class BrokerConfig:
+    keyfile: str | None = None
+    slots: int = 4096
+    buf_size: int = 8 << 10
+    block_size: int = 64 << 10
+    memory: int = 512 << 20
+    spill_dir: pathlib.Path | None = None  # None: the instance's default
+    spill: bool = True
+    spill_size: int = 64 << 30  # LMDB map size: address space, not disk
+    endpoint: str | None = None  # default: ipc:// socket of the instance
+    keep: bool = False  # leave segment and spill files on stop
+
+
+class Broker:
+    segment: Segment | None = None
+    spill: SpillStore | None = None
+    _socket: Any = None
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.instance = Instance.for_keyfile(config.keyfile)
+        self.endpoint = config.endpoint or self.instance.endpoint
+        self.clients: dict[bytes, int] = {}
+        self.served: dict[str, int] = {op.value: 0 for op in Op}
+        self.errors = 0
+        self.started = time.time()
+        self._announced = False
+
+    # ---- life cycle ----
+
+    def start(self) -> None:
+        c = self.config
+        layout = Layout(c.slots, c.buf_size, c.block_size, c.memory)
+        self.segment = Segment.create(self.instance.segment, layout)
+        try:
+            self.table = SlotTable(self.segment, os.getpid())
+            if c.spill:
+                self.spill = SpillStore(c.spill_dir or self.instance.spill_dir, c.spill_size)
+            self._context = zmq.Context()
+            self._socket = self._context.socket(zmq.ROUTER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if self.endpoint.startswith("ipc://"):
+                stale = pathlib.Path(self.endpoint[len("ipc://"):])
+                stale.unlink(missing_ok=True)  # the segment was free, so no broker owns it
+            self._socket.bind(self.endpoint)
+            if self.endpoint.startswith("ipc://"):
+                os.chmod(self.endpoint[len("ipc://"):], 0o600)
+            self._announce()
+        except BaseException:
+            self.close()
+            raise
+        log.info("broker %d serving %s: segment %s, %d slots, %d MiB arena, spill %s",
+                 os.getpid(), self.endpoint, self.segment.name, c.slots, c.memory >> 20,
+                 self.spill.path if self.spill else "off")
+
+    def _announce(self) -> None:
+        if not self.instance.keyfile.exists():
+            log.warning("no registry for %s: clients must use TFEM_BROKER=%s",
+                        self.instance.keyfile, self.endpoint)
+            return
+        discovery.ask_registry(self.instance.keyfile, protocol.Action.ANNOUNCE,
+                               {"endpoint": self.endpoint, "load": 0})
+        self._announced = True
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Answer requests until should_stop() is true (checked every 100 ms)."""
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not should_stop():
+            try:
+                events = dict(poller.poll(100))
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EINTR:  # a signal: look at should_stop()
+                    continue
+                raise
+            if self._socket in events:
+                for _ in range(256):  # drain, but check for stop now and then
+                    try:
+                        frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._serve_one(frames)
+
+    def close(self) -> None:
+        """Withdraw, stop listening, and unless `keep`, destroy the segment
+        and the spill store. Idempotent."""
+        if self._announced:
+            self._announced = False
+            try:
+                discovery.ask_registry(self.instance.keyfile, protocol.Action.WITHDRAW,
+                                       {"endpoint": self.endpoint}, timeout=1.0)
+            except TfemError:
+                pass
+        if self._socket is not None:
+            self._socket.close()
+            self._context.term()
+            self._socket = None
+            if self.endpoint.startswith("ipc://"):
+                pathlib.Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
+        if self.spill is not None:
+            self.spill.close()
+            if not self.config.keep:
+                self.spill.remove()
+            self.spill = None
+        if self.segment is not None:
+            name = self.segment.name
+            self.segment.close()
+            self.segment = None
+            if not self.config.keep:
+                Segment.unlink(name)
+
+    # ---- requests ----
+
+    def _serve_one(self, frames: list[Any]) -> None:
+        identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
+        try:
+            request = protocol.decode_request(body)
+        except ProtocolError as exc:
+            self.errors += 1
+            rid = protocol.request_id_of(body[0]) if body else None
+            log.debug("malformed request: %s", exc)
+            if rid is not None:
+                self._send(identity, Reply(rid, exc.errno, str(exc)))
+            return
+        self.served[request.op.value] += 1
+        try:
+            reply = self._handle(identity, request)
+        except TfemError as exc:
+            self.errors += 1
+            reply = Reply(request.request_id, exc.errno or 5, str(exc))
+        except Exception as exc:  # a bug must not take the broker down
+            self.errors += 1
+            log.exception("error serving %s", request.op.value)
+            reply = Reply(request.request_id, 5, f"broker error: {exc}")
+        self._send(identity, reply)
+
+    def _send(self, identity: bytes, reply: Reply) -> None:
+        try:
+            self._socket.send_multipart([identity, *protocol.encode_reply(reply)], copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("reply not sent: %s", exc)
+
+    def _handle(self, identity: bytes, request: protocol.Request) -> Reply:
+        op, args, rid = request.op, request.args, request.request_id
+        if op is Op.HELLO:
+            self.clients[identity] = args["pid"]
+            return Reply(rid, 0, {"segment": self.segment.name, "broker_pid": os.getpid()})
+        if op is Op.STATS:
+            return Reply(rid, 0, self.stats())
+        if op is Op.BYE:
+            self.clients.pop(identity, None)
+            return Reply(rid, 0, {})
+        pid = self.clients.get(identity)
+        if pid is None:
+            raise ProtocolError("say hello first")
+        if op is Op.ALLOC:
+            self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
+            return Reply(rid, 0, {"spilled": self._alloc(args["slot"], args["capacity"])})
+        if op is Op.SPILL_WRITE:
+            slot = self._check_spilled(args, pid, State.WRITE)
+            assert self.spill is not None and request.data is not None
+            self.spill.write(slot.file_id, args["offset"] - self.segment.buf_size, memoryview(request.data))
+            return Reply(rid, 0, {})
+        if op is Op.SPILL_READ:
+            slot = self._check_spilled(args, pid, State.READ)
+            assert self.spill is not None
+            length = max(0, min(args["length"], slot.size - args["offset"], 64 << 20))
+            data = self.spill.read(slot.file_id, args["offset"] - self.segment.buf_size, length)
+            return Reply(rid, 0, {}, data)
+        if op is Op.DISCARD:
+            self._discard(args["file_id"])
+            return Reply(rid, 0, {})
+        raise ProtocolError(f"unhandled op {op.value}")
+
+    def _check_holder(self, s: int, generation: int, pid: int, state: State) -> Any:
+        if s >= self.segment.slot_count:
+            raise InvalidArgument(f"no slot {s}")
+        actual, gen, holder = self.table.state_of(s)
+        if actual is not state or gen != generation or holder != pid:
+            raise InvalidArgument(f"slot {s} is not held in {state.name} by pid {pid}")
+        return self.segment.slot(s)
+
+    def _check_spilled(self, args: dict[str, int], pid: int, state: State) -> Any:
+        slot = self._check_holder(args["slot"], args["generation"], pid, state)
+        if not slot.flags & lib.TFEM_SLOT_SPILLED or self.spill is None:
+            raise InvalidArgument(f"slot {args['slot']} is not spilled")
+        if args["offset"] < self.segment.buf_size:
+            raise InvalidArgument("spilled bytes start after the inline buffer")
+        return slot
+
+    # ---- memory ----
+
+    def _alloc(self, s: int, capacity: int) -> bool:
+        """Grow slot s to `capacity` bytes; True if it went to the spill store."""
+        seg, slot = self.segment, self.segment.slot(s)
+        if slot.flags & lib.TFEM_SLOT_SPILLED:
+            return True
+        have = self.table.capacity(s)
+        start = ffi.new("uint32_t *")
+        while have < capacity:
+            if slot.extent_count >= lib.TFEM_MAX_EXTENTS:
+                return self._spill_or_fail(s, "the file has too many extents")
+            needed = -(-(capacity - have) // seg.block_size)
+            want = min(max(needed, (have - seg.buf_size) // seg.block_size), seg.block_count)
+            got = lib.tfem_blocks_claim(seg.bitmap, seg.block_count, max(want, 1), start)
+            if got == 0:
+                if self._evict(needed):
+                    continue
+                return self._spill_or_fail(s, "the arena is full")
+            self.table.add_extent(s, start[0], got)
+            have += got * seg.block_size
+        return False
+
+    def _spill_or_fail(self, s: int, why: str) -> bool:
+        if self.spill is None:
+            raise NoSpace(f"{why} and spilling is off ({self.segment.block_count * self.segment.block_size >> 20} MiB arena)")
+        self._move_to_spill(s)
+        return True
+
+    def _evict(self, blocks_needed: int) -> bool:
+        """Move least recently published WAIT files to the spill store until
+        `blocks_needed` blocks are free. False if nothing could be moved."""
+        if self.spill is None:
+            return False
+        seg = self.segment
+        candidates = []
+        for s in range(seg.slot_count):
+            slot = seg.slot(s)
+            if slot.extent_count and not slot.flags & lib.TFEM_SLOT_SPILLED \
+                    and self.table.state_of(s)[0] is State.WAIT:
+                candidates.append((slot.waiting_ns, s))
+        moved = False
+        for _, s in sorted(candidates):
+            handle = self.table.hold_waiting(s)
+            if handle is None:
+                continue
+            try:
+                self._move_to_spill(s)
+            finally:
+                self.table.release(handle)
+            moved = True
+            if seg.block_count - seg.blocks_in_use() >= blocks_needed:
+                break
+        return moved
+
+    def _move_to_spill(self, s: int) -> None:
+        """Copy bytes past the inline buffer to the spill store, free the
+        extents, flag the slot. The caller holds the slot."""
+        seg, slot = self.segment, self.segment.slot(s)
+        assert self.spill is not None
+        size = slot.size
+        for file_offset, seg_offset, length in self.table.pieces(s)[1 if seg.buf_size else 0:]:
+            n = max(0, min(length, size - file_offset))
+            if n:
+                self.spill.write(slot.file_id, file_offset - seg.buf_size, seg.view[seg_offset: seg_offset + n])
+        self.table.set_flag(s, lib.TFEM_SLOT_SPILLED)
+        self.table.release_extents(s)
+
+    def _discard(self, file_id: int) -> None:
+        if self.spill is None:
+            return
+        seg = self.segment
+        for s in range(seg.slot_count):
+            if seg.slot(s).file_id == file_id and self.table.state_of(s)[0] is not State.INVALID:
+                raise InvalidArgument(f"file {file_id} is still held")
+        self.spill.discard(file_id)
+
+    # ---- statistics ----
+
+    def stats(self) -> dict[str, Any]:
+        seg = self.segment
+        by_state = {state.name: 0 for state in State}
+        for s in range(seg.slot_count):
+            by_state[self.table.state_of(s)[0].name] += 1
+        used_blocks = seg.blocks_in_use()
+        h = seg.header
+        return {
+            "broker_pid": os.getpid(),
+            "endpoint": self.endpoint,
+            "segment": seg.name,
+            "uptime_s": round(time.time() - self.started, 1),
+            "slots_total": seg.slot_count,
+            "slots_used": seg.slot_count - by_state["INVALID"],
+            "slots_free": by_state["INVALID"],
+            "files_by_state": {k: v for k, v in by_state.items() if k != "INVALID"},
+            "buf_size": seg.buf_size,
+            "block_size": seg.block_size,
+            "arena_bytes_total": seg.block_count * seg.block_size,
+            "arena_bytes_used": used_blocks * seg.block_size,
+            "arena_bytes_free": (seg.block_count - used_blocks) * seg.block_size,
+            "spill": str(self.spill.path) if self.spill else None,
+            "spilled_bytes": self.spill.bytes_used if self.spill else 0,
+            "spilled_files": len(self.spill.file_ids()) if self.spill else 0,
+            "clients": len(self.clients),
+            "requests_served": dict(self.served),
+            "request_errors": self.errors,
+            "opened_for_write": h.opened_write,
+            "opened_for_read": h.opened_read,
+            "published": h.closed_write,
+            "consumed": h.closed_read,
+        }

@@ -1,0 +1,113 @@
+"""The spill store: file bytes that do not fit in memory, in LMDB.
+
+Opened by the broker alone. Keys are (file id, chunk number), big-endian so
+one file's chunks sort together; a chunk holds CHUNK bytes of the file past
+its inline buffer. Transactions commit on a clean exit and abort on an
+exception (py-lmdb's context managers), so a failed write leaves nothing
+half-done; a full map is NoSpace to the caller, and what was stored stays.
+Durability is not the point of a temp-file cache, so LMDB runs with sync
+off: a crash of the machine loses spilled data, a crash of the broker not.
+No writemap: a write through a mapping onto a full disk is a SIGBUS, a
+write() is an error we can report.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import struct
+
+import lmdb
+
+from tfem.errors import NoSpace
+
+CHUNK = 1 << 20
+_KEY = struct.Struct(">QQ")
+
+
+class SpillStore:
+    def __init__(self, path: pathlib.Path, map_size: int) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = path
+        self.env = lmdb.open(str(path), map_size=map_size, sync=False, metasync=False,
+                             max_dbs=0, mode=0o600)
+        self.bytes_by_file: dict[int, int] = {}
+        with self.env.begin() as txn:
+            for key, value in txn.cursor():
+                file_id, _ = _KEY.unpack(key)
+                self.bytes_by_file[file_id] = self.bytes_by_file.get(file_id, 0) + len(value)
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(self.bytes_by_file.values())
+
+    def write(self, file_id: int, offset: int, data: memoryview) -> None:
+        """Store `data` at `offset` (counted from the end of the inline buffer)."""
+        added = 0
+        try:
+            with self.env.begin(write=True) as txn:
+                pos, end = offset, offset + len(data)
+                while pos < end:
+                    chunk, within = divmod(pos, CHUNK)
+                    n = min(CHUNK - within, end - pos)
+                    key = _KEY.pack(file_id, chunk)
+                    piece = data[pos - offset: pos - offset + n]
+                    old = txn.get(key)
+                    if old is None and within == 0:
+                        value = bytes(piece)
+                    else:
+                        buf = bytearray(old or b"")
+                        if len(buf) < within + n:
+                            buf.extend(bytes(within + n - len(buf)))
+                        buf[within: within + n] = piece
+                        value = bytes(buf)
+                    added += len(value) - (len(old) if old else 0)
+                    txn.put(key, value)
+                    pos += n
+        except lmdb.MapFullError:
+            raise NoSpace(f"the spill store {self.path} is full") from None
+        except lmdb.DiskError as exc:
+            raise NoSpace(f"the spill store {self.path} cannot write: {exc}") from None
+        self.bytes_by_file[file_id] = self.bytes_by_file.get(file_id, 0) + added
+
+    def read(self, file_id: int, offset: int, length: int) -> bytearray:
+        """`length` bytes at `offset`; never-written bytes read as zeros."""
+        out = bytearray(length)
+        with self.env.begin(buffers=True) as txn:
+            pos, end = offset, offset + length
+            while pos < end:
+                chunk, within = divmod(pos, CHUNK)
+                n = min(CHUNK - within, end - pos)
+                value = txn.get(_KEY.pack(file_id, chunk))
+                if value is not None:
+                    have = max(0, min(n, len(value) - within))
+                    out[pos - offset: pos - offset + have] = value[within: within + have]
+                pos += n
+        return out
+
+    def discard(self, file_id: int) -> None:
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(_KEY.pack(file_id, 0)):
+                while cursor.key()[:8] == _KEY.pack(file_id, 0)[:8]:
+                    if not cursor.delete():
+                        break
+        self.bytes_by_file.pop(file_id, None)
+
+    def file_ids(self) -> set[int]:
+        return set(self.bytes_by_file)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def remove(self) -> None:
+        """Delete the store's files (the broker's clean stop)."""
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                os.unlink(self.path / name)
+            except FileNotFoundError:
+                pass
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass

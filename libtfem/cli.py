@@ -1,0 +1,447 @@
+"""The `tfem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mmap
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from . import protocol
+from .client import connect
+from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyfile
+from .errors import TfemError
+
+READY_TIMEOUT_S = 60.0
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_keyfile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keyfile", metavar="PATH",
+                   help=f"the instance's key file (default: ${ENV_KEYFILE}, else a per-user file "
+                        "in the runtime directory, per Slurm job when SLURM_JOB_ID is set)")
+
+
+def _add_broker_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument("--slots", type=int, default=4096, help="files held at once (default 4096)")
+    g.add_argument("--buf-size", type=_size, default="8K", metavar="SIZE",
+                   help="inline bytes per slot; smaller files need no arena block (default 8K)")
+    g.add_argument("--block-size", type=_size, default="64K", metavar="SIZE",
+                   help="arena block size, a power of two (default 64K)")
+    g.add_argument("--memory", type=_size, default="512M", metavar="SIZE",
+                   help="arena size for files past their inline buffer (default 512M)")
+    g.add_argument("--spill-dir", type=pathlib.Path, metavar="DIR",
+                   help="LMDB spill store for what does not fit in memory "
+                        "(default: beside the instance's socket in the runtime directory)")
+    g.add_argument("--spill-size", type=_size, default="64G", metavar="SIZE",
+                   help="largest size of the spill store (default 64G)")
+    g.add_argument("--no-spill", action="store_true",
+                   help="never spill: a full arena is an error (ENOSPC)")
+    g.add_argument("--keep", action="store_true",
+                   help="on stop, leave the segment and spill store in place")
+
+
+def _add_ready_fd(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ready-fd", type=int, metavar="FD",
+                   help="write 'ready' to this descriptor once serving (for supervisors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfem",
+        description="Hand temporary files from process to process through memory. "
+                    "Start an instance with `tfem up`; put, get and inspect files with the "
+                    "other commands. Sizes take K, M, G, T suffixes (binary).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="run a registry and a broker in the foreground",
+                       description="Run a registry and a broker for the key file until SIGINT "
+                                   "or SIGTERM, then remove the queue, segment and spill files "
+                                   "(unless --keep). With a command after --, run it with "
+                                   f"{ENV_KEYFILE} set, stop when it ends, and exit with its status.")
+    _add_keyfile(p)
+    _add_broker_options(p)
+    _add_ready_fd(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="a command to run against the instance")
+    p.set_defaults(run=cmd_up)
+
+    p = sub.add_parser("registry", help="run only the registry (SysV queue)",
+                       description="Run the registry for the key file: brokers announce "
+                                   "themselves to it and clients ask it for a broker.")
+    _add_keyfile(p)
+    _add_ready_fd(p)
+    p.set_defaults(run=cmd_registry)
+
+    p = sub.add_parser("broker", help="run only a broker",
+                       description="Run a broker: create the shared segment, serve allocation "
+                                   "and spill requests, announce itself to the registry.")
+    _add_keyfile(p)
+    _add_broker_options(p)
+    p.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: an ipc:// socket "
+                                      "in the runtime directory)")
+    _add_ready_fd(p)
+    p.set_defaults(run=cmd_broker)
+
+    p = sub.add_parser("put", help="copy local files into tfem",
+                       description="Copy LOCAL (or - for standard input) to NAME. With several "
+                                   "LOCAL files, NAME is a prefix ending in / and each file keeps "
+                                   "its base name.")
+    _add_keyfile(p)
+    p.add_argument("paths", nargs="+", metavar="LOCAL... NAME")
+    p.set_defaults(run=cmd_put)
+
+    p = sub.add_parser("get", help="take files out of tfem (consumes them)",
+                       description="Read NAME into LOCAL (or - for standard output) and free it. "
+                                   "With several names, LOCAL is a directory. Waits for a name "
+                                   "that is not ready yet.")
+    _add_keyfile(p)
+    p.add_argument("paths", nargs="+", metavar="NAME... LOCAL")
+    p.add_argument("--timeout", type=float, help="seconds to wait for each name (default: no limit)")
+    p.add_argument("--no-wait", action="store_true", help="fail at once if a name is not ready")
+    p.set_defaults(run=cmd_get)
+
+    p = sub.add_parser("ls", help="list the names held")
+    _add_keyfile(p)
+    p.add_argument("prefix", nargs="?", default="", help="only names starting with this")
+    p.add_argument("-l", "--long", action="store_true", help="show state and size")
+    p.set_defaults(run=cmd_ls)
+
+    p = sub.add_parser("stat", help="show a file's size and state")
+    _add_keyfile(p)
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_stat)
+
+    p = sub.add_parser("rm", help="remove names")
+    _add_keyfile(p)
+    p.add_argument("names", nargs="+")
+    p.set_defaults(run=cmd_rm)
+
+    p = sub.add_parser("status", help="show the broker's slots, memory, spill and requests")
+    _add_keyfile(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("clean", help="remove what a killed instance left behind",
+                       description="Remove the queue, segment, socket and spill store of the "
+                                   "key file, data included. Refuses while its registry runs.")
+    _add_keyfile(p)
+    p.set_defaults(run=cmd_clean)
+    return parser
+
+
+# ---- servers ----
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; servers poll it between requests."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopped.set())
+
+    def __call__(self) -> bool:
+        return self.stopped.is_set()
+
+
+def _signal_ready(fd: int | None) -> None:
+    if fd is not None:
+        os.write(fd, b"ready\n")
+        os.close(fd)
+
+
+def _broker_config(args: argparse.Namespace) -> Any:
+    from tfem.broker.server import BrokerConfig
+
+    return BrokerConfig(keyfile=args.keyfile, slots=args.slots, buf_size=args.buf_size,
+                        block_size=args.block_size, memory=args.memory, spill_dir=args.spill_dir,
+                        spill=not args.no_spill, spill_size=args.spill_size,
+                        endpoint=getattr(args, "endpoint", None), keep=args.keep)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from tfem.registry.server import Registry
+
+    stop = _StopFlag()
+    registry = Registry(args.keyfile)
+    try:
+        registry.start()
+        _signal_ready(args.ready_fd)
+        registry.serve(stop)
+    finally:
+        registry.close()
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from tfem.broker.server import Broker
+
+    stop = _StopFlag()
+    broker = Broker(_broker_config(args))
+    try:
+        broker.start()
+        _signal_ready(args.ready_fd)
+        broker.serve(stop)
+    finally:
+        broker.close()
+    return 0
+
+
+def _start_child(argv: list[str], what: str) -> subprocess.Popen[bytes]:
+    """Start a server with a ready pipe; return once it has said ready."""
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen([*argv, "--ready-fd", str(write_end)], pass_fds=(write_end,),
+                             start_new_session=True)
+    os.close(write_end)
+    try:
+        import select
+
+        ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
+        line = os.read(read_end, 64) if ready else b""
+    finally:
+        os.close(read_end)
+    if line.strip() != b"ready":
+        _stop_child(child)
+        raise TfemError(f"the {what} did not start (exit status {child.returncode})")
+    return child
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    keyfile = str(resolve_keyfile(args.keyfile))
+    base = [sys.executable, "-m", "tfem"] + (["-v"] if args.verbose else [])
+    broker_argv = [*base, "broker", "--keyfile", keyfile, "--slots", str(args.slots),
+                   "--buf-size", str(args.buf_size), "--block-size", str(args.block_size),
+                   "--memory", str(args.memory), "--spill-size", str(args.spill_size)]
+    if args.spill_dir:
+        broker_argv += ["--spill-dir", str(args.spill_dir)]
+    if args.no_spill:
+        broker_argv.append("--no-spill")
+    if args.keep:
+        broker_argv.append("--keep")
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    stop = _StopFlag()
+    registry = _start_child([*base, "registry", "--keyfile", keyfile], "registry")
+    children = [registry]
+    try:
+        children.insert(0, _start_child(broker_argv, "broker"))
+        print(f"tfem up: key file {keyfile}; stop with Ctrl-C", file=sys.stderr, flush=True)
+        _signal_ready(args.ready_fd)
+        if cmd:
+            env = dict(os.environ, **{ENV_KEYFILE: keyfile})
+            worker = subprocess.Popen(cmd, env=env)
+            while worker.poll() is None and not stop():
+                stop.stopped.wait(0.1)
+            if worker.poll() is None:
+                worker.terminate()
+            return worker.wait()
+        while not stop():
+            if any(c.poll() is not None for c in children):
+                print("tfem up: a server exited; stopping", file=sys.stderr)
+                return 1
+            stop.stopped.wait(0.2)
+        return 0
+    finally:
+        for child in children:  # broker first: it withdraws from the registry
+            _stop_child(child)
+
+
+# ---- clients ----
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    *locals_, name = args.paths
+    if not locals_:
+        raise TfemError("put takes LOCAL... NAME")
+    if len(locals_) > 1 and not name.endswith("/"):
+        raise TfemError("with several files, NAME must be a prefix ending in /")
+    with connect(args.keyfile) as client:
+        for local in locals_:
+            target = name + os.path.basename(local) if name.endswith("/") else name
+            with client.open(target, "w") as out:
+                _copy_local_into(local, out)
+    return 0
+
+
+def _copy_local_into(local: str, out: Any) -> None:
+    if local == "-":
+        src = sys.stdin.buffer
+        while chunk := src.read(16 << 20):
+            out.write(chunk)
+        return
+    with open(local, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(src.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            with memoryview(mapped) as view:
+                out.write(view)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    *names, local = args.paths
+    if not names:
+        raise TfemError("get takes NAME... LOCAL")
+    into_dir = len(names) > 1 or os.path.isdir(local)
+    if len(names) > 1 and not os.path.isdir(local):
+        raise TfemError(f"with several names, {local} must be a directory")
+    with connect(args.keyfile) as client:
+        for name in names:
+            target = _local_target(local, name) if into_dir else local
+            with client.open(name, "r", timeout=args.timeout, wait=not args.no_wait) as src:
+                if target == "-":
+                    for chunk in src.chunks():
+                        sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
+                    continue
+                with open(target, "wb") as out:
+                    for chunk in src.chunks():
+                        out.write(chunk)
+    return 0
+
+
+def _local_target(directory: str, name: str) -> str:
+    parts = [p for p in name.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise TfemError(f"cannot store {name!r} under a directory: it is not a plain relative name")
+    path = os.path.join(directory, *parts)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with connect(args.keyfile) as client:
+        for st in sorted(client.list_stats(), key=lambda s: s.name):
+            if st.name.startswith(args.prefix):
+                print(f"{st.state:7} {st.size:>14} {st.name}" if args.long else st.name)
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    with connect(args.keyfile) as client:
+        st = client.stat(args.name)
+    if args.json:
+        print(json.dumps(st.__dict__))
+    else:
+        print(f"name:    {st.name}\nsize:    {st.size}\nstate:   {st.state}\n"
+              f"spilled: {'yes' if st.spilled else 'no'}\n"
+              f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.created))}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    status = 0
+    with connect(args.keyfile) as client:
+        for name in args.names:
+            try:
+                client.unlink(name)
+            except TfemError as exc:
+                print(f"tfem rm: {name}: {exc}", file=sys.stderr)
+                status = 1
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect(args.keyfile) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    files = ", ".join(f"{k} {v}" for k, v in stats["files_by_state"].items())
+    print(f"broker      pid {stats['broker_pid']} at {stats['endpoint']}, up {stats['uptime_s']} s\n"
+          f"slots       {stats['slots_used']} used, {stats['slots_free']} free of {stats['slots_total']}"
+          f" (inline {format_size(stats['buf_size'])} each)\n"
+          f"files       {files}\n"
+          f"arena       {_mib(stats['arena_bytes_used'])} used, {_mib(stats['arena_bytes_free'])} free"
+          f" of {_mib(stats['arena_bytes_total'])}\n"
+          f"spill       {_mib(stats['spilled_bytes'])} in {stats['spilled_files']} files"
+          f" ({stats['spill'] or 'off'})\n"
+          f"handoffs    {stats['published']} published, {stats['consumed']} consumed\n"
+          f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
+          f" {stats['clients']} clients")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    import sysv_ipc
+
+    from tfem._atomics import lib
+    from tfem.discovery import queue_key
+    from tfem.registry.server import registry_pid
+    from tfem.segment import Segment
+
+    instance = Instance.for_keyfile(args.keyfile)
+    pid = registry_pid(instance.keyfile)
+    if pid and lib.tfem_pid_alive(pid):
+        raise TfemError(f"the registry of {instance.keyfile} (pid {pid}) is running: stop it first")
+    removed = []
+    if instance.keyfile.exists():
+        try:
+            sysv_ipc.MessageQueue(queue_key(instance.keyfile)).remove()
+            removed.append("registry queue")
+        except sysv_ipc.ExistentialError:
+            pass
+        if pid:
+            instance.keyfile.unlink()
+            removed.append(f"key file {instance.keyfile}")
+    if Segment.unlink(instance.segment):
+        removed.append(f"segment {instance.segment}")
+    if instance.socket_path.exists():
+        instance.socket_path.unlink()
+        removed.append(f"socket {instance.socket_path}")
+    if instance.spill_dir.exists():
+        import shutil
+
+        shutil.rmtree(instance.spill_dir)
+        removed.append(f"spill store {instance.spill_dir}")
+    print("removed: " + ", ".join(removed) if removed else "nothing to clean")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="tfem %(name)s: %(message)s")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except TfemError as exc:
+        print(f"tfem {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

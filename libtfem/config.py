@@ -1,0 +1,94 @@
+"""Where things live for a key file, and sizes written the way people write them.
+
+A key file names one tfem instance: its registry queue is ftok(key file),
+and the broker's segment, socket and default spill directory are derived
+from the key file's real path, so two key files never share anything and
+`tfem clean` can find exactly what belongs to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import re
+
+ENV_KEYFILE = "TFEM_KEYFILE"
+ENV_BROKER = "TFEM_BROKER"
+FTOK_PROJECT_ID = ord("T")
+
+
+def runtime_dir() -> pathlib.Path:
+    """A private per-user directory: $XDG_RUNTIME_DIR/tfem or /tmp/tfem-UID."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = pathlib.Path(xdg) / "tfem" if xdg and os.path.isdir(xdg) else pathlib.Path(f"/tmp/tfem-{os.getuid()}")
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = base.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{base} must be owned by you and private (mode 0700)")
+    return base
+
+
+def default_keyfile() -> pathlib.Path:
+    """The key file used when none is given: one per user, and one per Slurm
+    job when SLURM_JOB_ID is set, so two jobs on a node never share."""
+    job = os.environ.get("SLURM_JOB_ID")
+    name = f"registry-job{job}.key" if job else "registry.key"
+    return runtime_dir() / name
+
+
+def resolve_keyfile(keyfile: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """The key file from the argument, else $TFEM_KEYFILE, else the default."""
+    chosen = keyfile or os.environ.get(ENV_KEYFILE)
+    path = pathlib.Path(chosen) if chosen else default_keyfile()
+    return path.expanduser().absolute()
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """The names that belong to one key file."""
+
+    keyfile: pathlib.Path
+    segment: str  # POSIX shared-memory name
+    socket_path: pathlib.Path  # the broker's ipc:// socket
+    spill_dir: pathlib.Path  # default spill directory
+    ident: str
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self.socket_path}"
+
+    @classmethod
+    def for_keyfile(cls, keyfile: str | os.PathLike[str] | None = None) -> Instance:
+        path = resolve_keyfile(keyfile)
+        real = os.path.realpath(path)
+        ident = f"{os.getuid()}-{hashlib.sha1(real.encode()).hexdigest()[:12]}"
+        base = runtime_dir()
+        return cls(
+            keyfile=path,
+            segment=f"/tfem-{ident}",
+            socket_path=base / f"tfem-{ident}.sock",
+            spill_dir=base / f"tfem-{ident}.spill",
+            ident=ident,
+        )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '4096', '4K', '512M', '1.5G', '2GiB' (binary units)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 512M, 2G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def format_size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)

@@ -1,0 +1,110 @@
+"""tfem's errors, named by whose fault they are, and their errno values.
+
+Every error is an OSError with the errno a C programmer would expect, and
+also the built-in exception a Python programmer would catch
+(FileNotFoundError, TimeoutError, ...). Broker replies carry an errno;
+`from_errno` is the one place that turns it back into an exception.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import io
+
+
+class TfemError(OSError):
+    """Base of every tfem error. ``errno`` says which."""
+
+    errno_value = _errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.errno_value, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# ---- the caller's mistake ----
+
+
+class InvalidArgument(TfemError, ValueError):
+    errno_value = _errno.EINVAL
+
+
+class NameTooLong(InvalidArgument):
+    errno_value = _errno.ENAMETOOLONG
+
+
+class BadDescriptor(TfemError):
+    errno_value = _errno.EBADF
+
+
+class WrongMode(TfemError, io.UnsupportedOperation):
+    """Read on a write handle, write on a read handle."""
+
+    errno_value = _errno.EBADF
+
+
+class AlreadyExists(TfemError, FileExistsError):
+    errno_value = _errno.EEXIST
+
+
+# ---- the state of the store ----
+
+
+class NotFound(TfemError, FileNotFoundError):
+    errno_value = _errno.ENOENT
+
+
+class WouldBlock(TfemError, BlockingIOError):
+    """Non-blocking open of a name that is not ready."""
+
+    errno_value = _errno.EAGAIN
+
+
+class Timeout(TfemError, TimeoutError):
+    errno_value = _errno.ETIMEDOUT
+
+
+class NoSpace(TfemError):
+    """The slot table, the arena or the spill store is full."""
+
+    errno_value = _errno.ENOSPC
+
+
+class Busy(TfemError):
+    errno_value = _errno.EBUSY
+
+
+# ---- the other side ----
+
+
+class BrokerUnavailable(TfemError, ConnectionError):
+    """No registry or broker answers for this key file."""
+
+    errno_value = _errno.ECONNREFUSED
+
+
+class ProtocolError(TfemError):
+    """A message that does not follow the wire format."""
+
+    errno_value = _errno.EPROTO
+
+
+_BY_ERRNO: dict[int, type[TfemError]] = {
+    cls.errno_value: cls
+    for cls in (
+        InvalidArgument, NameTooLong, BadDescriptor, AlreadyExists, NotFound,
+        WouldBlock, Timeout, NoSpace, Busy, BrokerUnavailable, ProtocolError,
+    )
+}
+
+
+def from_errno(code: int, message: str) -> TfemError:
+    """The exception for an errno carried in a reply."""
+    cls = _BY_ERRNO.get(code)
+    if cls is None:
+        error = TfemError(message)
+        error.errno = code
+        return error
+    return cls(message)

@@ -1,0 +1,93 @@
+"""The paper's calls on integer descriptors, over a default client.
+
+tfem_open / tfem_write / tfem_read / tfem_lseek / tfem_stat / tfem_close:
+the same operations the C API offers, for code ported from C. The default
+client connects on first use (TFEM_BROKER or the registry of TFEM_KEYFILE)
+and is replaced in a forked child.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from .client import Client, connect
+from .errors import BadDescriptor, InvalidArgument
+from .files import TfemFile
+from .table import FileStat
+
+TFEM_RDONLY = 0
+TFEM_WRONLY = 1
+TFEM_AUTO = 2  # the paper's open: read the name if it is waiting, else create it
+TFEM_NONBLOCK = 0o4000  # as O_NONBLOCK: fail with EAGAIN instead of waiting
+_ACCESS_MASK = 3
+
+_lock = threading.Lock()
+_client: Client | None = None
+_files: dict[int, TfemFile] = {}
+_next_fd = 3
+
+
+def default_client() -> Client:
+    global _client
+    with _lock:
+        if _client is None:
+            _client = connect()
+        return _client
+
+
+def _file(fd: Any) -> TfemFile:
+    f = _files.get(fd) if isinstance(fd, int) else None
+    if f is None or f.closed:
+        raise BadDescriptor(f"bad tfem descriptor {fd!r}")
+    return f
+
+
+def tfem_open(name: str | bytes, flags: int = TFEM_RDONLY, timeout: float | None = None) -> int:
+    """Open `name`; a descriptor. Readers wait for the producer's close
+    unless TFEM_NONBLOCK is in `flags`."""
+    global _next_fd
+    if not isinstance(flags, int) or flags & ~(_ACCESS_MASK | TFEM_NONBLOCK) or flags & _ACCESS_MASK == 3:
+        raise InvalidArgument(f"bad flags {flags!r}")
+    mode = {TFEM_RDONLY: "r", TFEM_WRONLY: "w", TFEM_AUTO: "a"}[flags & _ACCESS_MASK]
+    f = default_client().open(name, mode, timeout=timeout, wait=not flags & TFEM_NONBLOCK)
+    with _lock:
+        fd, _next_fd = _next_fd, _next_fd + 1
+        _files[fd] = f
+    return fd
+
+
+def tfem_write(fd: int, data: Any) -> int:
+    return _file(fd).write(data)
+
+
+def tfem_read(fd: int, n: int) -> bytes:
+    if not isinstance(n, int) or n < 0:
+        raise InvalidArgument(f"cannot read {n!r} bytes")
+    return _file(fd).read(n)
+
+
+def tfem_lseek(fd: int, offset: int, whence: int = os.SEEK_SET) -> int:
+    return _file(fd).seek(offset, whence)
+
+
+def tfem_stat(name: str | bytes) -> FileStat:
+    return default_client().stat(name)
+
+
+def tfem_fstat(fd: int) -> FileStat:
+    return default_client().table.stat(_file(fd).name.encode())
+
+
+def tfem_close(fd: int) -> None:
+    f = _file(fd)
+    with _lock:
+        _files.pop(fd, None)
+    f.close()
+
+
+def tfem_unlink(name: str | bytes) -> None:
+    default_client().unlink(name)
+
+

@@ -1,0 +1,210 @@
+"""The shared-memory segment: create (broker), attach (clients), typed views.
+
+Theory of operation: the broker alone creates and unlinks a segment; clients
+only attach and detach, as with CPython's shared_memory (`close()` detaches,
+`unlink()` destroys). The layout comes from tfem_segment.h through cffi; this
+module only computes the offsets at creation, writes them into the header,
+and reads them back on attach, so every process agrees with the header.
+
+Creation reserves every page up front (posix_fallocate) so a full /dev/shm is
+a clear error at start rather than a SIGBUS in the middle of a handoff, and
+touches them so no handoff pays for first-touch page faults.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import posix_ipc
+
+from ._atomics import ffi, lib
+from .errors import InvalidArgument, NoSpace, NotFound, TfemError
+
+PAGE = mmap.PAGESIZE
+CACHE_LINE = 64
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class SegmentCorrupt(TfemError):
+    """The segment does not carry a header this version understands."""
+
+
+class Layout:
+    """Offsets and sizes of a segment for given parameters."""
+
+    def __init__(self, slots: int, buf_size: int, block_size: int, memory: int) -> None:
+        if not 1 <= slots < 2**31:
+            raise InvalidArgument("slots must be between 1 and 2^31")
+        if buf_size < 0 or buf_size >= 2**31:
+            raise InvalidArgument("buf_size must be between 0 and 2 GiB")
+        if block_size < PAGE or block_size & (block_size - 1) or block_size >= 2**31:
+            raise InvalidArgument(f"block_size must be a power of two, at least {PAGE}")
+        self.slot_count = slots
+        self.buf_size = buf_size
+        self.block_size = block_size
+        self.block_count = memory // block_size
+        if self.block_count >= 2**32:
+            raise InvalidArgument("memory / block_size must be below 2^32 blocks")
+        self.header_size = _round_up(ffi.sizeof("struct tfem_header"), CACHE_LINE)
+        self.slot_size = _round_up(ffi.sizeof("struct tfem_slot") + buf_size, CACHE_LINE)
+        self.index_size = _next_power_of_two(2 * slots)
+        self.slots_offset = self.header_size
+        self.index_offset = _round_up(self.slots_offset + slots * self.slot_size, CACHE_LINE)
+        self.free_stack_offset = _round_up(self.index_offset + 4 * self.index_size, CACHE_LINE)
+        self.bitmap_offset = _round_up(self.free_stack_offset + 4 * slots, CACHE_LINE)
+        bitmap_bytes = 8 * ((self.block_count + 63) // 64)
+        self.arena_offset = _round_up(self.bitmap_offset + bitmap_bytes, PAGE)
+        self.size = self.arena_offset + self.block_count * block_size
+
+
+class Segment:
+    """One mapping of a tfem segment in this process."""
+
+    # Class-level defaults so close() is safe after a failed constructor.
+    _mmap: mmap.mmap | None = None
+    _base: Any = None
+    view: memoryview | None = None
+
+    def __init__(self, name: str, mapping: mmap.mmap) -> None:
+        self.name = name
+        self._mmap = mapping
+        self.view = memoryview(mapping)
+        self._base = ffi.from_buffer(mapping)
+        self.header = ffi.cast("struct tfem_header *", self._base)
+        h = self.header
+        self.slot_count: int = h.slot_count
+        self.slot_size: int = h.slot_size
+        self.buf_size: int = h.buf_size
+        self.block_size: int = h.block_size
+        self.block_count: int = h.block_count
+        self.index_mask: int = h.index_size - 1
+        self.slots_offset: int = h.slots_offset
+        self.arena_offset: int = h.arena_offset
+        self.inline_offset = ffi.sizeof("struct tfem_slot")
+        self.index = ffi.cast("uint32_t *", self._base + h.index_offset)
+        self.free_stack = ffi.cast("uint32_t *", self._base + h.free_stack_offset)
+        self.bitmap = ffi.cast("uint64_t *", self._base + h.bitmap_offset)
+
+    # ---- life cycle ----
+
+    @classmethod
+    def create(cls, name: str, layout: Layout) -> Segment:
+        """Create, reserve and initialise a segment (the broker's job)."""
+        shm_dir = "/dev/shm"
+        if os.path.isdir(shm_dir):
+            vfs = os.statvfs(shm_dir)
+            free = vfs.f_bavail * vfs.f_frsize
+            if free < layout.size:
+                raise NoSpace(
+                    f"/dev/shm has {free >> 20} MiB free, the segment needs "
+                    f"{layout.size >> 20} MiB: lower --memory/--slots/--buf-size"
+                )
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+        except posix_ipc.ExistentialError:
+            raise TfemError(f"shared-memory segment {name} already exists: another broker "
+                            "runs for this key file, or run `tfem clean`") from None
+        try:
+            try:
+                os.posix_fallocate(shm.fd, 0, layout.size)
+            except OSError as exc:
+                raise NoSpace(f"cannot reserve {layout.size >> 20} MiB in /dev/shm: {exc.strerror}") from None
+            mapping = mmap.mmap(shm.fd, layout.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except BaseException:
+            shm.close_fd()
+            shm.unlink()
+            raise
+        shm.close_fd()
+        lib.tfem_touch(ffi.from_buffer(mapping), layout.size, PAGE)
+        h = ffi.cast("struct tfem_header *", ffi.from_buffer(mapping))
+        h.layout_version = lib.TFEM_LAYOUT_VERSION
+        h.header_size = layout.header_size
+        h.segment_size = layout.size
+        h.slot_count = layout.slot_count
+        h.slot_size = layout.slot_size
+        h.buf_size = layout.buf_size
+        h.index_size = layout.index_size
+        h.block_size = layout.block_size
+        h.block_count = layout.block_count
+        h.slots_offset = layout.slots_offset
+        h.index_offset = layout.index_offset
+        h.free_stack_offset = layout.free_stack_offset
+        h.bitmap_offset = layout.bitmap_offset
+        h.arena_offset = layout.arena_offset
+        h.broker_pid = os.getpid()
+        h.next_file_id = 1
+        segment = cls(name, mapping)
+        for i in range(layout.slot_count):  # lowest slot numbers pop first
+            segment.free_stack[i] = layout.slot_count - 1 - i
+        h.free_top = layout.slot_count
+        lib.tfem_store64(ffi.addressof(h, "magic"), lib.TFEM_SEGMENT_MAGIC)  # last: now valid
+        return segment
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        """Map an existing segment (a client's job)."""
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            raise NotFound(f"no tfem segment {name}: is the broker running?") from None
+        try:
+            size = os.fstat(shm.fd).st_size
+            if size < ffi.sizeof("struct tfem_header"):
+                raise SegmentCorrupt(f"segment {name} is too small to be a tfem segment")
+            mapping = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            shm.close_fd()
+        h = ffi.cast("struct tfem_header *", ffi.from_buffer(mapping))
+        if h.magic != lib.TFEM_SEGMENT_MAGIC or h.layout_version != lib.TFEM_LAYOUT_VERSION:
+            mapping.close()
+            raise SegmentCorrupt(f"segment {name} has no tfem layout version {lib.TFEM_LAYOUT_VERSION} header")
+        if h.segment_size != size:
+            mapping.close()
+            raise SegmentCorrupt(f"segment {name} is {size} bytes, its header says {h.segment_size}")
+        return cls(name, mapping)
+
+    def close(self) -> None:
+        """Detach. Idempotent; the segment stays for the other processes."""
+        if self._mmap is None:
+            return
+        self.view.release()
+        ffi.release(self._base)
+        self._mmap.close()
+        self._mmap = None
+        self.view = None
+        self._base = None
+
+    @staticmethod
+    def unlink(name: str) -> bool:
+        """Destroy the segment by name (the broker's job, or `tfem clean`)."""
+        try:
+            posix_ipc.unlink_shared_memory(name)
+            return True
+        except posix_ipc.ExistentialError:
+            return False
+
+    # ---- typed access ----
+
+    def slot(self, index: int) -> Any:
+        return ffi.cast("struct tfem_slot *", self._base + self.slots_offset + index * self.slot_size)
+
+    def slot_offset(self, index: int) -> int:
+        return self.slots_offset + index * self.slot_size
+
+    def inline_data_offset(self, index: int) -> int:
+        return self.slots_offset + index * self.slot_size + self.inline_offset
+
+    def block_data_offset(self, block: int) -> int:
+        return self.arena_offset + block * self.block_size
+
+    def blocks_in_use(self) -> int:
+        return lib.tfem_blocks_in_use(self.bitmap, self.block_count)

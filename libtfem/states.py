@@ -1,0 +1,94 @@
+"""The temp-file state machine: one table, no I/O.
+
+Everything that decides whether a slot may change state lives here, in the
+manner of h11's ``_state.py``. The module does not know who applies an event
+(a client on the node through a compare-and-swap, the broker on a client's
+behalf, or a recovering broker): callers compute the next state here and then
+make it so. An illegal transition raises and changes nothing.
+
+States are the paper's: WRITE (a producer holds the file), WAIT (closed by its
+producer, waiting for a consumer), READ (a consumer holds it), INVALID (free).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class State(enum.IntEnum):
+    """Slot states, numbered as in tfem_segment.h."""
+
+    INVALID = 0
+    WRITE = 1
+    WAIT = 2
+    READ = 3
+
+
+class Event(enum.Enum):
+    OPEN_WRITE = "open for write"
+    CLOSE_WRITE = "producer close"
+    ABORT_WRITE = "producer abort"
+    OPEN_READ = "open for read"
+    CLOSE_READ = "consumer close"
+    RELEASE_READ = "consumer released"  # died, or the broker finished moving it
+    UNLINK = "unlink"
+
+
+TRANSITIONS: dict[State, dict[Event, State]] = {
+    State.INVALID: {Event.OPEN_WRITE: State.WRITE},
+    State.WRITE: {
+        Event.CLOSE_WRITE: State.WAIT,
+        Event.ABORT_WRITE: State.INVALID,
+        Event.UNLINK: State.INVALID,
+    },
+    State.WAIT: {Event.OPEN_READ: State.READ, Event.UNLINK: State.INVALID},
+    State.READ: {
+        Event.CLOSE_READ: State.INVALID,
+        Event.RELEASE_READ: State.WAIT,
+        Event.UNLINK: State.INVALID,
+    },
+}
+
+
+class TransitionError(Exception):
+    """An event that the table does not allow from the current state."""
+
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(f"cannot {event.value} a file in state {state.name}")
+        self.state = state
+        self.event = event
+
+
+def next_state(state: State, event: Event) -> State:
+    """The state that `event` leads to from `state`, or TransitionError."""
+    try:
+        return TRANSITIONS[state][event]
+    except KeyError:
+        raise TransitionError(state, event) from None
+
+
+# ---- the state word (tfem_segment.h): state, generation, holder pid ----
+
+GENERATION_MASK = 0xFFFFFF
+
+
+def pack_word(state: State, generation: int, holder: int) -> int:
+    return (holder << 32) | ((generation & GENERATION_MASK) << 8) | int(state)
+
+
+def unpack_word(word: int) -> tuple[State, int, int]:
+    """(state, generation, holder pid) of a state word."""
+    return State(word & 0xFF), (word >> 8) & GENERATION_MASK, word >> 32
+
+
+def apply(word: int, event: Event, holder: int = 0) -> int:
+    """The state word after `event`: claims bump the generation, the new
+    holder is recorded with the state (so a dead producer is found from the
+    word alone), and a freed slot has no holder."""
+    state, generation, _ = unpack_word(word)
+    target = next_state(state, event)
+    if event is Event.OPEN_WRITE:
+        generation = (generation + 1) & GENERATION_MASK
+    if target in (State.INVALID, State.WAIT):
+        holder = 0
+    return pack_word(target, generation, holder)

@@ -1,0 +1,185 @@
+/*
+ * tfem_atomics.c: the few operations on the shared segment that Python
+ * cannot do itself: sequentially consistent atomics on state words, shared
+ * futex waits and wakes, the table lock, and the arena's block bitmap.
+ *
+ * Why sequentially consistent everywhere: a publisher stores a state and
+ * then reads the waiter count; a waiter bumps the count and then reads the
+ * state. With anything weaker the two reads can both see the old values and
+ * a wake-up is lost (measured on x86 too). These calls cost ~100 ns; the
+ * ordering is not worth saving.
+ *
+ * The futexes are the shared kind (no FUTEX_PRIVATE_FLAG): each process maps
+ * the segment itself, so the kernel keys the wait on the file page.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tfem_segment.h"
+#include "tfem_atomics.h"
+
+#define SC __ATOMIC_SEQ_CST
+
+uint64_t tfem_load64(uint64_t *p) { return __atomic_load_n(p, SC); }
+uint32_t tfem_load32(uint32_t *p) { return __atomic_load_n(p, SC); }
+void tfem_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, SC); }
+
+int tfem_cas64(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, SC, SC);
+}
+
+static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *ts) {
+    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+/* Sleep while *addr == expected, at most timeout_ns (< 0: no limit).
+ * Returns 0 when woken or the value changed, ETIMEDOUT, or EINTR. */
+int tfem_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns) {
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tsp = &ts;
+    }
+    if (futex(addr, FUTEX_WAIT, expected, tsp) == 0) return 0;
+    if (errno == EAGAIN) return 0;
+    return errno;
+}
+
+int tfem_futex_wake(uint32_t *addr, int count) {
+    return (int)futex(addr, FUTEX_WAKE, (uint32_t)count, NULL);
+}
+
+/* A transition into WAIT: bump the bucket's sequence, wake its sleepers. */
+void tfem_publish(uint32_t *seq, uint32_t *waiters) {
+    __atomic_fetch_add(seq, 1, SC);
+    if (__atomic_load_n(waiters, SC) != 0) futex(seq, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* Sleep until the bucket's sequence moves past `seen`. The caller read
+ * `seen` before it looked for its name, so a publish in between is not
+ * lost: the sequence has moved and the wait returns at once. */
+int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t timeout_ns) {
+    __atomic_fetch_add(waiters, 1, SC);
+    int rc = 0;
+    if (__atomic_load_n(seq, SC) == seen) rc = tfem_futex_wait(seq, seen, timeout_ns);
+    __atomic_fetch_sub(waiters, 1, SC);
+    return rc == EINTR ? 0 : rc;
+}
+
+int tfem_pid_alive(int32_t pid) {
+    if (pid <= 0) return 0;
+    return kill(pid, 0) == 0 || errno == EPERM;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Take the table lock for `pid`. Spins briefly (yielding, so two processes
+ * on one CPU do not starve each other), then sleeps on the lock word. A
+ * lock whose holder has died is taken over: every change made under the
+ * lock is a single store, so a dead holder leaves the table consistent.
+ * Returns 0, or ETIMEDOUT after timeout_ns (< 0: no limit). */
+int tfem_lock(uint32_t *lock, uint32_t *waiters, uint32_t pid, int64_t timeout_ns) {
+    int64_t deadline = timeout_ns >= 0 ? now_ns() + timeout_ns : INT64_MAX;
+    for (int spin = 0;; spin++) {
+        uint32_t holder = 0;
+        if (__atomic_compare_exchange_n(lock, &holder, pid, 0, SC, SC)) return 0;
+        if (holder == pid) return 0; /* re-entry after a fork is impossible: pids differ */
+        if (spin < 64) {
+            sched_yield();
+            continue;
+        }
+        if (!tfem_pid_alive((int32_t)holder)) {
+            if (__atomic_compare_exchange_n(lock, &holder, pid, 0, SC, SC)) return 0;
+            continue;
+        }
+        int64_t left = deadline - now_ns();
+        if (left <= 0) return ETIMEDOUT;
+        /* Sleep at most 10 ms so a holder that dies is noticed. */
+        __atomic_fetch_add(waiters, 1, SC);
+        tfem_futex_wait(lock, holder, left < 10000000 ? left : 10000000);
+        __atomic_fetch_sub(waiters, 1, SC);
+    }
+}
+
+void tfem_unlock(uint32_t *lock, uint32_t *waiters) {
+    __atomic_store_n(lock, 0, SC);
+    if (__atomic_load_n(waiters, SC) != 0) futex(lock, FUTEX_WAKE, 1, NULL);
+}
+
+/* Write one byte per page so the pages exist now, not at the first handoff. */
+void tfem_touch(char *base, uint64_t length, uint64_t page) {
+    for (uint64_t off = 0; off < length; off += page) ((volatile char *)base)[off] = 0;
+}
+
+/* ---- the arena's block bitmap: a set bit is a block in use ---- */
+
+static int bit_is_set(uint64_t *bm, uint32_t i) {
+    return (__atomic_load_n(&bm[i / 64], __ATOMIC_RELAXED) >> (i % 64)) & 1;
+}
+
+static void set_range(uint64_t *bm, uint32_t start, uint32_t count, int on) {
+    for (uint32_t i = start; i < start + count;) {
+        uint32_t word = i / 64, bit = i % 64;
+        uint32_t n = 64 - bit < start + count - i ? 64 - bit : start + count - i;
+        uint64_t mask = (n == 64 ? ~0ULL : ((1ULL << n) - 1)) << bit;
+        if (on)
+            __atomic_fetch_or(&bm[word], mask, SC);
+        else
+            __atomic_fetch_and(&bm[word], ~mask, SC);
+        i += n;
+    }
+}
+
+/* Claim `want` contiguous free blocks, first fit. When no run is that long,
+ * claim the longest run there is. Returns the number claimed (0: arena
+ * full) and the first block in *start. Only the broker allocates, so a run
+ * seen free stays free until it is claimed. */
+uint32_t tfem_blocks_claim(uint64_t *bm, uint32_t nblocks, uint32_t want, uint32_t *start) {
+    uint32_t best_start = 0, best_len = 0, run_start = 0, run_len = 0;
+    for (uint32_t i = 0; i < nblocks; i++) {
+        if (i % 64 == 0 && run_len == 0 && i + 64 <= nblocks &&
+            __atomic_load_n(&bm[i / 64], __ATOMIC_RELAXED) == ~0ULL) {
+            i += 63;
+            continue;
+        }
+        if (bit_is_set(bm, i)) {
+            run_len = 0;
+            continue;
+        }
+        if (run_len == 0) run_start = i;
+        run_len++;
+        if (run_len > best_len) {
+            best_len = run_len;
+            best_start = run_start;
+        }
+        if (run_len == want) break;
+    }
+    if (best_len == 0) return 0;
+    *start = best_start;
+    set_range(bm, best_start, best_len, 1);
+    return best_len;
+}
+
+void tfem_blocks_release(uint64_t *bm, uint32_t start, uint32_t count) {
+    set_range(bm, start, count, 0);
+}
+
+uint32_t tfem_blocks_in_use(uint64_t *bm, uint32_t nblocks) {
+    uint32_t used = 0;
+    for (uint32_t w = 0; w < (nblocks + 63) / 64; w++)
+        used += (uint32_t)__builtin_popcountll(__atomic_load_n(&bm[w], __ATOMIC_RELAXED));
+    return used;
+}

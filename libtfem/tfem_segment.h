@@ -1,0 +1,100 @@
+/*
+ * tfem_segment.h: the layout of a tfem shared-memory segment.
+ *
+ * This header is the one definition of the segment. The broker creates the
+ * segment; every client on the node maps it and changes slot states itself
+ * with atomic operations. Python reads these structures through cffi, C
+ * callers include this file; nobody restates the layout by hand.
+ *
+ *   [ header | slot table | name index | free-slot stack | block bitmap | arena ]
+ *
+ * - A slot is the paper's temp-file object: a state word, the file's size,
+ *   name and times, a list of arena extents, and an inline buffer of
+ *   buf_size bytes that holds the first bytes of the file.
+ * - The name index (the paper's map1) is an open-addressing table of slot
+ *   numbers keyed by a crc32 of the name; the name kept in each slot is map2.
+ * - The free-slot stack, the index and slot claims change only under the
+ *   table lock (a pid in the header; a dead holder's lock is taken over).
+ * - The block bitmap has a set bit per arena block in use. Only the broker
+ *   sets bits; the last holder of a file clears them.
+ * - Consumers waiting for a name sleep on the wake sequence of the name's
+ *   bucket; every transition into WAIT bumps it and wakes the sleepers.
+ *
+ * Everything here is 8-byte aligned and fixed-width, so the layout is the
+ * same in every process that maps the segment.
+ */
+#ifndef TFEM_SEGMENT_H
+#define TFEM_SEGMENT_H
+
+#include <stdint.h>
+
+#define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
+#define TFEM_LAYOUT_VERSION 1
+#define TFEM_NAME_MAX 255
+#define TFEM_MAX_EXTENTS 24
+#define TFEM_WAKE_BUCKETS 64
+#define TFEM_INDEX_EMPTY 0u
+
+/* The state word of a slot: bits 0-7 the state, bits 8-31 a generation
+ * bumped each time the slot is claimed (so a stale compare-and-swap fails),
+ * bits 32-63 the pid of the process holding the file (0 when none). */
+#define TFEM_STATE_INVALID 0
+#define TFEM_STATE_WRITE 1
+#define TFEM_STATE_WAIT 2
+#define TFEM_STATE_READ 3
+
+/* Slot flags. */
+#define TFEM_SLOT_SPILLED 1u /* bytes past the inline buffer are in the spill store */
+#define TFEM_SLOT_DOOMED 2u  /* unlinked while held: the holder frees it at close */
+
+struct tfem_extent {
+    uint32_t start; /* first arena block */
+    uint32_t count; /* number of blocks */
+};
+
+struct tfem_header {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t header_size;
+    uint64_t segment_size;
+    uint32_t slot_count;
+    uint32_t slot_size;   /* bytes per slot, inline buffer included */
+    uint32_t buf_size;    /* inline bytes per slot */
+    uint32_t index_size;  /* entries in the name index, a power of two */
+    uint32_t block_size;  /* bytes per arena block */
+    uint32_t block_count;
+    uint64_t slots_offset;
+    uint64_t index_offset;
+    uint64_t free_stack_offset;
+    uint64_t bitmap_offset;
+    uint64_t arena_offset;
+    int32_t broker_pid;
+    uint32_t table_lock;    /* pid of the holder, 0 when free */
+    uint32_t lock_waiters;
+    uint32_t free_top;      /* entries on the free-slot stack */
+    uint64_t next_file_id;  /* under the table lock */
+    uint64_t opened_write;  /* counters, under the table lock */
+    uint64_t opened_read;
+    uint64_t closed_write;
+    uint64_t closed_read;
+    uint32_t wake_seq[TFEM_WAKE_BUCKETS];
+    uint32_t wake_waiters[TFEM_WAKE_BUCKETS];
+};
+
+struct tfem_slot {
+    uint64_t state;       /* the state word, changed only by compare-and-swap */
+    uint64_t size;        /* bytes written; set by the producer */
+    uint64_t file_id;     /* unique per claim; keys the spill store */
+    uint64_t created_ns;  /* CLOCK_REALTIME at open for write */
+    uint64_t waiting_ns;  /* when it last entered WAIT: least recent spills first */
+    uint32_t name_hash;   /* crc32 of the name */
+    uint16_t name_len;
+    uint16_t flags;
+    uint32_t checksum;
+    uint32_t extent_count;
+    struct tfem_extent extents[TFEM_MAX_EXTENTS];
+    char name[TFEM_NAME_MAX + 1];
+    /* buf_size inline bytes follow; slot_size rounds the whole up to 64 */
+};
+
+#endif
