@@ -1,17 +1,66 @@
-"""tfem: temporary files handed between processes through shared memory."""
+"""tfem: temporary files handed between processes through shared memory.
+
+Besides the Python packages, the build makes two native pieces:
+- tfem._atomics, a cffi API-mode extension (cffi_modules);
+- libtfem.so, the C API, a cffi embedding-mode library. cffi_modules cannot
+  build it (it would produce a module without a link to libpython, which C
+  programs cannot link against), so build_ext compiles it with
+  FFI.compile() and installs it with tfem.h and a pkg-config file inside
+  the package: tfem/lib/, tfem/include/, tfem/lib/pkgconfig/.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+PKG_CONFIG = """prefix=${pcfiledir}/../..
+libdir=${prefix}/lib
+includedir=${prefix}/include
+
+Name: tfem
+Description: Temporary-file exchange in memory, C API
+Version: %s
+Libs: -L${libdir} -Wl,-rpath,${libdir} -ltfem
+Cflags: -I${includedir}
+"""
+VERSION = "0.1.0"
+
+
+class BuildWithCShim(build_ext):
+    def run(self):
+        super().run()
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "libtfem"))
+        try:
+            from _build_shim import make_builder
+        finally:
+            sys.path.pop(0)
+        package_dir = "libtfem" if self.inplace else os.path.join(self.build_lib, "tfem")
+        lib_dir = os.path.join(package_dir, "lib")
+        os.makedirs(os.path.join(lib_dir, "pkgconfig"), exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            built = make_builder(sys.executable).compile(tmpdir=tmp, target="libtfem.so")
+            shutil.copy(built, os.path.join(lib_dir, "libtfem.so"))
+        if not self.inplace:
+            shutil.copytree("libtfem/include", os.path.join(package_dir, "include"), dirs_exist_ok=True)
+        with open(os.path.join(lib_dir, "pkgconfig", "tfem.pc"), "w") as f:
+            f.write(PKG_CONFIG % VERSION)
+
 
 setup(
     name="tfem",
-    version="0.1.0",
+    version=VERSION,
     description="Temporary-file exchange in memory for HPC pipelines",
     python_requires=">=3.9",
     packages=["tfem", "tfem.broker", "tfem.registry"],
     package_dir={"tfem": "libtfem", "tfem.broker": "broker", "tfem.registry": "registry"},
-    package_data={"tfem": ["tfem_segment.h", "tfem_atomics.h"]},
+    package_data={"tfem": ["tfem_segment.h", "tfem_atomics.h", "include/tfem.h"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["libtfem/_build_atomics.py:ffibuilder"],
+    cmdclass={"build_ext": BuildWithCShim},
     install_requires=[
         "cffi>=1.15",
         "posix_ipc>=1.1",
@@ -24,4 +73,5 @@ setup(
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={"console_scripts": ["tfem=tfem.cli:main"]},
+    zip_safe=False,
 )

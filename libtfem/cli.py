@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_status)
 
+    p = sub.add_parser("config", help="compiler flags for C programs using libtfem",
+                       description="Print what a C compiler needs to use tfem.h and libtfem.so: "
+                                   "gcc prog.c $(tfem config --cflags --libs). The library runs "
+                                   "Python inside the C program, the interpreter tfem was installed "
+                                   "with (override with TFEM_PYTHON).")
+    p.add_argument("--cflags", action="store_true", help="include flags")
+    p.add_argument("--libs", action="store_true", help="link flags, with an rpath to the library")
+    p.add_argument("--pkg-config-path", action="store_true", help="the directory holding tfem.pc")
+    p.set_defaults(run=cmd_config)
+
     p = sub.add_parser("clean", help="remove what a killed instance left behind",
                        description="Remove the queue, segment, socket and spill store of the "
                                    "key file, data included. Refuses while its registry runs.")
@@ -391,6 +401,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    package = pathlib.Path(__file__).resolve().parent
+    include, lib = package / "include", package / "lib"
+    if not (lib / "libtfem.so").exists():
+        raise TfemError(f"libtfem.so is not built in {lib}: reinstall tfem with pip")
+    words = []
+    if args.cflags:
+        words.append(f"-I{include}")
+    if args.libs:
+        words += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltfem"]
+    if args.pkg_config_path:
+        words.append(str(lib / "pkgconfig"))
+    if not words:
+        raise TfemError("say what to print: --cflags, --libs or --pkg-config-path")
+    print(" ".join(words))
+    return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

@@ -68,6 +68,11 @@ def tfem_read(fd: int, n: int) -> bytes:
     return _file(fd).read(n)
 
 
+def tfem_readinto(fd: int, buffer: Any) -> int:
+    """Read into `buffer` (one copy out of the segment); bytes read."""
+    return _file(fd).readinto(buffer)
+
+
 def tfem_lseek(fd: int, offset: int, whence: int = os.SEEK_SET) -> int:
     return _file(fd).seek(offset, whence)
 

@@ -1,0 +1,76 @@
+/*
+ * tfem.h: the C API of tfem, temporary files handed between processes
+ * through memory.
+ *
+ * POSIX-style: every call returns -1 and sets errno on failure.
+ *
+ *   int fd = tfem_open("run1/part0", TFEM_WRONLY);
+ *   tfem_write(fd, buf, n);
+ *   tfem_close(fd);                      publishes the file (WRITE -> WAIT)
+ *
+ *   int fd = tfem_open("run1/part0", TFEM_RDONLY);    waits for the producer
+ *   ssize_t got = tfem_read(fd, buf, n);
+ *   tfem_close(fd);                      consumes the file (READ -> freed)
+ *
+ * The instance is found as in Python: TFEM_BROKER names a broker endpoint,
+ * else TFEM_KEYFILE (else the per-user default key file) names a registry.
+ * Build with:  gcc prog.c $(tfem config --cflags --libs)
+ *
+ * errno values: ENOENT no such name (TFEM_NONBLOCK, stat, unlink); EEXIST
+ * name already held (TFEM_WRONLY); EAGAIN not ready (TFEM_NONBLOCK);
+ * ETIMEDOUT tfem_open_timeout expired; EBADF bad descriptor, or read on a
+ * write descriptor and the reverse; EINVAL bad flags, whence or offset;
+ * ENAMETOOLONG name over TFEM_NAME_MAX bytes; ENOSPC slot table, memory or
+ * spill store full; ECONNREFUSED no registry or broker; EFAULT NULL
+ * pointer; ENOSYS the embedded Python could not start (see stderr).
+ *
+ * Descriptors are tfem's own, not the operating system's. A forked child
+ * gets a connection of its own on its first call; descriptors opened by the
+ * parent are the parent's.
+ */
+#ifndef TFEM_H
+#define TFEM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TFEM_NAME_MAX 255
+
+/* tfem_open flags */
+#define TFEM_RDONLY 0   /* take the file once its producer has closed it */
+#define TFEM_WRONLY 1   /* create the name; EEXIST if it is held */
+#define TFEM_AUTO 2     /* the paper's open: read if it exists, else create */
+#define TFEM_NONBLOCK 04000 /* do not wait: ENOENT or EAGAIN */
+
+/* File states, as in the paper. */
+#define TFEM_STATE_INVALID 0
+#define TFEM_STATE_WRITE 1 /* being written by its producer */
+#define TFEM_STATE_WAIT 2  /* closed by its producer, waiting for a consumer */
+#define TFEM_STATE_READ 3  /* being read by a consumer */
+
+struct tfem_stat {
+    uint64_t size;    /* bytes */
+    int state;        /* TFEM_STATE_* */
+    int spilled;      /* 1 if part of it lives in the spill store */
+    double created;   /* seconds since the epoch */
+};
+
+int tfem_open(const char *name, int flags);
+int tfem_open_timeout(const char *name, int flags, double timeout_seconds);
+ssize_t tfem_write(int fd, const void *buf, size_t count);
+ssize_t tfem_read(int fd, void *buf, size_t count);
+off_t tfem_lseek(int fd, off_t offset, int whence); /* SEEK_SET, SEEK_CUR, SEEK_END */
+int tfem_stat(const char *name, struct tfem_stat *st);
+int tfem_fstat(int fd, struct tfem_stat *st);
+int tfem_close(int fd);
+int tfem_unlink(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
