@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -43,6 +44,7 @@ class Client:
         self._registry = registry
         self._reply_timeout_ms = int(reply_timeout * 1000)
         self._ids = itertools.count(1)
+        self._socket_lock = threading.Lock()  # a ZeroMQ socket serves one thread at a time
         self._open_files: weakref.WeakSet[TfemFile] = weakref.WeakSet()
         self._connect()
 
@@ -75,6 +77,7 @@ class Client:
             # In a forked child: abandon the parent's socket (closing it here
             # could disturb the parent) and keep the inherited mapping.
             self._socket = self._context = None
+            self._socket_lock = threading.Lock()  # another thread may have held it at fork
             self._open_files = weakref.WeakSet()
             self._open_socket()
             assert self.segment is not None
@@ -88,21 +91,23 @@ class Client:
         return self._call(op, args, data)
 
     def _call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
-        if self._socket is None:
-            raise ValueError("the tfem client is closed")
-        request_id = next(self._ids)
-        self._socket.send_multipart(protocol.encode_request(Request(request_id, op, args, data)), copy=False)
-        while True:
-            if not self._socket.poll(self._reply_timeout_ms):
-                raise BrokerUnavailable(f"the broker at {self.endpoint} did not answer within "
-                                        f"{self._reply_timeout_ms / 1000:g} s")
-            frames = self._socket.recv_multipart(copy=False)
-            try:
-                reply = protocol.decode_reply([f.buffer for f in frames])
-            except ProtocolError:
-                continue
-            if reply.request_id == request_id:
-                break
+        with self._socket_lock:
+            if self._socket is None:
+                raise ValueError("the tfem client is closed")
+            request_id = next(self._ids)
+            self._socket.send_multipart(protocol.encode_request(Request(request_id, op, args, data)),
+                                        copy=False)
+            while True:
+                if not self._socket.poll(self._reply_timeout_ms):
+                    raise BrokerUnavailable(f"the broker at {self.endpoint} did not answer within "
+                                            f"{self._reply_timeout_ms / 1000:g} s")
+                frames = self._socket.recv_multipart(copy=False)
+                try:
+                    reply = protocol.decode_reply([f.buffer for f in frames])
+                except ProtocolError:
+                    continue
+                if reply.request_id == request_id:
+                    break
         if reply.errno:
             raise from_errno(reply.errno, str(reply.result))
         return reply
@@ -122,12 +127,12 @@ class Client:
         self._check_fork()
         raw = encode_name(name)
         text = raw.decode()
-        kind = mode.replace("b", "")
+        kind = mode.replace("b", "") if isinstance(mode, str) else None
         if kind == "w":
             writing, handle = True, self.table.create(raw)
         elif kind in ("r", "a"):
-            if timeout is not None and timeout < 0:
-                raise InvalidArgument("timeout cannot be negative")
+            if timeout is not None and not timeout >= 0:  # NaN too
+                raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
             handle, writing = self.table.open_existing(raw, kind == "a", wait, timeout)
         else:
             raise InvalidArgument(f"mode must be 'r', 'w' or 'a' (binary), not {mode!r}")

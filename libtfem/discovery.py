@@ -23,6 +23,14 @@ from .config import FTOK_PROJECT_ID
 from .errors import BrokerUnavailable, ProtocolError, Timeout, from_errno
 
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _ids = itertools.count(random.randrange(1 << 30))
 
 

@@ -13,6 +13,7 @@ never seen. A consumer's close() frees the file.
 from __future__ import annotations
 
 import io
+import operator
 import os
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -40,6 +41,7 @@ class TfemFile(io.RawIOBase):
         self.mode = "wb" if writing else "rb"
         self._writing = writing
         self._handle = handle
+        self._owner_pid = os.getpid()
         self._slot = client.table.seg.slot(handle.slot)
         self._pos = 0
         self._size = 0 if writing else self._slot.size
@@ -79,6 +81,7 @@ class TfemFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._check_open()
+        offset = operator.index(offset)  # as io.BytesIO: TypeError for 1.5, never a float position
         if whence == os.SEEK_SET:
             target = offset
         elif whence == os.SEEK_CUR:
@@ -153,12 +156,17 @@ class TfemFile(io.RawIOBase):
 
     def close(self) -> None:
         """Producer: publish the file. Consumer: free it. Idempotent."""
-        if self._handle is None:
+        if self._handle is None or self._in_forked_child():
             return
+        if self._writing:
+            try:
+                self._flush_spill()  # sends with the handle, so before letting it go
+            except BaseException:
+                self.abort()  # never half-published, never left held
+                raise
         handle, self._handle = self._handle, None
         try:
             if self._writing:
-                self._flush_spill()
                 discard = self._table.publish(handle, self._size)
             else:
                 discard = self._table.consume(handle)
@@ -171,7 +179,7 @@ class TfemFile(io.RawIOBase):
     def abort(self) -> None:
         """Producer: drop the file instead of publishing it. Consumer: give
         it back unread (READ -> WAIT), for another consumer to take."""
-        if self._handle is None:
+        if self._handle is None or self._in_forked_child():
             return
         handle, self._handle = self._handle, None
         try:
@@ -199,6 +207,14 @@ class TfemFile(io.RawIOBase):
                 self.abort() if self._writing else self.close()
         except Exception:
             pass
+
+    def _in_forked_child(self) -> bool:
+        """A copy of a parent's file in a forked child: the file is the
+        parent's, so the child lets go of its copy and touches nothing."""
+        if os.getpid() == self._owner_pid:
+            return False
+        self._handle = None
+        return True
 
     @property
     def closed(self) -> bool:

@@ -29,6 +29,17 @@ _files: dict[int, TfemFile] = {}
 _next_fd = 3
 
 
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock; the parent's
+    # descriptors are the parent's (their files are held by its pid).
+    global _lock
+    _lock = threading.Lock()
+    _files.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def default_client() -> Client:
     global _client
     with _lock:

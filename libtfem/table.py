@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 import zlib
 from typing import Iterator
@@ -102,18 +103,21 @@ class SlotTable:
         self._lock_waiters = ffi.addressof(h, "lock_waiters")
         self._wake_seq = ffi.cast("uint32_t *", ffi.addressof(h, "wake_seq"))
         self._wake_waiters = ffi.cast("uint32_t *", ffi.addressof(h, "wake_waiters"))
+        # The shared lock knows processes, not threads: threads take turns here.
+        self._thread_lock = threading.Lock()
 
     # ---- the lock ----
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        if lib.tfem_lock(self._lock, self._lock_waiters, self.pid, LOCK_TIMEOUT_NS):
-            raise Busy(f"the table lock has been held by pid {self._h.table_lock} for over "
-                       f"{LOCK_TIMEOUT_NS // 10**9} s")
-        try:
-            yield
-        finally:
-            lib.tfem_unlock(self._lock, self._lock_waiters)
+        with self._thread_lock:
+            if lib.tfem_lock(self._lock, self._lock_waiters, self.pid, LOCK_TIMEOUT_NS):
+                raise Busy(f"the table lock has been held by pid {self._h.table_lock} for over "
+                           f"{LOCK_TIMEOUT_NS // 10**9} s")
+            try:
+                yield
+            finally:
+                lib.tfem_unlock(self._lock, self._lock_waiters)
 
     # ---- the name index (under the lock) ----
 

@@ -90,13 +90,13 @@ static int64_t now_ns(void) {
  * on one CPU do not starve each other), then sleeps on the lock word. A
  * lock whose holder has died is taken over: every change made under the
  * lock is a single store, so a dead holder leaves the table consistent.
+ * Not re-entrant: threads of one process take turns before calling this.
  * Returns 0, or ETIMEDOUT after timeout_ns (< 0: no limit). */
 int tfem_lock(uint32_t *lock, uint32_t *waiters, uint32_t pid, int64_t timeout_ns) {
     int64_t deadline = timeout_ns >= 0 ? now_ns() + timeout_ns : INT64_MAX;
     for (int spin = 0;; spin++) {
         uint32_t holder = 0;
         if (__atomic_compare_exchange_n(lock, &holder, pid, 0, SC, SC)) return 0;
-        if (holder == pid) return 0; /* re-entry after a fork is impossible: pids differ */
         if (spin < 64) {
             sched_yield();
             continue;

@@ -1,0 +1,155 @@
+"""The C API: real C programs compiled with gcc against libtfem.so, run
+against a live instance, handing files to and from Python."""
+
+from __future__ import annotations
+
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import SMALL
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = {
+    "producer": ROOT / "examples" / "c" / "producer.c",
+    "consumer": ROOT / "examples" / "c" / "consumer.c",
+    "errno_cases": ROOT / "tests" / "c" / "errno_cases.c",
+    "threads": ROOT / "tests" / "c" / "threads.c",
+    "fork": ROOT / "tests" / "c" / "fork.c",
+}
+
+
+@pytest.fixture(scope="session")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    flags = subprocess.run([sys.executable, "-m", "tfem", "config", "--cflags", "--libs"],
+                           check=True, capture_output=True, text=True).stdout
+    out = tmp_path_factory.mktemp("cbin")
+    built = {}
+    for name, source in SOURCES.items():
+        target = out / name
+        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-pthread", "-o", str(target), str(source),
+                        *shlex.split(flags)], check=True)
+        built[name] = target
+    return built
+
+
+def run(program: pathlib.Path, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    # A minimal environment: the program must find its interpreter itself.
+    minimal = {"PATH": "/usr/bin:/bin", "TFEM_KEYFILE": env["TFEM_KEYFILE"], "HOME": env.get("HOME", "/")}
+    return subprocess.run([str(program), *args], env=minimal, capture_output=True, text=True, timeout=timeout)
+
+
+def byte_at(name: str, i: int) -> int:
+    """The byte examples/c/producer.c writes at offset i of `name`."""
+    h = 2166136261
+    for c in name.encode():
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return ((h >> (i % 4 * 8)) + i * 31) & 0xFF
+
+
+def expected(name: str, size: int) -> bytes:
+    return bytes(byte_at(name, i) for i in range(size))
+
+
+def test_c_to_c(instance, programs):
+    consumer = subprocess.Popen([str(programs["consumer"]), "50", "70000", "cc"],
+                                env={"PATH": "/usr/bin:/bin", "TFEM_KEYFILE": str(instance.keyfile)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        produced = run(programs["producer"], "50", "70000", "cc", env=instance.env)
+        out, err = consumer.communicate(timeout=120)
+    finally:
+        consumer.kill()
+    assert produced.returncode == 0, produced.stderr
+    assert consumer.returncode == 0, err
+    assert "read 50 files, 0 with wrong bytes" in out
+
+
+def test_c_producer_python_consumer(instance, programs, client):
+    produced = run(programs["producer"], "20", "3000", "cp", env=instance.env)
+    assert produced.returncode == 0, produced.stderr
+    for n in range(20):
+        name = f"cp/{n}"
+        with client.open(name, "r", timeout=10) as f:
+            assert f.read() == expected(name, 3000)
+    assert client.list() == []
+
+
+def test_python_producer_c_consumer(instance, programs, client):
+    size = 1_500_000  # past the 1 MiB arena: part of the files spill
+    for n in range(3):
+        name = f"pc/{n}"
+        with client.open(name, "w") as f:
+            f.write(expected(name, size))
+    consumed = run(programs["consumer"], "3", str(size), "pc", env=instance.env)
+    assert consumed.returncode == 0, consumed.stderr
+    assert "read 3 files, 0 with wrong bytes" in consumed.stdout
+
+
+def test_threads(instance, programs):
+    result = run(programs["threads"], "8", "40", "5000", env=instance.env)
+    assert result.returncode == 0, result.stderr
+    assert "8 threads x 40 files, 0 failures" in result.stdout
+
+
+def test_fork_while_threads_call(instance, programs, client):
+    result = run(programs["fork"], "20", env=instance.env, timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "20 forks, 0 failures" in result.stdout
+    assert client.list() == []
+
+
+EXPECTED_ERRNO = {
+    "open-missing-nonblock": "ENOENT",
+    "stat-missing": "ENOENT",
+    "unlink-missing": "ENOENT",
+    "open-timeout": "ETIMEDOUT",
+    "open-writer": "OK",
+    "open-existing-for-write": "EEXIST",
+    "open-being-written-nonblock": "EAGAIN",
+    "read-on-write-fd": "EBADF",
+    "write-null-buffer": "EFAULT",
+    "write-huge-count": "EINVAL",
+    "lseek-negative": "EINVAL",
+    "lseek-bad-whence": "EINVAL",
+    "write": "OK",
+    "fstat-null": "EFAULT",
+    "close-writer": "OK",
+    "close-again": "EBADF",
+    "write-closed": "EBADF",
+    "open-reader": "OK",
+    "write-on-read-fd": "EBADF",
+    "read-null-buffer": "EFAULT",
+    "close-reader": "OK",
+    "read-bad-fd": "EBADF",
+    "write-negative-fd": "EBADF",
+    "lseek-bad-fd": "EBADF",
+    "close-bad-fd": "EBADF",
+    "open-bad-flags": "EINVAL",
+    "open-null-name": "EFAULT",
+    "stat-null": "EFAULT",
+    "open-empty-name": "EINVAL",
+    "open-long-name": "ENAMETOOLONG",
+    "open-not-utf8": "EINVAL",
+    "fill-slots": "OK",
+    "open-table-full": "ENOSPC",
+}
+
+
+def test_errno_cases(instance_factory, programs):
+    inst = instance_factory("--slots", "2", *SMALL[2:])
+    result = run(programs["errno_cases"], env=inst.env)
+    assert result.returncode == 0, result.stderr
+    got = dict(line.split(" ", 1) for line in result.stdout.splitlines() if not line.startswith("read-bytes"))
+    assert got == EXPECTED_ERRNO
+    assert "read-bytes 5 hello" in result.stdout
+    with inst.connect() as c:  # the instance still serves, and nothing is left held
+        assert c.list() == []
+
+
+def test_no_server_is_econnrefused(tmp_path, programs):
+    result = run(programs["errno_cases"], "noserver", env={"TFEM_KEYFILE": str(tmp_path / "none.key")})
+    assert result.stdout.strip() == "open-no-server ECONNREFUSED"
