@@ -285,7 +285,9 @@ class Broker:
             try:
                 self._move_to_spill(s)
             finally:
-                self.table.release(handle)
+                unlinked = self.table.release(handle)  # freed instead, if unlinked meanwhile
+                if unlinked is not None:
+                    self.spill.discard(unlinked)
             moved = True
             if seg.block_count - seg.blocks_in_use() >= blocks_needed:
                 break
@@ -308,9 +310,17 @@ class Broker:
         if self.spill is None:
             return
         seg = self.segment
+
+        def held(s: int) -> bool:
+            return seg.slot(s).file_id == file_id and self.table.state_of(s)[0] is not State.INVALID
+
         for s in range(seg.slot_count):
-            if seg.slot(s).file_id == file_id and self.table.state_of(s)[0] is not State.INVALID:
-                raise InvalidArgument(f"file {file_id} is still held")
+            if held(s):
+                # A client claiming the freed slot sets its state before its
+                # new file id: look again once that claim is complete.
+                with self.table.locked():
+                    if held(s):
+                        raise InvalidArgument(f"file {file_id} is still held")
         self.spill.discard(file_id)
 
     # ---- statistics ----

@@ -266,7 +266,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         _signal_ready(args.ready_fd)
         if cmd:
             env = dict(os.environ, **{ENV_KEYFILE: keyfile})
-            worker = subprocess.Popen(cmd, env=env)
+            try:
+                worker = subprocess.Popen(cmd, env=env)
+            except OSError as exc:
+                raise TfemError(f"cannot run {cmd[0]}: {exc.strerror}") from None
             while worker.poll() is None and not stop():
                 stop.stopped.wait(0.1)
             if worker.poll() is None:
@@ -325,15 +328,20 @@ def cmd_get(args: argparse.Namespace) -> int:
     with connect(args.keyfile) as client:
         for name in names:
             target = _local_target(local, name) if into_dir else local
-            with client.open(name, "r", timeout=args.timeout, wait=not args.no_wait) as src:
+            src = client.open(name, "r", timeout=args.timeout, wait=not args.no_wait)
+            try:
                 if target == "-":
                     for chunk in src.chunks():
                         sys.stdout.buffer.write(chunk)
                     sys.stdout.buffer.flush()
-                    continue
-                with open(target, "wb") as out:
-                    for chunk in src.chunks():
-                        out.write(chunk)
+                else:
+                    with open(target, "wb") as out:
+                        for chunk in src.chunks():
+                            out.write(chunk)
+            except BaseException:
+                src.abort()  # not delivered, so not consumed: it stays for another try
+                raise
+            src.close()
     return 0
 
 
@@ -468,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tfem {args.command}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
+        return 1
+    except OSError as exc:  # a local file that cannot be read or written
+        print(f"tfem {args.command}: {exc}", file=sys.stderr)
         return 1
 
 

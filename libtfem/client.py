@@ -29,6 +29,8 @@ from .segment import Segment
 from .table import FileStat, SlotTable, encode_name
 
 REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
+CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
+BYE_TIMEOUT_S = 1.0  # for its answer to goodbye: it may have stopped meanwhile
 
 
 class Client:
@@ -39,10 +41,11 @@ class Client:
     segment: Segment | None = None
 
     def __init__(self, endpoint: str, *, registry: Instance | None = None,
-                 reply_timeout: float = REPLY_TIMEOUT_S) -> None:
+                 reply_timeout: float = REPLY_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         self.endpoint = endpoint
         self._registry = registry
         self._reply_timeout_ms = int(reply_timeout * 1000)
+        self._connect_timeout_ms = int(connect_timeout * 1000)
         self._ids = itertools.count(1)
         self._socket_lock = threading.Lock()  # a ZeroMQ socket serves one thread at a time
         self._open_files: weakref.WeakSet[TfemFile] = weakref.WeakSet()
@@ -56,7 +59,9 @@ class Client:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.endpoint)
         try:
-            return self._call(Op.HELLO, {"pid": self._pid})
+            # ZeroMQ connects lazily and retries quietly: only a reply
+            # shows that a broker listens at the endpoint.
+            return self._call(Op.HELLO, {"pid": self._pid}, timeout_ms=self._connect_timeout_ms)
         except BaseException:
             self._socket.close()
             self._context.term()
@@ -90,7 +95,8 @@ class Client:
         self._check_fork()
         return self._call(op, args, data)
 
-    def _call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
+    def _call(self, op: Op, args: dict[str, Any], data: Any = None, timeout_ms: int | None = None) -> Reply:
+        wait_ms = self._reply_timeout_ms if timeout_ms is None else timeout_ms
         with self._socket_lock:
             if self._socket is None:
                 raise ValueError("the tfem client is closed")
@@ -98,9 +104,9 @@ class Client:
             self._socket.send_multipart(protocol.encode_request(Request(request_id, op, args, data)),
                                         copy=False)
             while True:
-                if not self._socket.poll(self._reply_timeout_ms):
+                if not self._socket.poll(wait_ms):
                     raise BrokerUnavailable(f"the broker at {self.endpoint} did not answer within "
-                                            f"{self._reply_timeout_ms / 1000:g} s")
+                                            f"{wait_ms / 1000:g} s")
                 frames = self._socket.recv_multipart(copy=False)
                 try:
                     reply = protocol.decode_reply([f.buffer for f in frames])
@@ -179,7 +185,7 @@ class Client:
             for f in list(self._open_files):
                 f.abort() if f.writable() else f.close()
             try:
-                self._call(Op.BYE, {})
+                self._call(Op.BYE, {}, timeout_ms=int(BYE_TIMEOUT_S * 1000))
             except Exception:
                 pass  # the broker may be gone; nothing is lost by not saying goodbye
             self._socket.close()
@@ -211,10 +217,12 @@ def connect(keyfile: str | os.PathLike[str] | None = None, *, broker: str | None
             timeout: float = 5.0) -> Client:
     """A client for the broker of `keyfile` (else $TFEM_KEYFILE, else the
     per-user default), found through the registry; or for the broker at
-    endpoint `broker` (else $TFEM_BROKER), without a registry."""
+    endpoint `broker` (else $TFEM_BROKER), without a registry. `timeout`
+    bounds the wait for the registry's answer and for the broker's first
+    reply: BrokerUnavailable when nobody answers."""
     endpoint = broker or (os.environ.get(ENV_BROKER) if keyfile is None else None)
     if endpoint:
-        return Client(endpoint)
+        return Client(endpoint, connect_timeout=timeout)
     instance = Instance.for_keyfile(keyfile)
     result = discovery.ask_registry(instance.keyfile, protocol.Action.REGISTER, timeout=timeout)
-    return Client(result["endpoint"], registry=instance)
+    return Client(result["endpoint"], registry=instance, connect_timeout=timeout)

@@ -19,8 +19,11 @@ from typing import Any
 import sysv_ipc
 
 from . import protocol
+from ._atomics import lib
 from .config import FTOK_PROJECT_ID
 from .errors import BrokerUnavailable, ProtocolError, Timeout, from_errno
+
+KEYFILE_HEADER = "tfem registry key file; pid "  # what a registry writes into its key file
 
 _lock = threading.Lock()
 
@@ -38,6 +41,28 @@ def queue_key(keyfile: pathlib.Path) -> int:
     return sysv_ipc.ftok(str(keyfile), FTOK_PROJECT_ID, silence_warning=True)
 
 
+def registry_pid(keyfile: pathlib.Path) -> int | None:
+    """The pid recorded in a key file, if the file is one of ours."""
+    try:
+        text = keyfile.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith(KEYFILE_HEADER):
+        return None
+    try:
+        return int(text[len(KEYFILE_HEADER):].split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _check_registry_alive(keyfile: pathlib.Path, pid: int | None) -> None:
+    """A registry killed without cleaning up leaves its queue: nobody will
+    ever answer there, so say so now rather than after the timeout."""
+    if pid is not None and not lib.tfem_pid_alive(pid):
+        raise BrokerUnavailable(f"the registry of {keyfile} (pid {pid}) is not running: it died without "
+                                "cleaning up; run `tfem clean` and start a new one with `tfem up`")
+
+
 def ask_registry(keyfile: pathlib.Path, action: protocol.Action, args: dict[str, Any] | None = None,
                  timeout: float = 5.0) -> Any:
     """Send one request to the registry of `keyfile`; its result."""
@@ -47,6 +72,8 @@ def ask_registry(keyfile: pathlib.Path, action: protocol.Action, args: dict[str,
         queue = sysv_ipc.MessageQueue(queue_key(keyfile))
     except sysv_ipc.ExistentialError:
         raise BrokerUnavailable(f"no registry queue for key file {keyfile} (start one with `tfem up`)") from None
+    owner = registry_pid(keyfile)
+    _check_registry_alive(keyfile, owner)
     pid = os.getpid()
     with _lock:
         request_id = next(_ids)
@@ -67,6 +94,7 @@ def ask_registry(keyfile: pathlib.Path, action: protocol.Action, args: dict[str,
             except sysv_ipc.BusyError:
                 if time.monotonic() > deadline:
                     raise Timeout(f"the registry of {keyfile} did not answer within {timeout} s") from None
+                _check_registry_alive(keyfile, owner)
                 time.sleep(pause)
                 pause = min(pause * 2, 0.005)
                 continue

@@ -183,12 +183,9 @@ class TfemFile(io.RawIOBase):
             return
         handle, self._handle = self._handle, None
         try:
-            if self._writing:
-                discard = self._table.abort(handle)
-                if discard is not None:
-                    self._client.call(Op.DISCARD, {"file_id": discard})
-            else:
-                self._table.release(handle)
+            discard = self._table.abort(handle) if self._writing else self._table.release(handle)
+            if discard is not None:
+                self._client.call(Op.DISCARD, {"file_id": discard})
         finally:
             self._client._forget(self)
             super().close()

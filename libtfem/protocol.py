@@ -78,7 +78,8 @@ def _unpack(frame: bytes | memoryview, what: str) -> list[Any]:
         value = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"{what} is not msgpack: {exc}") from None
-    if not isinstance(value, list) or not value or value[0] != VERSION:
+    # type() is int: a bool or a float equal to VERSION is not a version.
+    if not isinstance(value, list) or not value or type(value[0]) is not int or value[0] != VERSION:
         raise ProtocolError(f"{what} is not a version-{VERSION} message array")
     return value
 
@@ -137,7 +138,7 @@ def request_id_of(frame: Any) -> int | None:
     try:
         value = msgpack.unpackb(frame, raw=False)
         rid = value[1]
-        return rid if isinstance(rid, int) and 0 <= rid < 2**63 else None
+        return rid if type(rid) is int and 0 <= rid < 2**63 else None  # not a bool: replies carry ints
     except Exception:
         return None
 

@@ -178,7 +178,10 @@ class Segment:
             return
         self.view.release()
         ffi.release(self._base)
-        self._mmap.close()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a view handed out (TfemFile.chunks) still lives: unmapped when it goes
         self._mmap = None
         self.view = None
         self._base = None

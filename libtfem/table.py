@@ -289,11 +289,16 @@ class SlotTable:
             self._check_holder(handle)
             return self._free(handle.slot, Event.CLOSE_READ, handle.generation)
 
-    def release(self, handle: Handle) -> None:
-        """Give a file back unread: READ -> WAIT, and wake the waiters."""
+    def release(self, handle: Handle) -> int | None:
+        """Give a file back unread: READ -> WAIT, and wake the waiters. If
+        the name was unlinked meanwhile the file is freed instead; then the
+        returned file id, if not None, has spill records to discard."""
         with self.locked():
+            if self.seg.slot(handle.slot).flags & lib.TFEM_SLOT_DOOMED:
+                return self._free(handle.slot, Event.UNLINK, handle.generation)
             self._transition(handle.slot, Event.RELEASE_READ, handle.generation)
         self._publish(handle.bucket)
+        return None
 
     # ---- anyone ----
 

@@ -25,13 +25,11 @@ import sysv_ipc
 from tfem import protocol
 from tfem._atomics import lib
 from tfem.config import resolve_keyfile
-from tfem.discovery import queue_key
+from tfem.discovery import KEYFILE_HEADER, queue_key, registry_pid
 from tfem.errors import BrokerUnavailable, ProtocolError, TfemError
 from tfem.protocol import Action, Reply
 
 log = logging.getLogger("tfem.registry")
-
-KEYFILE_HEADER = "tfem registry key file; pid "
 
 
 @dataclasses.dataclass
@@ -41,18 +39,15 @@ class BrokerEntry:
     load: int
 
 
-def registry_pid(keyfile: pathlib.Path) -> int | None:
-    """The pid recorded in a key file, if the file is one of ours."""
+def largest_message() -> int:
+    """The kernel's limit on one SysV message (msgmax). The registry reads
+    with a buffer this large: a message larger than the reader's buffer
+    cannot be received (E2BIG) and would block the head of the queue."""
     try:
-        text = keyfile.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.startswith(KEYFILE_HEADER):
-        return None
-    try:
-        return int(text[len(KEYFILE_HEADER):].split()[0])
-    except (ValueError, IndexError):
-        return None
+        msgmax = int(pathlib.Path("/proc/sys/kernel/msgmax").read_text())
+    except (OSError, ValueError):
+        msgmax = 1 << 16
+    return max(msgmax, protocol.MAX_REGISTRY_MESSAGE)
 
 
 class Registry:
@@ -78,12 +73,13 @@ class Registry:
         with os.fdopen(fd, "w") as f:
             f.write(f"{KEYFILE_HEADER}{os.getpid()}\n")
         key = queue_key(self.keyfile)
+        size = largest_message()
         try:
-            self.queue = sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o600)
+            self.queue = sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o600, max_message_size=size)
         except sysv_ipc.ExistentialError:
             # Left by a registry that died: nobody alive owns it.
             sysv_ipc.MessageQueue(key).remove()
-            self.queue = sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o600)
+            self.queue = sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o600, max_message_size=size)
         log.info("registry %d serving key file %s (queue key 0x%08x)", os.getpid(), self.keyfile, key & 0xFFFFFFFF)
 
     def serve(self, should_stop: Callable[[], bool]) -> None:
