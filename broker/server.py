@@ -16,6 +16,11 @@ Theory of operation:
   the broker (SPILL_READ, SPILL_WRITE).
 - A malformed or mistaken request gets an error reply; nothing a client
   sends can stop the broker.
+- It settles the files of clients that die: it watches each client's
+  process through a pidfd (the kernel says when it exits, no polling), and
+  sweeps the table every few seconds for holders nobody introduced.
+- Started on a segment a crashed broker left, it adopts it (recovery.py)
+  and its spill store: published files survive a broker crash.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ import zmq
 from tfem import discovery, protocol
 from tfem._atomics import ffi, lib
 from tfem.config import Instance
-from tfem.errors import InvalidArgument, NoSpace, ProtocolError, TfemError
+from tfem.errors import InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient
 from tfem.protocol import Op, Reply
-from tfem.segment import Layout, Segment
+from tfem.segment import Layout, Segment, SegmentCorrupt, SegmentExists
 from tfem.states import State
 from tfem.table import SlotTable
 
+from .recovery import Recovery, adopt
 from .spill import SpillStore
 
 log = logging.getLogger("tfem.broker")
+
+SWEEP_INTERVAL_S = 2.0  # how often holders nobody introduced are checked
 
 
 @dataclasses.dataclass
@@ -72,17 +80,30 @@ class Broker:
         self.errors = 0
         self.started = time.time()
         self._announced = False
+        self._owns_segment = False  # created it, or finished adopting it: ours to destroy
+        self.recovery: Recovery | None = None
+        self._pidfds: dict[int, int] = {}  # pid -> pidfd of each client process
+        self.settled_clients = 0
+        self._poller: Any = None
+        self._next_sweep = 0.0
 
     # ---- life cycle ----
 
     def start(self) -> None:
         c = self.config
         layout = Layout(c.slots, c.buf_size, c.block_size, c.memory)
-        self.segment = Segment.create(self.instance.segment, layout)
+        try:
+            self.segment = Segment.create(self.instance.segment, layout)
+            self._owns_segment = True
+        except SegmentExists:
+            self.segment = self._attach_left_segment(layout)
         try:
             self.table = SlotTable(self.segment, os.getpid())
             if c.spill:
-                self.spill = SpillStore(c.spill_dir or self.instance.spill_dir, c.spill_size)
+                self.spill = SpillStore(self.spill_dir, c.spill_size)
+            if not self._owns_segment:
+                self._adopt()
+            self.segment.header.broker_pid = os.getpid()
             self._context = zmq.Context()
             self._socket = self._context.socket(zmq.ROUTER)
             self._socket.setsockopt(zmq.LINGER, 0)
@@ -94,12 +115,50 @@ class Broker:
             if self.endpoint.startswith("ipc://"):
                 os.chmod(self.endpoint[len("ipc://"):], 0o600)
             self._announce()
+            self.instance.write_state({"broker_pid": os.getpid(), "spill_dir": str(self.spill_dir),
+                                       "segment": self.segment.name, "endpoint": self.endpoint})
+            self._owns_segment = True
         except BaseException:
             self.close()
             raise
         log.info("broker %d serving %s: segment %s, %d slots, %d MiB arena, spill %s",
                  os.getpid(), self.endpoint, self.segment.name, c.slots, c.memory >> 20,
                  self.spill.path if self.spill else "off")
+
+    @property
+    def spill_dir(self) -> pathlib.Path:
+        return self.config.spill_dir or self.instance.spill_dir
+
+    def _attach_left_segment(self, layout: Layout) -> Segment:
+        """The segment a crashed broker left: attached to adopt it, or
+        replaced if its header cannot be trusted."""
+        name = self.instance.segment
+        try:
+            segment = Segment.attach(name)
+        except SegmentCorrupt as exc:
+            log.error("%s; replacing it with a new, empty segment", exc)
+            Segment.unlink(name)
+            segment = Segment.create(name, layout)
+            self._owns_segment = True
+            return segment
+        other = segment.header.broker_pid
+        if other != os.getpid() and lib.tfem_pid_alive(other):
+            segment.close()
+            raise TfemError(f"a broker (pid {other}) already serves {self.instance.keyfile}")
+        h = segment.header
+        if (h.slot_count, h.buf_size, h.block_size, h.block_count) != \
+                (layout.slot_count, layout.buf_size, layout.block_size, layout.block_count):
+            log.warning("adopting the segment as it was made (%d slots, %d B inline, %d B blocks, %d blocks), "
+                        "not as the options ask", h.slot_count, h.buf_size, h.block_size, h.block_count)
+        return segment
+
+    def _adopt(self) -> None:
+        spilled = self.spill.file_ids() if self.spill else set()
+        self.recovery = adopt(self.table, lambda pid: bool(lib.tfem_pid_alive(pid)), spilled)
+        for file_id in self.recovery.discard_file_ids:
+            if self.spill:
+                self.spill.discard(file_id)
+        log.warning("adopted the segment a previous broker left: %s", self.recovery)
 
     def _announce(self) -> None:
         if not self.instance.keyfile.exists():
@@ -112,7 +171,7 @@ class Broker:
 
     def serve(self, should_stop: Callable[[], bool]) -> None:
         """Answer requests until should_stop() is true (checked every 100 ms)."""
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not should_stop():
             try:
@@ -128,6 +187,61 @@ class Broker:
                     except zmq.Again:
                         break
                     self._serve_one(frames)
+            for pid, fd in list(self._pidfds.items()):
+                if fd in events:
+                    self._client_exited(pid)
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                self._sweep()
+
+    # ---- dead clients ----
+
+    def _watch(self, pid: int) -> None:
+        """Be told by the kernel when client process `pid` exits."""
+        if pid in self._pidfds or pid == os.getpid():
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._settle(pid)
+            return
+        except OSError:  # no pidfds here (old kernel): the sweep covers it
+            return
+        self._pidfds[pid] = fd
+        if self._poller is not None:
+            self._poller.register(fd, zmq.POLLIN)
+
+    def _client_exited(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid)
+        self._poller.unregister(fd)
+        os.close(fd)
+        for identity in [i for i, p in self.clients.items() if p == pid]:
+            del self.clients[identity]
+        self._settle(pid)
+
+    def _settle(self, pid: int) -> None:
+        settled = self.table.settle_holder(pid)
+        for file_id in settled.discard_file_ids:
+            if self.spill:
+                self.spill.discard(file_id)
+        if settled.dropped or settled.returned:
+            self.settled_clients += 1
+            log.info("client %d died: dropped %d file(s) it was writing, returned %d it was reading",
+                     pid, settled.dropped, settled.returned)
+
+    def _sweep(self) -> None:
+        """Settle holders that died unwatched (clients of an earlier broker,
+        or of a kernel without pidfds); announce again, in case the registry
+        was restarted and forgot this broker."""
+        for pid in self.table.holders():
+            if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
+                self._settle(pid)
+        if self._announced:
+            try:
+                discovery.ask_registry(self.instance.keyfile, protocol.Action.ANNOUNCE,
+                                       {"endpoint": self.endpoint, "load": 0}, timeout=1.0)
+            except TfemError as exc:
+                log.debug("registry not reached: %s", exc)
 
     def close(self) -> None:
         """Withdraw, stop listening, and unless `keep`, destroy the segment
@@ -139,23 +253,29 @@ class Broker:
                                        {"endpoint": self.endpoint}, timeout=1.0)
             except TfemError:
                 pass
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds.clear()
         if self._socket is not None:
             self._socket.close()
             self._context.term()
             self._socket = None
             if self.endpoint.startswith("ipc://"):
                 pathlib.Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
+        # What this broker did not make or finish adopting is not its to destroy.
+        destroy = self._owns_segment and not self.config.keep
         if self.spill is not None:
             self.spill.close()
-            if not self.config.keep:
+            if destroy:
                 self.spill.remove()
             self.spill = None
         if self.segment is not None:
             name = self.segment.name
             self.segment.close()
             self.segment = None
-            if not self.config.keep:
+            if destroy:
                 Segment.unlink(name)
+                self.instance.remove_state()
 
     # ---- requests ----
 
@@ -192,7 +312,9 @@ class Broker:
         op, args, rid = request.op, request.args, request.request_id
         if op is Op.HELLO:
             self.clients[identity] = args["pid"]
-            return Reply(rid, 0, {"segment": self.segment.name, "broker_pid": os.getpid()})
+            self._watch(args["pid"])
+            return Reply(rid, 0, {"segment": self.segment.name, "broker_pid": os.getpid(),
+                                  "instance_id": self.segment.header.instance_id})
         if op is Op.STATS:
             return Reply(rid, 0, self.stats())
         if op is Op.BYE:
@@ -200,7 +322,7 @@ class Broker:
             return Reply(rid, 0, {})
         pid = self.clients.get(identity)
         if pid is None:
-            raise ProtocolError("say hello first")
+            raise UnknownClient("this broker does not know you (it may have restarted): say hello")
         if op is Op.ALLOC:
             self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
             return Reply(rid, 0, {"spilled": self._alloc(args["slot"], args["capacity"])})
@@ -218,14 +340,21 @@ class Broker:
         if op is Op.DISCARD:
             self._discard(args["file_id"])
             return Reply(rid, 0, {})
+        if op is Op.CHECKSUM:
+            slot = self._check_holder(args["slot"], args["generation"], pid, State.WRITE, State.READ)
+            if not slot.flags & lib.TFEM_SLOT_SPILLED or self.spill is None:
+                raise InvalidArgument(f"slot {args['slot']} is not spilled")
+            crc = self.spill.checksum(slot.file_id, max(0, slot.size - self.segment.buf_size),
+                                      args["crc"] & 0xFFFFFFFF)
+            return Reply(rid, 0, {"crc": crc})
         raise ProtocolError(f"unhandled op {op.value}")
 
-    def _check_holder(self, s: int, generation: int, pid: int, state: State) -> Any:
+    def _check_holder(self, s: int, generation: int, pid: int, *states: State) -> Any:
         if s >= self.segment.slot_count:
             raise InvalidArgument(f"no slot {s}")
         actual, gen, holder = self.table.state_of(s)
-        if actual is not state or gen != generation or holder != pid:
-            raise InvalidArgument(f"slot {s} is not held in {state.name} by pid {pid}")
+        if actual not in states or gen != generation or holder != pid:
+            raise InvalidArgument(f"slot {s} is not held in {'/'.join(s.name for s in states)} by pid {pid}")
         return self.segment.slot(s)
 
     def _check_spilled(self, args: dict[str, int], pid: int, state: State) -> Any:
@@ -352,6 +481,9 @@ class Broker:
             "clients": len(self.clients),
             "requests_served": dict(self.served),
             "request_errors": self.errors,
+            "dead_clients_settled": self.settled_clients,
+            "recovery": {k: v for k, v in dataclasses.asdict(self.recovery).items()
+                         if k != "discard_file_ids"} if self.recovery else None,
             "opened_for_write": h.opened_write,
             "opened_for_read": h.opened_read,
             "published": h.closed_write,

@@ -17,6 +17,7 @@ import os
 import pathlib
 import struct
 
+import crc32c
 import lmdb
 
 from tfem.errors import NoSpace
@@ -84,6 +85,19 @@ class SpillStore:
                     out[pos - offset: pos - offset + have] = value[within: within + have]
                 pos += n
         return out
+
+    def checksum(self, file_id: int, length: int, crc: int) -> int:
+        """Continue crc32c `crc` over the first `length` spilled bytes."""
+        with self.env.begin(buffers=True) as txn:
+            for chunk in range((length + CHUNK - 1) // CHUNK):
+                n = min(CHUNK, length - chunk * CHUNK)
+                value = txn.get(_KEY.pack(file_id, chunk))
+                have = 0 if value is None else min(n, len(value))
+                if have:
+                    crc = crc32c.crc32c(value[:have], crc)
+                if have < n:  # never written: zeros
+                    crc = crc32c.crc32c(bytes(n - have), crc)
+        return crc
 
     def discard(self, file_id: int) -> None:
         with self.env.begin(write=True) as txn:

@@ -10,7 +10,7 @@
 
 from .client import Client, connect
 from .errors import (
-    AlreadyExists, BadDescriptor, BrokerUnavailable, Busy, InvalidArgument, NameTooLong,
+    AlreadyExists, BadDescriptor, BrokerUnavailable, Busy, ChecksumMismatch, InvalidArgument, NameTooLong,
     NoSpace, NotFound, ProtocolError, TfemError, Timeout, WouldBlock, WrongMode,
 )
 from .files import TfemFile
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client", "connect", "TfemFile", "FileStat", "State",
-    "TfemError", "AlreadyExists", "BadDescriptor", "BrokerUnavailable", "Busy", "InvalidArgument",
+    "TfemError", "AlreadyExists", "BadDescriptor", "BrokerUnavailable", "Busy", "ChecksumMismatch",
+    "InvalidArgument",
     "NameTooLong", "NoSpace", "NotFound", "ProtocolError", "Timeout", "WouldBlock", "WrongMode",
     "TFEM_RDONLY", "TFEM_WRONLY", "TFEM_AUTO", "TFEM_NONBLOCK",
     "tfem_open", "tfem_write", "tfem_read", "tfem_lseek", "tfem_stat", "tfem_fstat",

@@ -21,6 +21,7 @@ from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyf
 from .errors import TfemError
 
 READY_TIMEOUT_S = 60.0
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # `tfem up` gives up on a server crashing this often
 
 
 def _size(text: str) -> int:
@@ -59,6 +60,17 @@ def _add_broker_options(p: argparse.ArgumentParser) -> None:
 def _add_ready_fd(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-fd", type=int, metavar="FD",
                    help="write 'ready' to this descriptor once serving (for supervisors)")
+    # `tfem up` passes its pid: a server must not outlive it. SIGKILL, not
+    # SIGTERM, so the data stays for the next start to adopt.
+    p.add_argument("--die-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
+
+
+def _die_with_parent(args: argparse.Namespace) -> None:
+    if args.die_with_parent is not None:
+        from tfem._atomics import lib
+
+        if lib.tfem_die_with_parent(signal.SIGKILL, args.die_with_parent) != 0:
+            raise TfemError("the parent that started this server has already exited")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +202,7 @@ def _broker_config(args: argparse.Namespace) -> Any:
 def cmd_registry(args: argparse.Namespace) -> int:
     from tfem.registry.server import Registry
 
+    _die_with_parent(args)
     stop = _StopFlag()
     registry = Registry(args.keyfile)
     try:
@@ -204,6 +217,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     from tfem.broker.server import Broker
 
+    _die_with_parent(args)
     stop = _StopFlag()
     broker = Broker(_broker_config(args))
     try:
@@ -218,8 +232,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def _start_child(argv: list[str], what: str) -> subprocess.Popen[bytes]:
     """Start a server with a ready pipe; return once it has said ready."""
     read_end, write_end = os.pipe()
-    child = subprocess.Popen([*argv, "--ready-fd", str(write_end)], pass_fds=(write_end,),
-                             start_new_session=True)
+    child = subprocess.Popen([*argv, "--ready-fd", str(write_end), "--die-with-parent", str(os.getpid())],
+                             pass_fds=(write_end,), start_new_session=True)
     os.close(write_end)
     try:
         import select
@@ -258,10 +272,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         broker_argv.append("--keep")
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     stop = _StopFlag()
-    registry = _start_child([*base, "registry", "--keyfile", keyfile], "registry")
-    children = [registry]
+    argvs = {"registry": [*base, "registry", "--keyfile", keyfile], "broker": broker_argv}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    restarts: list[float] = []
+    worker = None
     try:
-        children.insert(0, _start_child(broker_argv, "broker"))
+        for what in ("registry", "broker"):
+            children[what] = _start_child(argvs[what], what)
         print(f"tfem up: key file {keyfile}; stop with Ctrl-C", file=sys.stderr, flush=True)
         _signal_ready(args.ready_fd)
         if cmd:
@@ -270,20 +287,28 @@ def cmd_up(args: argparse.Namespace) -> int:
                 worker = subprocess.Popen(cmd, env=env)
             except OSError as exc:
                 raise TfemError(f"cannot run {cmd[0]}: {exc.strerror}") from None
-            while worker.poll() is None and not stop():
-                stop.stopped.wait(0.1)
+        while not stop() and (worker is None or worker.poll() is None):
+            for what, child in children.items():
+                if child.poll() is None:
+                    continue
+                # A crashed server is started again: a broker adopts the
+                # segment and spill store, so published files survive.
+                restarts = [t for t in restarts if t > time.monotonic() - RESTART_WINDOW_S] + [time.monotonic()]
+                if len(restarts) > MAX_RESTARTS:
+                    raise TfemError(f"the {what} keeps exiting (status {child.returncode}); giving up")
+                print(f"tfem up: the {what} exited (status {child.returncode}); starting it again",
+                      file=sys.stderr, flush=True)
+                children[what] = _start_child(argvs[what], what)
+            stop.stopped.wait(0.1)
+        if worker is not None:
             if worker.poll() is None:
                 worker.terminate()
             return worker.wait()
-        while not stop():
-            if any(c.poll() is not None for c in children):
-                print("tfem up: a server exited; stopping", file=sys.stderr)
-                return 1
-            stop.stopped.wait(0.2)
         return 0
     finally:
-        for child in children:  # broker first: it withdraws from the registry
-            _stop_child(child)
+        for what in ("broker", "registry"):  # broker first: it withdraws from the registry
+            if what in children:
+                _stop_child(children[what])
 
 
 # ---- clients ----
@@ -441,6 +466,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
     pid = registry_pid(instance.keyfile)
     if pid and lib.tfem_pid_alive(pid):
         raise TfemError(f"the registry of {instance.keyfile} (pid {pid}) is running: stop it first")
+    state = instance.read_state()
+    broker = state.get("broker_pid")
+    if isinstance(broker, int) and lib.tfem_pid_alive(broker):
+        raise TfemError(f"the broker of {instance.keyfile} (pid {broker}) is running: stop it first")
     removed = []
     if instance.keyfile.exists():
         try:
@@ -456,11 +485,19 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if instance.socket_path.exists():
         instance.socket_path.unlink()
         removed.append(f"socket {instance.socket_path}")
-    if instance.spill_dir.exists():
-        import shutil
-
-        shutil.rmtree(instance.spill_dir)
-        removed.append(f"spill store {instance.spill_dir}")
+    spill_dir = pathlib.Path(str(state.get("spill_dir") or instance.spill_dir))
+    # Only the store's own files: a --spill-dir may be a directory of the user's.
+    store = [spill_dir / "data.mdb", spill_dir / "lock.mdb"]
+    if any(f.exists() for f in store):
+        for f in store:
+            f.unlink(missing_ok=True)
+        try:
+            spill_dir.rmdir()
+        except OSError:
+            pass
+        removed.append(f"spill store {spill_dir}")
+    if instance.state_path.exists():
+        instance.remove_state()
     print("removed: " + ", ".join(removed) if removed else "nothing to clean")
     return 0
 

@@ -8,19 +8,28 @@ DEALER socket with request ids, so replies may come back in any order.
 
 A client notices when it finds itself in a forked child: the child gets a
 connection of its own and never touches the parent's socket.
+
+If the broker dies, a restarted broker adopts the segment, and the client
+carries on: a request the dead broker never answered is sent again to the
+new one (every request is idempotent), after a new HELLO. Only if no broker
+takes over within TFEM_RECONNECT_TIMEOUT seconds (default 30), or the new
+broker made a new segment (the old one was damaged), is it an error.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
 import zmq
 
 from . import discovery, protocol
+from ._atomics import lib
 from .config import ENV_BROKER, Instance
 from .errors import BrokerUnavailable, InvalidArgument, ProtocolError, from_errno
 from .files import TfemFile
@@ -31,6 +40,14 @@ from .table import FileStat, SlotTable, encode_name
 REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
 CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
 BYE_TIMEOUT_S = 1.0  # for its answer to goodbye: it may have stopped meanwhile
+LIVENESS_POLL_MS = 200  # while waiting for a reply, how often the broker's pid is checked
+
+
+def _reconnect_timeout() -> float:
+    try:
+        return float(os.environ.get("TFEM_RECONNECT_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
 
 
 class Client:
@@ -70,6 +87,7 @@ class Client:
 
     def _connect(self) -> None:
         hello = self._open_socket()
+        self._instance_id = hello.result["instance_id"]
         try:
             self.segment = Segment.attach(hello.result["segment"])
         except BaseException:
@@ -98,25 +116,57 @@ class Client:
     def _call(self, op: Op, args: dict[str, Any], data: Any = None, timeout_ms: int | None = None) -> Reply:
         wait_ms = self._reply_timeout_ms if timeout_ms is None else timeout_ms
         with self._socket_lock:
-            if self._socket is None:
-                raise ValueError("the tfem client is closed")
-            request_id = next(self._ids)
-            self._socket.send_multipart(protocol.encode_request(Request(request_id, op, args, data)),
-                                        copy=False)
-            while True:
-                if not self._socket.poll(wait_ms):
-                    raise BrokerUnavailable(f"the broker at {self.endpoint} did not answer within "
-                                            f"{wait_ms / 1000:g} s")
-                frames = self._socket.recv_multipart(copy=False)
-                try:
-                    reply = protocol.decode_reply([f.buffer for f in frames])
-                except ProtocolError:
-                    continue
-                if reply.request_id == request_id:
-                    break
+            reply = self._exchange(Request(next(self._ids), op, args, data), wait_ms)
+            if op not in (Op.HELLO, Op.BYE) and (reply is None or reply.errno == errno.ENOTCONN):
+                self._rejoin()  # the broker restarted: introduce ourselves, ask again
+                reply = self._exchange(Request(next(self._ids), op, args, data), wait_ms)
+                if reply is None:
+                    raise BrokerUnavailable(f"the broker at {self.endpoint} died again")
         if reply.errno:
             raise from_errno(reply.errno, str(reply.result))
         return reply
+
+    def _exchange(self, request: Request, wait_ms: int) -> Reply | None:
+        """Send `request` and wait for its reply; None if the broker died
+        (or was replaced) before answering."""
+        if self._socket is None:
+            raise ValueError("the tfem client is closed")
+        broker = self.segment.header.broker_pid if self.segment is not None else 0
+        self._socket.send_multipart(protocol.encode_request(request), copy=False)
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            left_ms = (deadline - time.monotonic()) * 1000
+            if left_ms <= 0:
+                raise BrokerUnavailable(f"the broker at {self.endpoint} did not answer within "
+                                        f"{wait_ms / 1000:g} s")
+            if not self._socket.poll(min(left_ms, LIVENESS_POLL_MS)):
+                if broker and (self.segment.header.broker_pid != broker or not lib.tfem_pid_alive(broker)):
+                    return None
+                continue
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                reply = protocol.decode_reply([f.buffer for f in frames])
+            except ProtocolError:
+                continue
+            if reply.request_id == request.request_id:
+                return reply
+
+    def _rejoin(self) -> None:
+        """Say hello to the broker that took over, once there is one."""
+        timeout = _reconnect_timeout()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                hello = self._exchange(Request(next(self._ids), Op.HELLO, {"pid": self._pid}), 250)
+            except BrokerUnavailable:
+                continue  # nobody listening yet
+            if hello is None or hello.errno:
+                continue
+            if hello.result.get("instance_id") != self._instance_id:
+                raise BrokerUnavailable("the broker restarted with a new, empty segment (the old one was "
+                                        "damaged): files this process had open are lost; connect again")
+            return
+        raise BrokerUnavailable(f"the broker at {self.endpoint} died and none took over within {timeout:g} s")
 
     # ---- files ----
 
@@ -129,20 +179,25 @@ class Client:
         not exist yet or is still being written, up to `timeout` seconds
         (None: no limit), or fails at once with `wait=False`. "a" (auto) is
         the paper's open: read the name if it exists, else create it.
+
+        A writer meeting a full slot table, or a full arena with spilling
+        off, gets NoSpace at once; with a `timeout` it waits that long for
+        consumers to free room first (back-pressure).
         """
         self._check_fork()
         raw = encode_name(name)
         text = raw.decode()
         kind = mode.replace("b", "") if isinstance(mode, str) else None
-        if kind == "w":
-            writing, handle = True, self.table.create(raw)
-        elif kind in ("r", "a"):
-            if timeout is not None and not timeout >= 0:  # NaN too
-                raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
-            handle, writing = self.table.open_existing(raw, kind == "a", wait, timeout)
-        else:
+        if kind not in ("r", "w", "a"):
             raise InvalidArgument(f"mode must be 'r', 'w' or 'a' (binary), not {mode!r}")
-        f = TfemFile(self, text, handle, writing)
+        if timeout is not None and not timeout >= 0:  # NaN too
+            raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
+        room_timeout = 0 if timeout is None or not wait else timeout
+        if kind == "w":
+            writing, handle = True, self.table.create(raw, room_timeout)
+        else:
+            handle, writing = self.table.open_existing(raw, kind == "a", wait, timeout)
+        f = TfemFile(self, text, handle, writing, room_timeout)
         self._open_files.add(f)
         return f
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -53,6 +54,7 @@ class Instance:
     segment: str  # POSIX shared-memory name
     socket_path: pathlib.Path  # the broker's ipc:// socket
     spill_dir: pathlib.Path  # default spill directory
+    state_path: pathlib.Path  # what the broker tells `tfem clean`: its spill store
     ident: str
 
     @property
@@ -70,8 +72,25 @@ class Instance:
             segment=f"/tfem-{ident}",
             socket_path=base / f"tfem-{ident}.sock",
             spill_dir=base / f"tfem-{ident}.spill",
+            state_path=base / f"tfem-{ident}.json",
             ident=ident,
         )
+
+    def write_state(self, state: dict[str, object]) -> None:
+        """Written whole or not at all (temp file, then rename)."""
+        temp = self.state_path.with_suffix(".json.tmp")
+        temp.write_text(json.dumps(state))
+        temp.replace(self.state_path)
+
+    def read_state(self) -> dict[str, object]:
+        try:
+            value = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def remove_state(self) -> None:
+        self.state_path.unlink(missing_ok=True)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -76,6 +76,12 @@ class Busy(TfemError):
     errno_value = _errno.EBUSY
 
 
+class ChecksumMismatch(TfemError):
+    """A file's bytes do not match the checksum its producer took."""
+
+    errno_value = _errno.EBADMSG
+
+
 # ---- the other side ----
 
 
@@ -83,6 +89,12 @@ class BrokerUnavailable(TfemError, ConnectionError):
     """No registry or broker answers for this key file."""
 
     errno_value = _errno.ECONNREFUSED
+
+
+class UnknownClient(TfemError):
+    """The broker has no HELLO from this connection (it restarted)."""
+
+    errno_value = _errno.ENOTCONN
 
 
 class ProtocolError(TfemError):
@@ -95,7 +107,8 @@ _BY_ERRNO: dict[int, type[TfemError]] = {
     cls.errno_value: cls
     for cls in (
         InvalidArgument, NameTooLong, BadDescriptor, AlreadyExists, NotFound,
-        WouldBlock, Timeout, NoSpace, Busy, BrokerUnavailable, ProtocolError,
+        WouldBlock, Timeout, NoSpace, Busy, ChecksumMismatch, BrokerUnavailable, UnknownClient,
+        ProtocolError,
     )
 }
 

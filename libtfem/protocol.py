@@ -40,6 +40,7 @@ class Op(str, enum.Enum):
     SPILL_WRITE = "spill_write"  # data frame at offset of a spilled file
     SPILL_READ = "spill_read"  # bytes at offset of a spilled file
     DISCARD = "discard"  # a spilled file's records may go
+    CHECKSUM = "checksum"  # continue a crc32c over a spilled file's records
     STATS = "stats"
     BYE = "bye"
 
@@ -51,6 +52,7 @@ _ARGS: dict[Op, dict[str, type]] = {
     Op.SPILL_WRITE: {"slot": int, "generation": int, "offset": int},
     Op.SPILL_READ: {"slot": int, "generation": int, "offset": int, "length": int},
     Op.DISCARD: {"file_id": int},
+    Op.CHECKSUM: {"slot": int, "generation": int, "crc": int},
     Op.STATS: {},
     Op.BYE: {},
 }

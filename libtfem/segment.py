@@ -38,6 +38,10 @@ class SegmentCorrupt(TfemError):
     """The segment does not carry a header this version understands."""
 
 
+class SegmentExists(TfemError):
+    """A segment of that name exists already (a broker runs, or crashed)."""
+
+
 class Layout:
     """Offsets and sizes of a segment for given parameters."""
 
@@ -64,6 +68,33 @@ class Layout:
         bitmap_bytes = 8 * ((self.block_count + 63) // 64)
         self.arena_offset = _round_up(self.bitmap_offset + bitmap_bytes, PAGE)
         self.size = self.arena_offset + self.block_count * block_size
+
+
+def _header_problem(h: Any, size: int) -> str | None:
+    """Why a header cannot be trusted, or None. Every offset is recomputed
+    from the four parameters and must match, so no garbage offset is ever
+    followed."""
+    if h.magic != lib.TFEM_SEGMENT_MAGIC or h.layout_version != lib.TFEM_LAYOUT_VERSION:
+        return f"no tfem layout version {lib.TFEM_LAYOUT_VERSION} header"
+    if h.segment_size != size:
+        return f"it is {size} bytes, its header says {h.segment_size}"
+    try:
+        layout = Layout(h.slot_count, h.buf_size, h.block_size, h.block_count * h.block_size)
+    except InvalidArgument as exc:
+        return f"bad parameters in the header ({exc})"
+    expected = {
+        "header_size": layout.header_size, "segment_size": layout.size,
+        "slot_size": layout.slot_size, "index_size": layout.index_size,
+        "slots_offset": layout.slots_offset, "index_offset": layout.index_offset,
+        "free_stack_offset": layout.free_stack_offset, "bitmap_offset": layout.bitmap_offset,
+        "arena_offset": layout.arena_offset,
+    }
+    for field, value in expected.items():
+        if getattr(h, field) != value:
+            return f"header field {field} is {getattr(h, field)}, the layout says {value}"
+    if h.free_top > h.slot_count:
+        return "free-slot stack deeper than the table"
+    return None
 
 
 class Segment:
@@ -111,8 +142,8 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
         except posix_ipc.ExistentialError:
-            raise TfemError(f"shared-memory segment {name} already exists: another broker "
-                            "runs for this key file, or run `tfem clean`") from None
+            raise SegmentExists(f"shared-memory segment {name} already exists: another broker "
+                                "runs for this key file, or run `tfem clean`") from None
         try:
             try:
                 os.posix_fallocate(shm.fd, 0, layout.size)
@@ -141,6 +172,7 @@ class Segment:
         h.bitmap_offset = layout.bitmap_offset
         h.arena_offset = layout.arena_offset
         h.broker_pid = os.getpid()
+        h.instance_id = int.from_bytes(os.urandom(8), "little")
         h.next_file_id = 1
         segment = cls(name, mapping)
         for i in range(layout.slot_count):  # lowest slot numbers pop first
@@ -163,13 +195,10 @@ class Segment:
             mapping = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED)
         finally:
             shm.close_fd()
-        h = ffi.cast("struct tfem_header *", ffi.from_buffer(mapping))
-        if h.magic != lib.TFEM_SEGMENT_MAGIC or h.layout_version != lib.TFEM_LAYOUT_VERSION:
+        problem = _header_problem(ffi.cast("struct tfem_header *", ffi.from_buffer(mapping)), size)
+        if problem:
             mapping.close()
-            raise SegmentCorrupt(f"segment {name} has no tfem layout version {lib.TFEM_LAYOUT_VERSION} header")
-        if h.segment_size != size:
-            mapping.close()
-            raise SegmentCorrupt(f"segment {name} is {size} bytes, its header says {h.segment_size}")
+            raise SegmentCorrupt(f"segment {name} cannot be used: {problem}")
         return cls(name, mapping)
 
     def close(self) -> None:

@@ -71,6 +71,32 @@ def name_hash(raw: bytes) -> int:
     return zlib.crc32(raw)
 
 
+class Deadline:
+    """A wait's time limit: None or infinity means no limit."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._end = None if timeout is None or timeout == float("inf") else time.monotonic() + timeout
+
+    def left_ns(self, what: str) -> int:
+        """Nanoseconds left (-1: no limit); Timeout once none are."""
+        if self._end is None:
+            return -1
+        remaining = self._end - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"{what} within {self.timeout} s")
+        return int(remaining * 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    """What settling a dead holder's files did."""
+
+    dropped: int = 0  # being written: dropped
+    returned: int = 0  # being read: back to WAIT
+    discard_file_ids: tuple[int, ...] = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Handle:
     """What a holder knows of the slot it holds."""
@@ -103,6 +129,8 @@ class SlotTable:
         self._lock_waiters = ffi.addressof(h, "lock_waiters")
         self._wake_seq = ffi.cast("uint32_t *", ffi.addressof(h, "wake_seq"))
         self._wake_waiters = ffi.cast("uint32_t *", ffi.addressof(h, "wake_waiters"))
+        self._space_seq = ffi.addressof(h, "space_seq")
+        self._space_waiters = ffi.addressof(h, "space_waiters")
         # The shared lock knows processes, not threads: threads take turns here.
         self._thread_lock = threading.Lock()
 
@@ -217,15 +245,34 @@ class SlotTable:
         generation = (unpack_word(old)[1] + 1) & 0xFFFFFF
         return Handle(s, generation, file_id, h % WAKE_BUCKETS)
 
-    def create(self, raw: bytes) -> Handle:
-        """Open a new name for writing; AlreadyExists if the name is held."""
+    def create(self, raw: bytes, room_timeout: float | None = 0) -> Handle:
+        """Open a new name for writing; AlreadyExists if the name is held.
+        A full table is NoSpace at once, or after waiting up to
+        `room_timeout` seconds for a slot to be freed (None: no limit)."""
         h = name_hash(raw)
-        with self.locked():
-            if self._find(raw, h) >= 0:
-                raise AlreadyExists(f"{raw.decode()!r} already exists")
-            return self._claim(raw, h)
+        deadline = Deadline(room_timeout)
+        while True:
+            seen = self.space_seen()
+            with self.locked():
+                if self._find(raw, h) >= 0:
+                    raise AlreadyExists(f"{raw.decode()!r} already exists")
+                if self._h.free_top or room_timeout == 0:
+                    return self._claim(raw, h)
+            self.wait_for_space(seen, deadline, "no slot was freed")
 
-    def publish(self, handle: Handle, size: int) -> int | None:
+    def space_seen(self) -> int:
+        """The space sequence, read before looking for room."""
+        return lib.tfem_load32(self._space_seq)
+
+    def wait_for_space(self, seen: int, deadline: Deadline, what: str) -> None:
+        """Sleep until a slot or blocks are freed after `seen` was read."""
+        try:
+            left = deadline.left_ns(what)
+        except Timeout as exc:
+            raise NoSpace(str(exc)) from None
+        lib.tfem_wait_published(self._space_seq, self._space_waiters, seen, left)
+
+    def publish(self, handle: Handle, size: int, checksum: int = 0) -> int | None:
         """A producer's close: WRITE -> WAIT and wake the waiters. If the
         name was unlinked meanwhile the file is freed instead; then the
         returned file id, if not None, has spill records to discard."""
@@ -235,6 +282,7 @@ class SlotTable:
             if slot.flags & lib.TFEM_SLOT_DOOMED:
                 return self._free(handle.slot, Event.UNLINK, handle.generation)
             slot.size = size
+            slot.checksum = checksum
             slot.waiting_ns = time.monotonic_ns()
             self._transition(handle.slot, Event.CLOSE_WRITE, handle.generation)
             self._h.closed_write += 1
@@ -256,7 +304,7 @@ class SlotTable:
         unless `wait` is false; `timeout` None waits without limit."""
         h = name_hash(raw)
         bucket = h % WAKE_BUCKETS
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         who = self.pid if holder is None else holder
         while True:
             seen = lib.tfem_load32(self._wake_seq + bucket)
@@ -274,13 +322,7 @@ class SlotTable:
                 if s < 0:
                     raise NotFound(f"no file named {raw.decode()!r}")
                 raise WouldBlock(f"{raw.decode()!r} is {state.name}, not ready to read")
-            if deadline is None:
-                left = -1
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout(f"{raw.decode()!r} was not ready to read within {timeout} s")
-                left = int(remaining * 1e9)
+            left = deadline.left_ns(f"{raw.decode()!r} was not ready to read")
             lib.tfem_wait_published(self._wake_seq + bucket, self._wake_waiters + bucket, seen, left)
 
     def consume(self, handle: Handle) -> int | None:
@@ -370,9 +412,12 @@ class SlotTable:
 
     def release_extents(self, s: int) -> None:
         slot = self.seg.slot(s)
+        if not slot.extent_count:
+            return
         for i in range(slot.extent_count):
             lib.tfem_blocks_release(self.seg.bitmap, slot.extents[i].start, slot.extents[i].count)
         slot.extent_count = 0
+        lib.tfem_publish(self._space_seq, self._space_waiters)
 
     # ---- helpers under the lock ----
 
@@ -397,7 +442,47 @@ class SlotTable:
             self._h.closed_read += 1
         self.seg.free_stack[self._h.free_top] = s
         self._h.free_top += 1
+        lib.tfem_publish(self._space_seq, self._space_waiters)
         return spilled_id
+
+    # ---- the dead and the restarted ----
+
+    def settle_holder(self, pid: int) -> Settled:
+        """Settle the files of a holder that has died: a file it was
+        writing is dropped, a file it was reading goes back to WAIT."""
+        dropped, returned, discard = 0, 0, []
+        buckets = set()
+        with self.locked():
+            for s in range(self.seg.slot_count):
+                state, generation, holder = self.state_of(s)
+                if holder != pid or state not in (State.WRITE, State.READ):
+                    continue
+                slot = self.seg.slot(s)
+                if state is State.WRITE or slot.flags & lib.TFEM_SLOT_DOOMED:
+                    spilled = self._free(s, Event.ABORT_WRITE if state is State.WRITE else Event.UNLINK,
+                                         generation)
+                    discard += [spilled] if spilled is not None else []
+                    dropped += state is State.WRITE
+                else:
+                    self._transition(s, Event.RELEASE_READ, generation)
+                    buckets.add(slot.name_hash % WAKE_BUCKETS)
+                    returned += 1
+        for bucket in buckets:
+            self._publish(bucket)
+        return Settled(dropped, returned, tuple(discard))
+
+    def holders(self) -> set[int]:
+        """The pids holding files now."""
+        return {self.state_of(s)[2] for s in range(self.seg.slot_count)} - {0}
+
+    def wake_all(self) -> None:
+        """Wake every waiter, to look again (after the table was rebuilt)."""
+        for bucket in range(WAKE_BUCKETS):
+            self._publish(bucket)
+        lib.tfem_publish(self._space_seq, self._space_waiters)
+
+    def mark_blocks(self, start: int, count: int) -> None:
+        lib.tfem_blocks_mark(self.seg.bitmap, start, count)
 
     # ---- the broker's hold for spilling ----
 

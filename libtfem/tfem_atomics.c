@@ -13,6 +13,9 @@
  * the segment itself, so the kernel keys the wait on the file page.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/prctl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sched.h>
@@ -75,9 +78,29 @@ int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t
     return rc == EINTR ? 0 : rc;
 }
 
+/* Whether a process runs: it exists and is not a zombie waiting to be
+ * reaped (a zombie holds nothing any more). */
 int tfem_pid_alive(int32_t pid) {
     if (pid <= 0) return 0;
-    return kill(pid, 0) == 0 || errno == EPERM;
+    if (kill(pid, 0) != 0 && errno != EPERM) return 0;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1; /* no /proc: trust kill() */
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    const char *paren = strrchr(buf, ')'); /* the name may hold spaces and parens */
+    return !(paren && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X'));
+}
+
+/* Ask the kernel to send `sig` when the parent exits (servers started by
+ * `tfem up` must not outlive it). Returns 0, or -1 if the parent is
+ * already not `parent`. */
+int tfem_die_with_parent(int sig, int32_t parent) {
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0) return -1;
+    return getppid() == parent ? 0 : -1;
 }
 
 static int64_t now_ns(void) {
@@ -175,6 +198,11 @@ uint32_t tfem_blocks_claim(uint64_t *bm, uint32_t nblocks, uint32_t want, uint32
 
 void tfem_blocks_release(uint64_t *bm, uint32_t start, uint32_t count) {
     set_range(bm, start, count, 0);
+}
+
+/* Mark blocks in use without searching (rebuilding the bitmap). */
+void tfem_blocks_mark(uint64_t *bm, uint32_t start, uint32_t count) {
+    set_range(bm, start, count, 1);
 }
 
 uint32_t tfem_blocks_in_use(uint64_t *bm, uint32_t nblocks) {

@@ -16,11 +16,13 @@ int tfem_futex_wake(uint32_t *addr, int count);
 void tfem_publish(uint32_t *seq, uint32_t *waiters);
 int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t timeout_ns);
 int tfem_pid_alive(int32_t pid);
+int tfem_die_with_parent(int sig, int32_t parent);
 int tfem_lock(uint32_t *lock, uint32_t *waiters, uint32_t pid, int64_t timeout_ns);
 void tfem_unlock(uint32_t *lock, uint32_t *waiters);
 void tfem_touch(char *base, uint64_t length, uint64_t page);
 uint32_t tfem_blocks_claim(uint64_t *bm, uint32_t nblocks, uint32_t want, uint32_t *start);
 void tfem_blocks_release(uint64_t *bm, uint32_t start, uint32_t count);
+void tfem_blocks_mark(uint64_t *bm, uint32_t start, uint32_t count);
 uint32_t tfem_blocks_in_use(uint64_t *bm, uint32_t nblocks);
 
 #endif

@@ -19,6 +19,10 @@
  *   sets bits; the last holder of a file clears them.
  * - Consumers waiting for a name sleep on the wake sequence of the name's
  *   bucket; every transition into WAIT bumps it and wakes the sleepers.
+ *   Producers waiting for room sleep on space_seq, bumped whenever a slot
+ *   or arena blocks are freed.
+ * - instance_id is drawn at creation: a client that reconnects to a broker
+ *   learns from it whether the segment it maps is still the live one.
  *
  * Everything here is 8-byte aligned and fixed-width, so the layout is the
  * same in every process that maps the segment.
@@ -29,7 +33,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 1
+#define TFEM_LAYOUT_VERSION 2
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 24
 #define TFEM_WAKE_BUCKETS 64
@@ -54,6 +58,7 @@ struct tfem_extent {
 
 struct tfem_header {
     uint64_t magic;
+    uint64_t instance_id;
     uint32_t layout_version;
     uint32_t header_size;
     uint64_t segment_size;
@@ -77,6 +82,8 @@ struct tfem_header {
     uint64_t opened_read;
     uint64_t closed_write;
     uint64_t closed_read;
+    uint32_t space_seq;     /* bumped when slots or blocks are freed */
+    uint32_t space_waiters;
     uint32_t wake_seq[TFEM_WAKE_BUCKETS];
     uint32_t wake_waiters[TFEM_WAKE_BUCKETS];
 };
@@ -90,7 +97,7 @@ struct tfem_slot {
     uint32_t name_hash;   /* crc32 of the name */
     uint16_t name_len;
     uint16_t flags;
-    uint32_t checksum;
+    uint32_t checksum;    /* crc32c of the whole file, taken at the producer's close */
     uint32_t extent_count;
     struct tfem_extent extents[TFEM_MAX_EXTENTS];
     char name[TFEM_NAME_MAX + 1];

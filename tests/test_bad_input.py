@@ -437,7 +437,7 @@ def test_garbage_frames_to_the_broker(instance, client: tfem.Client) -> None:
             (10, [msgpack.packb([VERSION, 10, "hello", {"pid": -1}])], errno.EPROTO),
             (11, [msgpack.packb([VERSION, 11, "hello", {"pid": True}])], errno.EPROTO),
             (12, [msgpack.packb([VERSION, 12, "alloc", {"slot": 0, "generation": 1, "capacity": 1}])],
-             errno.EPROTO),  # before HELLO
+             errno.ENOTCONN),  # before HELLO: the client must introduce itself
             (13, [msgpack.packb([VERSION, 13, "spill_write", {"slot": 0, "generation": 1, "offset": 2000}])],
              errno.EPROTO),  # a data op without its data frame
             (14, [msgpack.packb([VERSION, 14, "stats", {}, "extra"])], errno.EPROTO),

@@ -28,6 +28,7 @@ OP_ARGS = {
     Op.SPILL_WRITE: {"slot": 0, "generation": 1, "offset": 8192},
     Op.SPILL_READ: {"slot": 255, "generation": 0xFFFFFF, "offset": 1024, "length": 4 << 20},
     Op.DISCARD: {"file_id": 2**63 - 1},
+    Op.CHECKSUM: {"slot": 9, "generation": 2, "crc": 0xFFFFFFFF},
     Op.STATS: {},
     Op.BYE: {},
 }

@@ -1,0 +1,162 @@
+"""Adopting a segment after a broker crash: check every slot, rebuild the rest.
+
+Theory of operation: the slot table is the truth; everything else in the
+segment (the name index, the free-slot stack, the block bitmap) is derived
+from it and is rebuilt from scratch, under the table lock, so whatever state
+a crash left them in does not matter. A slot that is not self-consistent
+(unknown state, a name that is not text, extents outside the arena or
+overlapping another file's) is dropped rather than trusted. Then the files
+of dead holders are settled as the state machine says for a holder's death:
+a file being written is dropped, a file being read goes back to WAIT. Files
+whose holders are alive stay theirs: on one node a producer or consumer does
+not need the broker to finish a small file.
+
+A move to the spill store that the crash interrupted is finished or undone:
+a slot flagged SPILLED has all its bytes in the store (the flag is set after
+the copy), so its extents are freed; spill records of a file that is not
+flagged are partial and are discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from tfem._atomics import ffi, lib
+from tfem.states import State, pack_word, unpack_word
+from tfem.table import NAME_MAX, SlotTable, name_hash
+
+_KNOWN_FLAGS = lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_DOOMED
+
+
+@dataclasses.dataclass
+class Recovery:
+    """What adoption found and did."""
+
+    kept: int = 0  # files kept as they were (WAIT, or held by a live process)
+    returned_to_wait: int = 0  # READ by a dead consumer
+    dropped_writing: int = 0  # WRITE by a dead producer
+    dropped_corrupt: int = 0  # slots that did not make sense
+    spill_finished: int = 0  # interrupted moves to the spill store
+    discard_file_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"kept {self.kept}, returned to WAIT {self.returned_to_wait}, dropped "
+                f"{self.dropped_writing} being written and {self.dropped_corrupt} corrupt")
+
+
+def _slot_problem(table: SlotTable, s: int, claimed: bytearray) -> str | None:
+    """Why slot s cannot be trusted, or None. Marks its blocks in `claimed`."""
+    seg, slot = table.seg, table.seg.slot(s)
+    if not 1 <= slot.name_len <= NAME_MAX:
+        return "bad name length"
+    raw = ffi.buffer(slot.name, slot.name_len)[:]
+    if b"\0" in raw:
+        return "NUL in name"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "name is not UTF-8"
+    if slot.name_hash != name_hash(raw):
+        return "name hash does not match the name"
+    if slot.flags & ~_KNOWN_FLAGS:
+        return "unknown flags"
+    if slot.extent_count > lib.TFEM_MAX_EXTENTS:
+        return "too many extents"
+    blocks = 0
+    for i in range(slot.extent_count):
+        start, count = slot.extents[i].start, slot.extents[i].count
+        if count == 0 or start + count > seg.block_count:
+            return "extent outside the arena"
+        if any(claimed[b] for b in range(start, start + count)):
+            return "extent overlaps another file"
+        blocks += count
+    if not slot.flags & lib.TFEM_SLOT_SPILLED and slot.size > seg.buf_size + blocks * seg.block_size:
+        return "size beyond what the file holds"
+    for i in range(slot.extent_count):
+        start, count = slot.extents[i].start, slot.extents[i].count
+        claimed[start: start + count] = b"\1" * count
+    return None
+
+
+def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int]) -> Recovery:
+    """Check and rebuild the table of an adopted segment. `alive(pid)` says
+    whether a holder still runs; `spilled_ids` are the file ids the spill
+    store holds records for. Returns what was done; the caller discards
+    `discard_file_ids` from the spill store."""
+    seg, report = table.seg, Recovery()
+    hdr = seg.header
+    claimed = bytearray(seg.block_count)
+    keep_spill: set[int] = set()
+    with table.locked():
+        live: list[int] = []
+        for s in range(seg.slot_count):
+            slot = seg.slot(s)
+            word = slot.state
+            generation = (word >> 8) & 0xFFFFFF
+            try:
+                state, _, holder = unpack_word(word)
+            except ValueError:
+                state, holder = None, 0
+            if state is State.INVALID:
+                slot.extent_count = slot.flags = slot.name_len = 0
+                continue
+            if state is None or _slot_problem(table, s, claimed) is not None \
+                    or (slot.flags & lib.TFEM_SLOT_DOOMED and state is State.WAIT):
+                for i in range(slot.extent_count if state is not None and slot.extent_count <= lib.TFEM_MAX_EXTENTS else 0):
+                    start, count = slot.extents[i].start, slot.extents[i].count
+                    if start + count <= seg.block_count:
+                        claimed[start: start + count] = bytes(count)
+                slot.state = pack_word(State.INVALID, generation, 0)
+                slot.extent_count = slot.flags = slot.name_len = 0
+                report.dropped_corrupt += 1
+                continue
+            if slot.flags & lib.TFEM_SLOT_SPILLED:
+                if slot.extent_count:
+                    for i in range(slot.extent_count):
+                        start, count = slot.extents[i].start, slot.extents[i].count
+                        claimed[start: start + count] = bytes(count)
+                    slot.extent_count = 0
+                    report.spill_finished += 1
+                keep_spill.add(slot.file_id)
+            live.append(s)
+        # The derived structures, from scratch.
+        for i in range(hdr.index_size):
+            seg.index[i] = 0
+        for w in range((seg.block_count + 63) // 64):
+            seg.bitmap[w] = 0
+        next_id = max(spilled_ids, default=0) + 1
+        hdr.free_top = 0
+        indexed: set[bytes] = set()
+        for s in live:
+            slot = seg.slot(s)
+            raw = ffi.buffer(slot.name, slot.name_len)[:]
+            if not slot.flags & lib.TFEM_SLOT_DOOMED:
+                if raw in indexed:  # two live slots with one name: keep the first
+                    slot.state = pack_word(State.INVALID, (slot.state >> 8) & 0xFFFFFF, 0)
+                    slot.extent_count = slot.flags = slot.name_len = 0
+                    keep_spill.discard(slot.file_id)
+                    report.dropped_corrupt += 1
+                    continue
+                indexed.add(raw)
+                table._index_insert(s, slot.name_hash)
+            for i in range(slot.extent_count):
+                table.mark_blocks(slot.extents[i].start, slot.extents[i].count)
+            next_id = max(next_id, slot.file_id + 1)
+        for s in reversed(range(seg.slot_count)):  # lowest slot numbers pop first
+            if unpack_word(seg.slot(s).state)[0] is State.INVALID:
+                seg.free_stack[hdr.free_top] = s
+                hdr.free_top += 1
+        hdr.next_file_id = max(hdr.next_file_id, next_id)
+    # Settle the files of holders that are gone (settle_holder takes the lock).
+    for pid in table.holders():
+        if not alive(pid):
+            settled = table.settle_holder(pid)
+            report.dropped_writing += settled.dropped
+            report.returned_to_wait += settled.returned
+            report.discard_file_ids += settled.discard_file_ids
+    report.kept = sum(1 for s in range(seg.slot_count)
+                      if unpack_word(seg.slot(s).state)[0] is not State.INVALID) - report.returned_to_wait
+    report.discard_file_ids += sorted(spilled_ids - keep_spill)
+    table.wake_all()
+    return report
