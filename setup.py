@@ -75,7 +75,8 @@ setup(
         "crc32c>=2.3",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # matplotlib: the test of the benchmark harness draws its plots
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
         # python -m bench (also needs redis-server on PATH)
         "bench": ["redis>=4.2", "matplotlib>=3.5"],
     },

@@ -20,6 +20,7 @@ flagged are partial and are discarded.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 from tfem._atomics import ffi, lib
@@ -27,6 +28,7 @@ from tfem.states import State, pack_word, unpack_word
 from tfem.table import NAME_MAX, SlotTable, name_hash
 
 _KNOWN_FLAGS = lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_DOOMED
+log = logging.getLogger("tfem.broker")
 
 
 @dataclasses.dataclass
@@ -63,19 +65,24 @@ def _slot_problem(table: SlotTable, s: int, claimed: bytearray) -> str | None:
         return "unknown flags"
     if slot.extent_count > lib.TFEM_MAX_EXTENTS:
         return "too many extents"
-    blocks = 0
+    marked: list[tuple[int, int]] = []
+
+    def unmark(why: str) -> str:
+        for start, count in marked:
+            claimed[start: start + count] = bytes(count)
+        return why
+
     for i in range(slot.extent_count):
         start, count = slot.extents[i].start, slot.extents[i].count
         if count == 0 or start + count > seg.block_count:
-            return "extent outside the arena"
-        if any(claimed[b] for b in range(start, start + count)):
-            return "extent overlaps another file"
-        blocks += count
-    if not slot.flags & lib.TFEM_SLOT_SPILLED and slot.size > seg.buf_size + blocks * seg.block_size:
-        return "size beyond what the file holds"
-    for i in range(slot.extent_count):
-        start, count = slot.extents[i].start, slot.extents[i].count
+            return unmark("extent outside the arena")
+        if claimed.find(1, start, start + count) != -1:
+            return unmark("extent overlaps another extent")
         claimed[start: start + count] = b"\1" * count
+        marked.append((start, count))
+    blocks = sum(count for _, count in marked)
+    if not slot.flags & lib.TFEM_SLOT_SPILLED and slot.size > seg.buf_size + blocks * seg.block_size:
+        return unmark("size beyond what the file holds")
     return None
 
 
@@ -93,21 +100,20 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
         for s in range(seg.slot_count):
             slot = seg.slot(s)
             word = slot.state
-            generation = (word >> 8) & 0xFFFFFF
             try:
-                state, _, holder = unpack_word(word)
-            except ValueError:
-                state, holder = None, 0
+                state: State | None = unpack_word(word)[0]
+            except ValueError:  # not a state at all
+                state = None
             if state is State.INVALID:
                 slot.extent_count = slot.flags = slot.name_len = 0
                 continue
-            if state is None or _slot_problem(table, s, claimed) is not None \
-                    or (slot.flags & lib.TFEM_SLOT_DOOMED and state is State.WAIT):
-                for i in range(slot.extent_count if state is not None and slot.extent_count <= lib.TFEM_MAX_EXTENTS else 0):
-                    start, count = slot.extents[i].start, slot.extents[i].count
-                    if start + count <= seg.block_count:
-                        claimed[start: start + count] = bytes(count)
-                slot.state = pack_word(State.INVALID, generation, 0)
+            # A WAIT file cannot have been unlinked and kept: unlink frees it.
+            problem = "unknown state" if state is None else \
+                "unlinked but waiting" if slot.flags & lib.TFEM_SLOT_DOOMED and state is State.WAIT else \
+                _slot_problem(table, s, claimed)
+            if problem is not None:
+                log.warning("slot %d dropped at adoption: %s", s, problem)
+                slot.state = pack_word(State.INVALID, (word >> 8) & 0xFFFFFF, 0)
                 slot.extent_count = slot.flags = slot.name_len = 0
                 report.dropped_corrupt += 1
                 continue

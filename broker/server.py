@@ -103,6 +103,13 @@ class Broker:
                 self.spill = SpillStore(self.spill_dir, c.spill_size)
             if not self._owns_segment:
                 self._adopt()
+            elif self.spill is not None and self.spill.file_ids():
+                # A new segment references nothing: records left in the store
+                # (its segment was lost, e.g. to a reboot) can never be read.
+                log.warning("discarding %d orphaned file(s) from the spill store %s",
+                            len(self.spill.file_ids()), self.spill.path)
+                for file_id in self.spill.file_ids():
+                    self.spill.discard(file_id)
             self.segment.header.broker_pid = os.getpid()
             self._context = zmq.Context()
             self._socket = self._context.socket(zmq.ROUTER)

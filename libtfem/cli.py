@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from . import protocol
 from .client import connect
 from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyfile
 from .errors import TfemError

@@ -1,0 +1,65 @@
+"""How much to measure: the full run and the --quick smoke run.
+
+Counts are per run; every run measures every peer (interleaved), and a
+figure is reported as the median of the runs with their spread. Small
+sizes get many handoffs per run, large ones few.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+K, M, G = 1 << 10, 1 << 20, 1 << 30
+
+WORKLOADS = ("handoff", "pairs", "stream", "pipeline", "c", "memory", "spill")
+
+
+@dataclasses.dataclass
+class Plan:
+    quick: bool
+    repeats: int
+    handoff_counts: dict[int, int]  # size -> handoffs per run
+    pairs: list[int]
+    seconds: float  # per pairs / stream measurement
+    tfem_memory: int  # arena of the main instance
+    spill_arena: int  # arena of the spill workload's instance; it writes 4x this
+    spill_file: int
+    pipeline_parts: int
+    pipeline_part_size: int
+    pipeline_workers: int
+    c_size: int
+    c_count: int  # C handoffs per run
+    call_iterations: int
+
+    @property
+    def handoff_sizes(self) -> list[int]:
+        return sorted(self.handoff_counts)
+
+    def warmup(self, size: int) -> int:
+        """Handoffs discarded before counting: none for large files (the
+        first one of a pair is never large: sizes go up)."""
+        return 0 if size >= 16 * M else max(5, self.handoff_counts[size] // 10)
+
+
+def make_plan(quick: bool, repeats: int | None = None, sizes: list[int] | None = None) -> Plan:
+    if quick:
+        plan = Plan(quick=True, repeats=2,
+                    handoff_counts={4 * K: 150, 64 * K: 60, 1 * M: 30},
+                    pairs=[1, 2, 4], seconds=0.3, tfem_memory=256 * M,
+                    spill_arena=16 * M, spill_file=1 * M,
+                    pipeline_parts=32, pipeline_part_size=64 * K, pipeline_workers=2,
+                    c_size=64 * M, c_count=2, call_iterations=20_000)
+    else:
+        plan = Plan(quick=False, repeats=3,
+                    handoff_counts={4 * K: 1000, 64 * K: 400, 1 * M: 200, 16 * M: 30, 256 * M: 5, 1 * G: 3},
+                    pairs=[1, 2, 4, 8, 16], seconds=2.0, tfem_memory=2 * G,
+                    spill_arena=64 * M, spill_file=1 * M,
+                    pipeline_parts=256, pipeline_part_size=256 * K, pipeline_workers=4,
+                    c_size=1 * G, c_count=2, call_iterations=200_000)
+    if repeats is not None:
+        plan.repeats = repeats
+    if sizes:
+        default = 3 if quick else 5
+        plan.handoff_counts = {s: plan.handoff_counts.get(s, 20 if s < 16 * M else default) for s in sizes}
+        plan.tfem_memory = max(plan.tfem_memory, 2 * max(sizes))
+    return plan

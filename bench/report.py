@@ -1,0 +1,374 @@
+"""The report: latest.json (everything measured), latest.md (tables, the
+targets met or not) and PNG plots, written into one directory.
+
+Ratios compare tfem with the peers measured in the same run. "×N" is
+tfem's speed-up over a peer: the peer's time over tfem's time, or tfem's
+rate over the peer's rate; above 1, tfem is faster. The targets are
+reported, never enforced: timings do not gate anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from .plan import G, K, M
+
+MiB = 1 << 20
+
+
+# ---- reading results ----
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or str(p) not in d:
+            return None
+        d = d[str(p)]
+    return d
+
+
+def _med(d: Any, *path: Any) -> float | None:
+    v = _get(d, *path, "median")
+    return float(v) if v is not None else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def size_label(n: int) -> str:
+    for unit, name in ((G, "GiB"), (M, "MiB"), (K, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n} B"
+
+
+# ---- targets ----
+
+
+def targets(w: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, op: str, goal: float, unit: str = "") -> None:
+        met = None if value is None else (value <= goal if op == "<=" else value >= goal if op == ">=" else
+                                          value < goal)
+        out.append({"target": name, "value": value, "op": op, "goal": goal, "unit": unit, "met": met})
+
+    h = w.get("handoff", {}).get("results", {})
+
+    def lat(peer: str, size: int) -> float | None:
+        return _med(h, peer, size, "latency_us")
+
+    def gbps(peer: str, size: int) -> float | None:
+        return _med(h, peer, size, "gbps")
+
+    add("4 KiB handoff latency, tfem ÷ tmpfs", _ratio(lat("tfem", 4 * K), lat("tmpfs", 4 * K)), "<=", 1.0)
+    redis = [x for x in (lat("redis-unix", 4 * K), lat("redis-tcp", 4 * K)) if x is not None]
+    add("4 KiB handoffs/s, tfem ÷ Redis (the faster socket)",
+        _ratio(min(redis) if redis else None, lat("tfem", 4 * K)), ">=", 3.0)
+    add("64 KiB handoff throughput, tfem ÷ tmpfs", _ratio(gbps("tfem", 64 * K), gbps("tmpfs", 64 * K)), ">=", 1.5)
+    add("1 MiB handoff throughput, tfem ÷ tmpfs", _ratio(gbps("tfem", M), gbps("tmpfs", M)), ">=", 2.0)
+    memcpy = w.get("handoff", {}).get("memcpy_gbps", {})
+    for size in (16 * M, 256 * M, G):
+        add(f"{size_label(size)} handoff throughput, tfem ÷ tmpfs", _ratio(gbps("tfem", size), gbps("tmpfs", size)),
+            ">=", 3.0)
+        add(f"{size_label(size)} handoff throughput, tfem ÷ memcpy", _ratio(gbps("tfem", size), _med(memcpy, size)),
+            ">=", 0.35)
+    s = w.get("stream", {}).get("results", {})
+    add("4 KiB stream files/s, tfem ÷ tmpfs", _ratio(_med(s, "tfem", "files_per_s"), _med(s, "tmpfs", "files_per_s")),
+        ">=", 3.0)
+    p = w.get("pairs", {}).get("results", {})
+    add("16 pairs files/s, tfem ÷ tmpfs",
+        _ratio(_med(p, "tfem", 16, "files_per_s"), _med(p, "tmpfs", 16, "files_per_s")), ">=", 1.0)
+    sp = w.get("spill", {}).get("results", {})
+    add("spill (4x the arena), tfem ÷ raw LMDB", _ratio(_med(sp, "lmdb", "total_s"), _med(sp, "tfem", "total_s")),
+        ">=", 0.5)
+    mem = w.get("memory", {})
+    rss = [_get(mem, when, "rss_without_shmem") for when in ("broker_at_start", "broker_now")]
+    rss = [r for r in rss if r is not None]
+    add("broker idle RSS without the segment", max(rss) / MiB if rss else None, "<", 60.0, "MiB")
+    add("segment metadata per held file", _get(mem, "metadata", "per_held_file"), "<", 512.0, "B")
+    return out
+
+
+# ---- Markdown ----
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def _cell(d: Any, digits: int = 3) -> str:
+    """median [min–max]"""
+    if d is None or d.get("median") is None:
+        return "–"
+    if len(d.get("runs", [])) < 2:
+        return _num(d["median"], digits)
+    return f"{_num(d['median'], digits)} [{_num(d['min'], digits)}–{_num(d['max'], digits)}]"
+
+
+def _speedup(v: float | None) -> str:
+    return "" if v is None else f" ×{v:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def _failed(name: str, data: dict[str, Any]) -> list[str]:
+    last = data["error"].strip().splitlines()[-1]
+    return [f"**{name} failed**: `{last}` (the traceback is in latest.json)", ""]
+
+
+def markdown(meta: dict[str, Any], w: dict[str, Any], goals: list[dict[str, Any]]) -> str:
+    L: list[str] = ["# tfem benchmarks", ""]
+    L += [f"`{meta['command']}` on {meta['date']}, {meta['elapsed_s']:.0f} s. "
+          f"{meta['cpus']} CPUs ({meta['cpu_model']}), Linux {meta['kernel']}, Python {meta['python']}, "
+          f"tfem {meta['tfem']} (git {meta['git']}), redis-server {meta['redis']}, load average at start "
+          f"{meta['load_at_start']}.", ""]
+    if meta["quick"]:
+        L += ["**Quick run**: small sizes and few repeats, a smoke check of the suite; do not quote its figures.", ""]
+    L += [f"Each figure is the median of {meta['repeats']} runs, [min–max] across runs; peers are interleaved "
+          "within a run. ×N is tfem's speed-up over the peer in the same run (peer time ÷ tfem time; above 1 "
+          "tfem is faster).", ""]
+
+    L += ["## Targets", ""]
+    rows = []
+    for g in goals:
+        unit = f" {g['unit']}" if g["unit"] else ""
+        verdict = "not measured" if g["met"] is None else "met" if g["met"] else "**not met**"
+        rows.append([g["target"], _num(g["value"]) + (unit if g["value"] is not None else ""),
+                     f"{g['op']} {_num(g['goal'])}{unit}", verdict])
+    L += _table(["target", "measured", "goal", ""], rows)
+
+    h = w.get("handoff")
+    if h:
+        L += ["## One handoff", "",
+              "A producer process writes and closes a file; a consumer process, already waiting, opens it, "
+              "reads it all and closes (removes) it. Time from the producer's open to the consumer's close.", ""]
+        if "error" in h:
+            L += _failed("handoff", h)
+        else:
+            peers, res = h["peers"], h["results"]
+            others = [k for k in peers if k != "tfem"]
+            L += ["### Latency, µs", ""]
+            rows = []
+            for size in h["sizes"]:
+                t = _med(res, "tfem", size, "latency_us")
+                row = [size_label(size), _cell(_get(res, "tfem", size, "latency_us")),
+                       _num(_get(res, "tfem", size, "p99_us"))]
+                for k in others:
+                    row.append(_cell(_get(res, k, size, "latency_us"))
+                               + _speedup(_ratio(_med(res, k, size, "latency_us"), t)))
+                rows.append(row)
+            L += _table(["size", "tfem", "tfem p99", *[peers[k] for k in others]], rows)
+            L += ["### Throughput, GB/s", ""]
+            rows = []
+            for size in h["sizes"]:
+                t = _med(res, "tfem", size, "gbps")
+                mc = _med(h["memcpy_gbps"], size)
+                row = [size_label(size), _cell(_get(h["memcpy_gbps"], size)), _cell(_get(res, "tfem", size, "gbps")),
+                       _num(_ratio(t, mc), 2)]
+                for k in others:
+                    row.append(_cell(_get(res, k, size, "gbps")) + _speedup(_ratio(t, _med(res, k, size, "gbps"))))
+                rows.append(row)
+            L += _table(["size", "memcpy", "tfem", "tfem ÷ memcpy", *[peers[k] for k in others]], rows)
+            counts = ", ".join(f"{size_label(int(s))}: {n}" for s, n in h["counts"].items())
+            L += [f"Handoffs per run: {counts}. memcpy: a copy into an already-touched buffer of the same size, "
+                  "measured in the same run (small sizes copy in a loop, from cache); a handoff copies twice.", ""]
+
+    for name, title, what in (
+            ("pairs", "Small files, N producer/consumer pairs",
+             "Each pair hands over 4 KiB files one at a time, the consumer acknowledging each one down a pipe "
+             "before the producer writes the next; aggregate files per second over all pairs."),
+            ("stream", "A stream of 4 KiB files",
+             "One producer, one consumer, no per-file acknowledgement (the producer stays at most "
+             f"{w.get('stream', {}).get('window', '')} files ahead); files per second.")):
+        d = w.get(name)
+        if not d:
+            continue
+        L += [f"## {title}", "", what, ""]
+        if "error" in d:
+            L += _failed(name, d)
+            continue
+        peers, res = d["peers"], d["results"]
+        others = [k for k in peers if k != "tfem"]
+        if name == "pairs":
+            rows = []
+            for n in d["pairs"]:
+                t = _med(res, "tfem", n, "files_per_s")
+                rows.append([str(n), _cell(_get(res, "tfem", n, "files_per_s"))]
+                            + [_cell(_get(res, k, n, "files_per_s"))
+                               + _speedup(_ratio(t, _med(res, k, n, "files_per_s"))) for k in others])
+            L += _table(["pairs", "tfem", *[peers[k] for k in others]], rows)
+        else:
+            t = _med(res, "tfem", "files_per_s")
+            L += _table(["", "tfem", *[peers[k] for k in others]],
+                        [["files/s", _cell(_get(res, "tfem", "files_per_s"))]
+                         + [_cell(_get(res, k, "files_per_s")) + _speedup(_ratio(t, _med(res, k, "files_per_s")))
+                            for k in others]])
+
+    sp = w.get("spill")
+    if sp:
+        L += ["## Spill", ""]
+        if "error" in sp:
+            L += _failed("spill", sp)
+        else:
+            L += [f"{size_label(sp['bytes'])} in {sp['files']} files of {size_label(sp['file_size'])}, four times "
+                  f"the {size_label(sp['arena'])} arena of a tfem instance of its own, written by one process and "
+                  "then read back by another; against py-lmdb (sync off, one transaction per value) in the same "
+                  f"pattern. tfem had {_num((_med(sp, 'tfem_spilled_bytes_after_write') or 0) / MiB)} MiB in its "
+                  f"spill store after writing; {sp['tfem_files_left']} files left after reading.", ""]
+            res = sp["results"]
+            rows = []
+            for phase in ("write", "read", "total"):
+                t = _med(res, "tfem", f"{phase}_gbps")
+                lm = _med(res, "lmdb", f"{phase}_gbps")
+                rows.append([phase if phase != "total" else "write + read", _cell(_get(res, "tfem", f"{phase}_gbps")),
+                             _cell(_get(res, "lmdb", f"{phase}_gbps")), _num(_ratio(t, lm), 2)])
+            L += _table(["GB/s", "tfem", "raw LMDB", "tfem ÷ LMDB"], rows)
+
+    pl = w.get("pipeline")
+    if pl:
+        L += ["## Decompose, compute, reduce", ""]
+        if "error" in pl:
+            L += _failed("pipeline", pl)
+        else:
+            L += [f"examples/pipeline.py: one splitter, {pl['workers']} workers, one reducer, "
+                  f"{pl['parts']} parts of {size_label(pl['part_size'])} ({size_label(pl['bytes'])}); "
+                  "checksum verified.", ""]
+            res = pl["results"]
+            t = _med(res, "tfem", "seconds")
+            L += _table(["", "tfem", "tmpfs files"],
+                        [["seconds", _cell(_get(res, "tfem", "seconds")),
+                          _cell(_get(res, "tmpfs", "seconds")) + _speedup(_ratio(_med(res, "tmpfs", "seconds"), t))],
+                         ["GB/s", _cell(_get(res, "tfem", "gbps")), _cell(_get(res, "tmpfs", "gbps"))]])
+
+    c = w.get("c")
+    if c:
+        L += ["## C", ""]
+        if "error" in c:
+            L += _failed("c", c)
+        else:
+            call = c["call_ns"]
+            L += [f"One call into libtfem: tfem_lseek + 1-byte tfem_read on an open reader, "
+                  f"{c['call_iterations']:,} rounds; against lseek + read(2) on a /dev/shm file.", ""]
+            L += _table(["ns per call", "tfem", "/dev/shm file (syscalls)", "tfem ÷ file"],
+                        [["", _cell(call["tfem"]), _cell(call["file"]),
+                          _num(_ratio(_med(call, "tfem"), _med(call, "file")), 2)]])
+            hd = c["handoff"]
+            t = _med(hd, "tfem", "gbps")
+            L += [f"A {size_label(c['handoff_size'])} handoff from C: one tfem_write, one tfem_read, the consumer "
+                  "already waiting; against write(2)/read(2) of a /dev/shm file whose name goes down a pipe.", ""]
+            L += _table(["GB/s", "tfem", "/dev/shm file", "memcpy", "tfem ÷ memcpy"],
+                        [["", _cell(_get(hd, "tfem", "gbps")),
+                          _cell(_get(hd, "file", "gbps")) + _speedup(_ratio(t, _med(hd, "file", "gbps"))),
+                          _cell(c["memcpy_gbps"]), _num(_ratio(t, _med(c, "memcpy_gbps")), 2)]])
+
+    mem = w.get("memory")
+    if mem:
+        L += ["## Memory", ""]
+        if "error" in mem:
+            L += _failed("memory", mem)
+        else:
+            rows = []
+            for when, label in (("broker_at_start", "after start"), ("broker_now", "idle, after the other workloads")):
+                m = mem.get(when)
+                if m:
+                    rows.append([label, _num(m["VmRSS"] / MiB), _num(m["RssShmem"] / MiB),
+                                 _num(m["rss_without_shmem"] / MiB)])
+            L += ["Broker resident memory (/proc/PID/status), MiB: the segment is the shared part.", ""]
+            L += _table(["broker", "VmRSS", "RssShmem", "VmRSS − RssShmem"], rows)
+            md = mem["metadata"]
+            L += [f"Segment metadata per held file: {md['slot_record_bytes']} B slot record (struct tfem_slot is "
+                  f"{md['slot_struct_bytes']} B, padded to a cache line past the {md['buf_size']} B inline buffer) "
+                  f"+ {md['index_bytes_per_slot']:g} B name index + {md['free_stack_bytes_per_slot']} B free stack "
+                  f"= **{md['per_held_file']:g} B**; everything before the arena that is not an inline buffer, "
+                  f"per slot: {md['per_slot_amortised']:.0f} B ({md['slots']} slots).", ""]
+    return "\n".join(L)
+
+
+# ---- plots ----
+
+
+def plots(out: str, w: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    h = w.get("handoff")
+    if h and "error" not in h:
+        sizes, peers, res = h["sizes"], h["peers"], h["results"]
+        for metric, ylabel, name in (("latency_us", "latency, µs (median, min–max)", "handoff_latency.png"),
+                                     ("gbps", "throughput, GB/s (median, min–max)", "handoff_throughput.png")):
+            fig, ax = plt.subplots(figsize=(8, 5))
+            for k, label in peers.items():
+                d = [_get(res, k, s, metric) for s in sizes]
+                med = [x["median"] for x in d]
+                err = [[x["median"] - x["min"] for x in d], [x["max"] - x["median"] for x in d]]
+                ax.errorbar(sizes, med, yerr=err, marker="o", capsize=3, label=label,
+                            linewidth=2.5 if k == "tfem" else 1.2)
+            if metric == "gbps":
+                mc = [_med(h["memcpy_gbps"], s) for s in sizes]
+                ax.plot(sizes, mc, "k--", label="memcpy")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(sizes, [size_label(s) for s in sizes])
+            ax.set_xlabel("file size")
+            ax.set_ylabel(ylabel)
+            ax.set_title("One handoff between two processes")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(loc="upper left" if metric == "latency_us" else "lower right", fontsize="small")
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, name), dpi=110)
+            plt.close(fig)
+            written.append(name)
+    p = w.get("pairs")
+    if p and "error" not in p:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for k, label in p["peers"].items():
+            d = [_get(p["results"], k, n, "files_per_s") for n in p["pairs"]]
+            med = [x["median"] for x in d]
+            err = [[x["median"] - x["min"] for x in d], [x["max"] - x["median"] for x in d]]
+            ax.errorbar(p["pairs"], med, yerr=err, marker="o", capsize=3, label=label,
+                        linewidth=2.5 if k == "tfem" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(p["pairs"], [str(n) for n in p["pairs"]])
+        ax.set_xlabel("producer/consumer pairs")
+        ax.set_ylabel("4 KiB handoffs per second, all pairs")
+        ax.set_title("Small files, acknowledged, N pairs")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "pairs.png"), dpi=110)
+        plt.close(fig)
+        written.append("pairs.png")
+    return written
+
+
+def write(out: str, meta: dict[str, Any], workloads: dict[str, Any]) -> dict[str, Any]:
+    """Write latest.json, latest.md and the plots into `out`; the report."""
+    os.makedirs(out, exist_ok=True)
+    goals = targets(workloads)
+    report = {"meta": meta, "targets": goals, "workloads": workloads}
+    with open(os.path.join(out, "latest.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(meta, workloads, goals)
+    with open(os.path.join(out, "latest.md"), "w") as f:
+        f.write(text)
+    report["plots"] = plots(out, workloads)
+    report["markdown"] = text
+    return report

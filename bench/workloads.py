@@ -1,0 +1,611 @@
+"""The workloads: what is measured, and how the processes take part.
+
+Every workload runs each peer in the same run, peers interleaved (the order
+rotates from run to run), in long-lived producer and consumer processes
+driven over pipes. Times are time.perf_counter(), CLOCK_MONOTONIC on Linux,
+one clock for every process on the machine, so a time taken by the
+producer and one taken by the consumer can be subtracted.
+
+- handoff: one file at a time, producer and consumer in different
+  processes, the consumer already waiting; latency from the producer's
+  start of writing (its open) to the consumer's end of closing (and
+  removing) the file. The same run measures memcpy into a touched buffer.
+- pairs: N producer/consumer pairs, 4 KiB files, each file acknowledged
+  (one byte down a pipe) before the next: aggregate handoffs per second.
+- stream: one pair, 4 KiB files without per-file acknowledgement; the
+  producer stays at most WINDOW files ahead (credits down a pipe every
+  CREDIT files), so no peer holds an unbounded backlog.
+- spill: 4x the arena of a small tfem instance in 1 MiB files, written by
+  one process and then read back by another, against py-lmdb puts then
+  gets (sync off, one transaction per value) in the same pattern.
+- pipeline: examples/pipeline.py through tfem and through a /dev/shm
+  directory.
+- memory: the broker's resident memory outside the segment, and the
+  segment's metadata per held file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from .peers import FilePeer, Peer, RedisPeer, ShmPeer, TfemPeer
+from .plan import K, M, Plan
+from .procs import Worker, WorkerError, sleep_until
+from .services import RedisServer, Services, TfemInstance
+from .stats import median, quantile, summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATTERN = random.Random(20240917).randbytes(4096)
+WINDOW, CREDIT = 1024, 64  # stream flow control: files ahead, files per credit
+SMALL = 4 * K
+
+
+@dataclasses.dataclass
+class Context:
+    plan: Plan
+    services: Services
+    tfem: TfemInstance | None
+    redis: RedisServer | None
+    tmpfs_dir: str
+    disk_dir: str
+    log: Callable[[str], None]
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def peers(self, keys: list[str]) -> list[str]:
+        """The peers of `keys` this run has (Redis only when it was started)."""
+        return [k for k in keys if self.redis is not None or not k.startswith("redis")]
+
+    def peer(self, key: str) -> Peer:
+        if key == "tfem":
+            assert self.tfem is not None
+            return TfemPeer(self.tfem.keyfile)
+        if key == "tmpfs":
+            return FilePeer("tmpfs", "tmpfs files (/dev/shm)", self.tmpfs_dir)
+        if key == "disk":
+            return FilePeer("disk", "local-disk files", self.disk_dir)
+        if key == "shm":
+            return ShmPeer()
+        assert self.redis is not None
+        if key == "redis-unix":
+            return RedisPeer("redis-unix", "Redis, unix socket", **self.redis.unix)
+        if key == "redis-tcp":
+            return RedisPeer("redis-tcp", "Redis, loopback TCP", **self.redis.tcp)
+        raise KeyError(key)
+
+
+HANDOFF_PEERS = ["tfem", "tmpfs", "disk", "shm", "redis-unix", "redis-tcp"]
+PAIRS_PEERS = ["tfem", "tmpfs", "redis-unix"]
+
+_pair_ids = itertools.count()
+
+
+def _pair_id() -> str:
+    return f"b{os.getpid()}-{next(_pair_ids)}"
+
+
+def rotated(items: list[Any], run: int) -> list[Any]:
+    k = run % len(items)
+    return items[k:] + items[:k]
+
+
+# ---- data ----
+
+
+def make_payload(n: int) -> bytearray:
+    """n bytes of a fixed random pattern, in touched memory."""
+    data = bytearray(PATTERN) * (n // len(PATTERN))
+    data += PATTERN[: n % len(PATTERN)]
+    return data
+
+
+def touched(n: int) -> bytearray:
+    """A buffer whose pages are all mapped already (bytearray(n) is not)."""
+    return bytearray(b"\x5a") * n
+
+
+def stamp(data: bytearray, seq: int) -> None:
+    data[:8] = seq.to_bytes(8, "little")
+
+
+def intact(got: Any, size: int, seq: int) -> bool:
+    """The bytes a consumer got are the producer's `seq`-th file: length,
+    sequence number, and the pattern at both ends."""
+    if got is None or len(got) != size:
+        return False
+    if size < 128:
+        return True
+    tail = bytes(PATTERN[i % len(PATTERN)] for i in range(size - 64, size))
+    return bytes(got[:8]) == seq.to_bytes(8, "little") and bytes(got[8:64]) == PATTERN[8:64] \
+        and bytes(got[-64:]) == tail
+
+
+def memcpy_gbps(size: int, samples: int = 5) -> float:
+    """Copy bandwidth into an already-touched buffer of `size` bytes (small
+    sizes copy in a loop, so they run from cache)."""
+    src, dst = memoryview(make_payload(size)), memoryview(touched(size))
+    loops = max(1, (64 * M) // size)
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        for _ in range(loops):
+            dst[:] = src
+        times.append((time.perf_counter() - t) / loops)
+    return size / median(times) / 1e9
+
+
+# ---- one handoff at a time ----
+
+
+def _handoff_producer(conn: Any, peer: Peer, channel: Any) -> None:
+    side = peer.producer(channel)
+    try:
+        data: bytearray | None = None
+        view: memoryview | None = None
+        conn.send("ready")
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            if msg[0] == "size":
+                if view is not None:
+                    view.release()
+                view = data = None
+                data = make_payload(msg[1])
+                view = memoryview(data)
+                conn.send("ok")
+            elif msg[0] == "put":
+                _, name, seq = msg
+                assert data is not None
+                stamp(data, seq)
+                t0 = time.perf_counter()
+                side.put(name, view)
+                conn.send(t0)
+    finally:
+        side.close()
+
+
+def _handoff_consumer(conn: Any, peer: Peer, channel: Any) -> None:
+    side = peer.consumer(channel)
+    try:
+        out: bytearray | None = None
+        size = 0
+        conn.send("ready")
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            if msg[0] == "size":
+                out = None
+                size = msg[1]
+                out = touched(size)
+                conn.send("ok")
+            elif msg[0] == "get":
+                _, name, seq = msg
+                assert out is not None
+                conn.send("waiting")
+                got = side.get(name, out)
+                t1 = time.perf_counter()
+                ok = intact(got, size, seq)
+                del got
+                conn.send((t1, ok))
+    finally:
+        side.close()
+
+
+class HandoffPair:
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.id = _pair_id()
+        self.channel = peer.channel(self.id)
+        self.workers: list[Worker] = []
+        try:
+            self.consumer = self._start("consumer", _handoff_consumer)
+            self.producer = self._start("producer", _handoff_producer)
+            self.consumer.recv()
+            self.producer.recv()
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            peer.close_channel(self.channel)
+        self.seq = 0
+
+    def _start(self, role: str, target: Callable[..., None]) -> Worker:
+        worker = Worker(f"{self.peer.key} {role}", target, self.peer, self.channel)
+        self.workers.append(worker)
+        return worker
+
+    def run(self, size: int, count: int, warmup: int) -> list[float]:
+        """Seconds per handoff, `count` of them after `warmup`."""
+        self.producer.call("size", size)
+        self.consumer.call("size", size)
+        samples = []
+        for i in range(warmup + count):
+            self.seq += 1
+            name = f"{self.id}-{self.seq}"
+            if self.consumer.call("get", name, self.seq) != "waiting":
+                raise WorkerError("consumer out of step")
+            time.sleep(0.001)  # let it settle into its wait
+            self.producer.send("put", name, self.seq)
+            t1, ok = self.consumer.recv()  # the producer's reply waits: reading it now would steal a CPU
+            t0 = self.producer.recv()
+            if not ok:
+                raise WorkerError(f"{self.peer.key}: the consumer got wrong bytes ({size} B, #{self.seq})")
+            if i >= warmup:
+                samples.append(t1 - t0)
+        return samples
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+
+def handoff(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    sizes = plan.handoff_sizes
+    keys = ctx.peers(HANDOFF_PEERS)
+    per_run: dict[str, dict[int, list[float]]] = {k: {s: [] for s in sizes} for k in keys}
+    pooled: dict[str, dict[int, list[float]]] = {k: {s: [] for s in sizes} for k in keys}
+    memcpy: dict[int, list[float]] = {s: [] for s in sizes}
+    for run in range(plan.repeats):
+        for size in sizes:
+            memcpy[size].append(memcpy_gbps(size))
+        for key in rotated(keys, run):
+            peer = ctx.peer(key)
+            ctx.log(f"handoff run {run + 1}/{plan.repeats}: {peer.label}")
+            pair = HandoffPair(peer)
+            try:
+                for size in sizes:
+                    samples = pair.run(size, plan.handoff_counts[size], plan.warmup(size))
+                    per_run[key][size].append(median(samples))
+                    pooled[key][size] += samples
+            finally:
+                pair.stop()
+    results: dict[str, Any] = {}
+    for key in keys:
+        results[key] = {}
+        for size in sizes:
+            lat = per_run[key][size]
+            results[key][str(size)] = {
+                "latency_us": summary(t * 1e6 for t in lat),
+                "gbps": summary(size / t / 1e9 for t in lat),
+                "handoffs_per_s": summary(1 / t for t in lat),
+                "p90_us": quantile(pooled[key][size], 0.9) * 1e6,
+                "p99_us": quantile(pooled[key][size], 0.99) * 1e6,
+                "handoffs": len(pooled[key][size]),
+            }
+    return {
+        "peers": {k: ctx.peer(k).label for k in keys},
+        "sizes": sizes,
+        "counts": {str(s): plan.handoff_counts[s] for s in sizes},
+        "results": results,
+        "memcpy_gbps": {str(s): summary(v) for s, v in memcpy.items()},
+    }
+
+
+# ---- many small files: acknowledged pairs, and a stream ----
+
+
+def _flow_producer(conn: Any, peer: Peer, channel: Any, credit_fds: tuple[int, int], prefix: str,
+                   window: int, batch: int) -> None:
+    os.close(credit_fds[1])
+    credits = credit_fds[0]
+    side = peer.producer(channel)
+    try:
+        data = memoryview(make_payload(SMALL))
+        conn.send("ready")
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        _, start, end = msg
+        sleep_until(start)
+        sent = credited = 0
+        while time.perf_counter() < end:
+            while sent - credited >= window:
+                credited += batch * len(os.read(credits, 4096))
+            side.put(f"{prefix}{sent}", data)
+            sent += 1
+        side.put_end(f"{prefix}{sent}")
+        conn.send(sent)
+        conn.recv()  # stop
+    finally:
+        side.close()
+
+
+def _flow_consumer(conn: Any, peer: Peer, channel: Any, credit_fds: tuple[int, int], prefix: str,
+                   window: int, batch: int) -> None:
+    os.close(credit_fds[0])
+    credits = credit_fds[1]
+    side = peer.consumer(channel)
+    try:
+        out = touched(SMALL)
+        conn.send("ready")
+        got_files = 0
+        while True:
+            got = side.get(f"{prefix}{got_files}", out)
+            if got is None:
+                break
+            if len(got) != SMALL:
+                raise RuntimeError(f"file {got_files} has {len(got)} bytes, not {SMALL}")
+            got_files += 1
+            if got_files % batch == 0:
+                os.write(credits, b"c")
+        conn.send((got_files, time.perf_counter()))
+        conn.recv()  # stop
+    finally:
+        side.close()
+
+
+def flow(peer: Peer, pairs: int, seconds: float, window: int, batch: int) -> float:
+    """Files per second through `pairs` producer/consumer pairs, all of them
+    running from one start time for `seconds`."""
+    workers: list[Worker] = []
+    try:
+        for _ in range(pairs):
+            pid = _pair_id()
+            channel = peer.channel(pid)
+            credit_fds = os.pipe()
+            try:
+                for role, target in (("consumer", _flow_consumer), ("producer", _flow_producer)):
+                    workers.append(Worker(f"{peer.key} {role}", target, peer, channel, credit_fds,
+                                          f"{pid}-", window, batch))
+            finally:
+                peer.close_channel(channel)
+                os.close(credit_fds[0])
+                os.close(credit_fds[1])
+        for w in workers:
+            w.recv(120)
+        start = time.perf_counter() + 0.1 + 0.01 * len(workers)
+        producers = workers[1::2]
+        for w in producers:
+            w.send("go", start, start + seconds)
+        sent = sum(w.recv(seconds + 300) for w in producers)
+        ends = [w.recv(300) for w in workers[0::2]]
+        done = sum(n for n, _ in ends)
+        if done != sent:
+            raise WorkerError(f"{peer.key}: {sent} files sent, {done} received")
+        return done / (max(t for _, t in ends) - start)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def pairs(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    keys = ctx.peers(PAIRS_PEERS)
+    rates: dict[str, dict[int, list[float]]] = {k: {n: [] for n in plan.pairs} for k in keys}
+    for run in range(plan.repeats):
+        for n in plan.pairs:
+            for key in rotated(keys, run):
+                ctx.log(f"pairs run {run + 1}/{plan.repeats}: {n} x {key}")
+                rates[key][n].append(flow(ctx.peer(key), n, plan.seconds, window=1, batch=1))
+    return {
+        "peers": {k: ctx.peer(k).label for k in keys},
+        "pairs": plan.pairs,
+        "file_size": SMALL,
+        "seconds": plan.seconds,
+        "results": {k: {str(n): {"files_per_s": summary(v)} for n, v in r.items()} for k, r in rates.items()},
+    }
+
+
+def stream(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    keys = ctx.peers(PAIRS_PEERS)
+    rates: dict[str, list[float]] = {k: [] for k in keys}
+    for run in range(plan.repeats):
+        for key in rotated(keys, run):
+            ctx.log(f"stream run {run + 1}/{plan.repeats}: {key}")
+            rates[key].append(flow(ctx.peer(key), 1, plan.seconds, window=WINDOW, batch=CREDIT))
+    return {
+        "peers": {k: ctx.peer(k).label for k in keys},
+        "file_size": SMALL,
+        "window": WINDOW,
+        "credit": CREDIT,
+        "seconds": plan.seconds,
+        "results": {k: {"files_per_s": summary(v)} for k, v in rates.items()},
+    }
+
+
+# ---- spill: more than the arena, against raw LMDB ----
+
+
+def _lmdb_open(path: str, map_size: int) -> Any:
+    import lmdb
+
+    return lmdb.open(path, map_size=map_size, sync=False, metasync=False, max_dbs=0)
+
+
+def _spill_side(conn: Any, role: str, kind: str, where: str, count: int, size: int) -> None:
+    """Write (role "w") or read back ("r") `count` files of `size` bytes
+    through tfem (`where` a key file) or LMDB (`where` a directory)."""
+    client = None
+    if kind == "tfem":
+        import tfem
+
+        client = tfem.connect(where)
+    buf = make_payload(size) if role == "w" else touched(size)
+    view = memoryview(buf)
+    conn.send("ready")
+    if conn.recv()[0] == "stop":
+        return
+    env = _lmdb_open(where, 4 * count * size + (64 << 20)) if kind == "lmdb" else None
+    bad = 0
+    t0 = time.perf_counter()
+    for i in range(count):
+        name = f"spill-{i}"
+        if role == "w":
+            stamp(buf, i)
+            if client is not None:
+                with client.open(name, "w") as f:
+                    f.write(view)
+            else:
+                with env.begin(write=True) as txn:
+                    txn.put(name.encode(), view)
+        else:
+            if client is not None:
+                with client.open(name, "r", timeout=60) as f:
+                    n = f.readinto(view)
+            else:
+                with env.begin(buffers=True) as txn:
+                    value = txn.get(name.encode())
+                    n = len(value)
+                    view[:n] = value
+                    del value
+            bad += not intact(view[:n], size, i)
+    t1 = time.perf_counter()
+    if env is not None:
+        env.close()
+    if client is not None:
+        client.close()
+    conn.send((t0, t1, bad))
+    conn.recv()
+
+
+def spill(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    arena, size = plan.spill_arena, plan.spill_file
+    count = 4 * arena // size
+    instance = ctx.services.tfem("spill", "--memory", str(arena), "--slots", str(max(1024, 2 * count)))
+    times: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": [], "total": []} for k in ("tfem", "lmdb")}
+    spilled: list[int] = []
+    try:
+        for run in range(plan.repeats):
+            for kind in rotated(["tfem", "lmdb"], run):
+                ctx.log(f"spill run {run + 1}/{plan.repeats}: {kind}")
+                where = instance.keyfile if kind == "tfem" else ctx.services.subdir(f"lmdb-{run}")
+                writer = Worker(f"{kind} spill writer", _spill_side, "w", kind, where, count, size)
+                reader = Worker(f"{kind} spill reader", _spill_side, "r", kind, where, count, size)
+                try:
+                    writer.recv(120)
+                    reader.recv(120)
+                    w0, w1, _ = writer.call("go", timeout=600)
+                    if kind == "tfem":
+                        spilled.append(int(instance.status()["spilled_bytes"]))
+                    r0, r1, bad = reader.call("go", timeout=600)
+                    if bad:
+                        raise WorkerError(f"{kind}: {bad} files read back with wrong bytes")
+                finally:
+                    writer.stop()
+                    reader.stop()
+                    if kind == "lmdb":
+                        import shutil
+
+                        shutil.rmtree(where, ignore_errors=True)
+                times[kind]["write"].append(w1 - w0)
+                times[kind]["read"].append(r1 - r0)
+                times[kind]["total"].append((w1 - w0) + (r1 - r0))
+        left = instance.status()
+    finally:
+        ctx.services.release(instance)
+    total = count * size
+    return {
+        "arena": arena,
+        "file_size": size,
+        "files": count,
+        "bytes": total,
+        "tfem_spilled_bytes_after_write": summary(spilled),
+        "tfem_files_left": left["slots_used"],
+        "results": {k: {f"{phase}_gbps": summary(total / t / 1e9 for t in v) for phase, v in ph.items()}
+                    | {"total_s": summary(ph["total"])} for k, ph in times.items()},
+    }
+
+
+# ---- the pipeline example ----
+
+
+def pipeline(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    assert ctx.tfem is not None
+    script = os.path.join(ROOT, "examples", "pipeline.py")
+    args = ["--workers", str(plan.pipeline_workers), "--parts", str(plan.pipeline_parts),
+            "--part-size", str(plan.pipeline_part_size), "--json"]
+    seconds: dict[str, list[float]] = {"tfem": [], "tmpfs": []}
+    for run in range(plan.repeats):
+        for key in rotated(["tfem", "tmpfs"], run):
+            ctx.log(f"pipeline run {run + 1}/{plan.repeats}: {key}")
+            backend = "tfem" if key == "tfem" else ctx.services.tempdir("/dev/shm", "pipeline")
+            done = subprocess.run([sys.executable, script, "--backend", backend, *args], env=ctx.tfem.env,
+                                  capture_output=True, text=True, timeout=600)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"examples/pipeline.py --backend {backend} failed "
+                                   f"({done.returncode}):\n{done.stdout}\n{done.stderr}")
+            result = json.loads(lines[-1])
+            if not result["ok"]:
+                raise RuntimeError(f"examples/pipeline.py --backend {backend}: wrong checksum")
+            seconds[key].append(result["seconds"])
+    total = plan.pipeline_parts * plan.pipeline_part_size
+    return {
+        "workers": plan.pipeline_workers,
+        "parts": plan.pipeline_parts,
+        "part_size": plan.pipeline_part_size,
+        "bytes": total,
+        "peers": {"tfem": "tfem", "tmpfs": "tmpfs files (/dev/shm)"},
+        "results": {k: {"seconds": summary(v), "gbps": summary(total / s / 1e9 for s in v)}
+                    for k, v in seconds.items()},
+    }
+
+
+# ---- memory ----
+
+
+def broker_memory(instance: TfemInstance) -> dict[str, Any]:
+    """The broker's resident memory, and the part of it that is the segment."""
+    status = instance.status()
+    pid = int(status["broker_pid"])
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"pid": pid, **fields, "rss_without_shmem": fields["VmRSS"] - fields["RssShmem"],
+            "status": status}
+
+
+def segment_metadata(status: dict[str, Any]) -> dict[str, Any]:
+    """Segment bytes per slot that are not the slot's inline buffer, from
+    `tfem status --json` and the layout code that sized the segment."""
+    from tfem._atomics import ffi
+    from tfem.segment import Layout
+
+    slots, buf = int(status["slots_total"]), int(status["buf_size"])
+    layout = Layout(slots, buf, int(status["block_size"]), int(status["arena_bytes_total"]))
+    actual = os.stat(f"/dev/shm{status['segment']}").st_size
+    record = layout.slot_size - buf  # the slot record plus its padding to a cache line
+    index = 4 * layout.index_size / slots  # name-index entries per slot
+    free_stack = 4
+    # Everything before the arena that is not an inline buffer, per slot:
+    # header, slot records, index, free stack, block bitmap, page rounding.
+    amortised = (layout.arena_offset - slots * buf) / slots
+    return {
+        "slots": slots,
+        "buf_size": buf,
+        "segment_bytes": actual,
+        "layout_bytes": layout.size,
+        "slot_struct_bytes": int(ffi.sizeof("struct tfem_slot")),
+        "slot_record_bytes": record,
+        "index_bytes_per_slot": index,
+        "free_stack_bytes_per_slot": free_stack,
+        "per_held_file": record + index + free_stack,
+        "per_slot_amortised": amortised,
+    }
+
+
+def memory(ctx: Context) -> dict[str, Any]:
+    assert ctx.tfem is not None
+    now = broker_memory(ctx.tfem)
+    status = now.pop("status")
+    return {
+        "broker_at_start": ctx.notes.get("broker_at_start"),
+        "broker_now": now,
+        "metadata": segment_metadata(status),
+    }

@@ -1,0 +1,42 @@
+"""The benchmark suite runs end to end (`python -m bench --quick`) and
+writes a report that parses. Timings are never checked here: only that
+every workload ran and every output exists and is well-formed. Redis is
+left out (--no-redis): a fresh machine has no redis-server; the full run
+(`python -m bench`) needs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORKLOADS = {"handoff", "pairs", "stream", "pipeline", "c", "memory", "spill"}
+
+
+def test_quick_run_writes_a_report(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "results"
+    env = dict(os.environ)
+    env.pop("TFEM_KEYFILE", None)
+    env.pop("TFEM_BROKER", None)
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-redis", "--out", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"python -m bench --quick failed:\n{run.stderr[-4000:]}"
+
+    report = json.loads((out / "latest.json").read_text())
+    assert set(report["workloads"]) == WORKLOADS
+    failed = {name: w["error"] for name, w in report["workloads"].items() if "error" in w}
+    assert not failed, f"workloads failed: {failed}"
+    assert report["meta"]["quick"] is True
+    for target in report["targets"]:
+        assert target["met"] in (True, False, None)
+        assert target["value"] is None or isinstance(target["value"], (int, float))
+
+    markdown = (out / "latest.md").read_text()
+    assert markdown.startswith("# tfem benchmarks")
+    assert "## Targets" in markdown and "## One handoff" in markdown
+
+    for png in ("handoff_latency.png", "handoff_throughput.png", "pairs.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
