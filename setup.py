@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.9",
     packages=["tfem", "tfem.broker", "tfem.registry"],
     package_dir={"tfem": "libtfem", "tfem.broker": "broker", "tfem.registry": "registry"},
-    package_data={"tfem": ["tfem_segment.h", "tfem_atomics.h", "include/tfem.h"]},
+    package_data={"tfem": ["tfem_segment.h", "tfem_atomics.h", "tfem_table.h", "include/tfem.h"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["libtfem/_build_atomics.py:ffibuilder"],
     cmdclass={"build_ext": BuildWithCShim},

@@ -145,7 +145,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
                     report.dropped_corrupt += 1
                     continue
                 indexed.add(raw)
-                table._index_insert(s, slot.name_hash)
+                table.index_insert(s)
             for i in range(slot.extent_count):
                 table.mark_blocks(slot.extents[i].start, slot.extents[i].count)
             next_id = max(next_id, slot.file_id + 1)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import zmq
 
 from tfem import discovery, protocol
-from tfem._atomics import ffi, lib
+from tfem._atomics import lib
 from tfem.config import Instance
 from tfem.errors import InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient
 from tfem.protocol import Op, Reply
@@ -131,6 +131,11 @@ class Broker:
         log.info("broker %d serving %s: segment %s, %d slots, %d MiB arena, spill %s",
                  os.getpid(), self.endpoint, self.segment.name, c.slots, c.memory >> 20,
                  self.spill.path if self.spill else "off")
+
+    @property
+    def seg(self) -> Segment:
+        assert self.segment is not None, "the broker has not started"
+        return self.segment
 
     @property
     def spill_dir(self) -> pathlib.Path:
@@ -332,7 +337,7 @@ class Broker:
             raise UnknownClient("this broker does not know you (it may have restarted): say hello")
         if op is Op.ALLOC:
             self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
-            return Reply(rid, 0, {"spilled": self._alloc(args["slot"], args["capacity"])})
+            return Reply(rid, 0, {"spilled": self._alloc(args["slot"], args["generation"], pid, args["capacity"])})
         if op is Op.SPILL_WRITE:
             slot = self._check_spilled(args, pid, State.WRITE)
             assert self.spill is not None and request.data is not None
@@ -374,26 +379,24 @@ class Broker:
 
     # ---- memory ----
 
-    def _alloc(self, s: int, capacity: int) -> bool:
-        """Grow slot s to `capacity` bytes; True if it went to the spill store."""
-        seg, slot = self.segment, self.segment.slot(s)
-        if slot.flags & lib.TFEM_SLOT_SPILLED:
+    def _alloc(self, s: int, generation: int, pid: int, capacity: int) -> bool:
+        """Grow slot s to `capacity` bytes for its writer `pid`, making room
+        by spilling when the arena is full (the client tried the arena
+        itself first). True if the file went to the spill store."""
+        seg = self.seg
+        if seg.slot(s).flags & lib.TFEM_SLOT_SPILLED:
             return True
-        have = self.table.capacity(s)
-        start = ffi.new("uint32_t *")
-        while have < capacity:
-            if slot.extent_count >= lib.TFEM_MAX_EXTENTS:
+        while True:
+            rc = lib.tfem_t_grow(seg.header, s, generation, pid, capacity)
+            if rc == 0:
+                return False
+            if rc == errno.E2BIG:
                 return self._spill_or_fail(s, "the file has too many extents")
-            needed = -(-(capacity - have) // seg.block_size)
-            want = min(max(needed, (have - seg.buf_size) // seg.block_size), seg.block_count)
-            got = lib.tfem_blocks_claim(seg.bitmap, seg.block_count, max(want, 1), start)
-            if got == 0:
-                if self._evict(needed):
-                    continue
+            if rc != errno.ENOSPC:
+                raise InvalidArgument(f"slot {s} cannot grow: {os.strerror(rc)}")
+            needed = -(-(capacity - self.table.capacity(s)) // seg.block_size)
+            if not self._evict(needed):
                 return self._spill_or_fail(s, "the arena is full")
-            self.table.add_extent(s, start[0], got)
-            have += got * seg.block_size
-        return False
 
     def _spill_or_fail(self, s: int, why: str) -> bool:
         if self.spill is None:

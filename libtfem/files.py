@@ -64,7 +64,13 @@ class TfemFile(io.RawIOBase):
             self._verify()
 
     def _load_pieces(self) -> None:
-        self._spilled = bool(self._slot.flags & lib.TFEM_SLOT_SPILLED)
+        slot = self._slot
+        self._spilled = bool(slot.flags & lib.TFEM_SLOT_SPILLED)
+        if not slot.extent_count and not self._spilled:  # the common small file
+            buf = self._table.seg.buf_size
+            self._pieces = [(0, self._table.seg.inline_data_offset(self._handle.slot), buf)] if buf else []
+            self._memory_end = buf
+            return
         self._pieces = self._table.pieces(self._handle.slot)
         if self._spilled:
             buf = self._table.seg.buf_size
@@ -255,8 +261,12 @@ class TfemFile(io.RawIOBase):
         self._slot.size = size  # so stat() of a file being written is current
 
     def _memory_views(self, pos: int, n: int) -> list[memoryview]:
+        pieces = self._pieces
+        if pieces and pos + n <= pieces[0][2]:  # within the inline buffer: most small files
+            offset = pieces[0][1] + pos
+            return [self._view[offset: offset + n]]
         views, end = [], pos + n
-        for start, offset, length in self._pieces:
+        for start, offset, length in pieces:
             lo, hi = max(pos, start), min(end, start + length)
             if lo < hi:
                 views.append(self._view[offset + lo - start: offset + hi - start])
@@ -293,7 +303,9 @@ class TfemFile(io.RawIOBase):
         deadline = Deadline(self._room_timeout)
         while True:
             seen = self._table.space_seen()
-            try:
+            if self._table.grow(h, capacity) == 0:
+                break  # from the arena, without asking anyone
+            try:  # the broker can make room: it spills
                 self._client.call(Op.ALLOC, {"slot": h.slot, "generation": h.generation, "capacity": capacity})
                 break
             except NoSpace:

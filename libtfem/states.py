@@ -1,7 +1,9 @@
 """The temp-file state machine: one table, no I/O.
 
 Everything that decides whether a slot may change state lives here, in the
-manner of h11's ``_state.py``. The module does not know who applies an event
+manner of h11's ``_state.py``. The C operations on the segment (tfem_table.c)
+apply the same table: the build generates their copy of it from this module
+(tfem_states.h), so there is one state machine, written once. The module does not know who applies an event
 (a client on the node through a compare-and-swap, the broker on a client's
 behalf, or a recovering broker): callers compute the next state here and then
 make it so. An illegal transition raises and changes nothing.
@@ -50,6 +52,14 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 }
 
 
+# How C code numbers the events (tfem_states.h).
+EVENT_NUMBER = {event: number for number, event in enumerate(Event)}
+# Claiming a slot starts a new generation, so stale handles to it fail.
+BUMPS_GENERATION = frozenset({Event.OPEN_WRITE})
+# States in which a process holds the file; its pid is kept in the word.
+HELD = frozenset({State.WRITE, State.READ})
+
+
 class TransitionError(Exception):
     """An event that the table does not allow from the current state."""
 
@@ -87,8 +97,6 @@ def apply(word: int, event: Event, holder: int = 0) -> int:
     word alone), and a freed slot has no holder."""
     state, generation, _ = unpack_word(word)
     target = next_state(state, event)
-    if event is Event.OPEN_WRITE:
+    if event in BUMPS_GENERATION:
         generation = (generation + 1) & GENERATION_MASK
-    if target in (State.INVALID, State.WAIT):
-        holder = 0
-    return pack_word(target, generation, holder)
+    return pack_word(target, generation, holder if target in HELD else 0)

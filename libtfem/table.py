@@ -1,40 +1,51 @@
 """The slot table and the name index: the paper's object array, map1, map2.
 
 Theory of operation:
-- Every change to the name index, the free-slot stack and the header's
-  counters, and every claim or release of a slot, happens under the table
-  lock in the segment header (a pid; a dead holder's lock is taken over).
-  Each such change is a single store, so a holder that dies mid-way leaves
-  a table that is still consistent. The lock is held for microseconds.
-- A slot's state word changes only by compare-and-swap, and only to the
-  word that `states.apply` computes: the pure state machine decides, this
-  module makes it so. The word carries a generation bumped on every claim,
-  so a handle to a slot that has since been freed and reused is refused.
+- The operations themselves are C (tfem_table.c), one call each: claiming,
+  publishing, taking, consuming, releasing and unlinking a file, and growing
+  it with arena blocks. They take the table lock in the segment header (a
+  pid; a dead holder's lock is taken over), change state words only by
+  compare-and-swap to what the state machine of states.py gives, and bump
+  a generation on every claim, so a handle to a reused slot is refused.
+- This module turns their return codes into tfem's errors and does the
+  waiting: a consumer whose name is not ready sleeps on the wake sequence of
+  the name's bucket (crc32 % TFEM_WAKE_BUCKETS), bumped by every transition
+  into WAIT, after a short spin; a producer that finds no room sleeps on
+  the space sequence, bumped whenever slots or blocks are freed.
 - File data is not touched here and never under the lock: a holder owns its
   slot's inline buffer and extents until it closes.
-- A consumer waiting for a name sleeps on the wake sequence of the name's
-  bucket (crc32 % TFEM_WAKE_BUCKETS); every transition into WAIT bumps it.
-- The index is linear probing with backward-shift deletion, so it never
-  fills with tombstones; it has at least twice as many entries as slots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import os
 import threading
 import time
 import zlib
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 from ._atomics import ffi, lib
 from .errors import AlreadyExists, Busy, InvalidArgument, NameTooLong, NoSpace, NotFound, TfemError, Timeout, WouldBlock
 from .segment import Segment
-from .states import Event, State, apply, unpack_word
+from .states import EVENT_NUMBER, Event, State, unpack_word
 
-LOCK_TIMEOUT_NS = 10 * 1_000_000_000
 WAKE_BUCKETS = lib.TFEM_WAKE_BUCKETS
 NAME_MAX = lib.TFEM_NAME_MAX
+
+
+def _spin_ns() -> int:
+    """How long a waiter spins before it sleeps: TFEM_SPIN_US, else 50 us
+    where there is a second CPU for the producer, else none."""
+    try:
+        return int(float(os.environ["TFEM_SPIN_US"]) * 1000)
+    except (KeyError, ValueError):
+        return 50_000 if (os.cpu_count() or 1) > 1 else 0
+
+
+SPIN_NS = _spin_ns()
 
 
 class HandleInvalidated(TfemError):
@@ -97,9 +108,8 @@ class Settled:
     discard_file_ids: tuple[int, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Handle:
-    """What a holder knows of the slot it holds."""
+class Handle(NamedTuple):
+    """What a holder knows of the slot it holds (a tuple: made per open)."""
 
     slot: int
     generation: int
@@ -125,139 +135,66 @@ class SlotTable:
         self.pid = pid
         h = segment.header
         self._h = h
-        self._lock = ffi.addressof(h, "table_lock")
-        self._lock_waiters = ffi.addressof(h, "lock_waiters")
         self._wake_seq = ffi.cast("uint32_t *", ffi.addressof(h, "wake_seq"))
         self._wake_waiters = ffi.cast("uint32_t *", ffi.addressof(h, "wake_waiters"))
         self._space_seq = ffi.addressof(h, "space_seq")
         self._space_waiters = ffi.addressof(h, "space_waiters")
-        # The shared lock knows processes, not threads: threads take turns here.
-        self._thread_lock = threading.Lock()
+        self._local = threading.local()  # a result struct per thread, reused
 
-    # ---- the lock ----
+    def _claim_struct(self) -> Any:
+        claim = getattr(self._local, "claim", None)
+        if claim is None:
+            claim = self._local.claim = ffi.new("struct tfem_claim *")
+        return claim
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            if lib.tfem_lock(self._lock, self._lock_waiters, self.pid, LOCK_TIMEOUT_NS):
-                raise Busy(f"the table lock has been held by pid {self._h.table_lock} for over "
-                           f"{LOCK_TIMEOUT_NS // 10**9} s")
-            try:
-                yield
-            finally:
-                lib.tfem_unlock(self._lock, self._lock_waiters)
+        """Hold the table lock (for the broker's rarer paths). The C
+        operations take it themselves: do not call them inside."""
+        self._check(lib.tfem_t_lock(self._h, self.pid))
+        try:
+            yield
+        finally:
+            lib.tfem_t_unlock(self._h)
 
-    # ---- the name index (under the lock) ----
+    def _check(self, rc: int, what: str = "") -> None:
+        """Raise the error for a C operation's return code."""
+        if rc == 0:
+            return
+        if rc == errno.ESTALE or rc == errno.EPERM:
+            raise HandleInvalidated(f"{what or 'the file'} is no longer held by this process")
+        if rc == errno.EBUSY:
+            raise Busy(f"the table lock has been held by pid {self._h.table_lock} for over 10 s")
+        if rc == errno.EEXIST:
+            raise AlreadyExists(f"{what} already exists")
+        if rc == errno.ENOSPC:
+            raise NoSpace(f"the slot table is full: all {self.seg.slot_count} slots hold files")
+        if rc == errno.ENOENT:
+            raise NotFound(f"no file named {what}")
+        raise TfemError(f"{what}: {os.strerror(rc)}")
 
-    def _slot_name(self, s: int) -> bytes:
-        slot = self.seg.slot(s)
-        return ffi.buffer(slot.name, slot.name_len)[:]
-
-    def _find(self, raw: bytes, h: int) -> int:
-        index, mask = self.seg.index, self.seg.index_mask
-        i = h & mask
-        while True:
-            entry = index[i]
-            if entry == 0:
-                return -1
-            slot = self.seg.slot(entry - 1)
-            if slot.name_hash == h and slot.name_len == len(raw) and ffi.buffer(slot.name, len(raw))[:] == raw:
-                return entry - 1
-            i = (i + 1) & mask
-
-    def _index_insert(self, s: int, h: int) -> None:
-        index, mask = self.seg.index, self.seg.index_mask
-        i = h & mask
-        while index[i] != 0:
-            i = (i + 1) & mask
-        index[i] = s + 1
-
-    def _index_remove(self, s: int) -> None:
-        index, mask = self.seg.index, self.seg.index_mask
-        i = self.seg.slot(s).name_hash & mask
-        while index[i] != s + 1:
-            if index[i] == 0:
-                return  # not indexed (unlinked while held)
-            i = (i + 1) & mask
-        # Backward shift: pull later entries of the probe run into the hole.
-        hole, j = i, i
-        while True:
-            j = (j + 1) & mask
-            entry = index[j]
-            if entry == 0:
-                break
-            home = self.seg.slot(entry - 1).name_hash & mask
-            # Move the entry unless its home lies cyclically in (hole, j].
-            if (hole < j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
-                continue
-            index[hole] = entry
-            hole = j
-        index[hole] = 0
-
-    # ---- state words ----
-
-    def _state_ptr(self, s: int):  # type: ignore[no-untyped-def]
-        return ffi.addressof(self.seg.slot(s), "state")
-
-    def _transition(self, s: int, event: Event, generation: int | None, holder: int = 0) -> int:
-        """Apply `event` to slot `s` by compare-and-swap; the old word."""
-        ptr = self._state_ptr(s)
-        word = lib.tfem_load64(ptr)
-        if generation is not None and unpack_word(word)[1] != generation:
-            raise HandleInvalidated(f"slot {s} was freed and reused")
-        new = apply(word, event, holder)
-        if not lib.tfem_cas64(ptr, word, new):
-            raise HandleInvalidated(f"slot {s} changed state under the lock")
-        return word
+    @staticmethod
+    def _discard(claim: Any) -> int | None:
+        return claim.discard_id or None
 
     def state_of(self, s: int) -> tuple[State, int, int]:
-        return unpack_word(lib.tfem_load64(self._state_ptr(s)))
-
-    def _publish(self, bucket: int) -> None:
-        lib.tfem_publish(self._wake_seq + bucket, self._wake_waiters + bucket)
+        return unpack_word(lib.tfem_load64(ffi.addressof(self.seg.slot(s), "state")))
 
     # ---- producers ----
-
-    def _claim(self, raw: bytes, h: int) -> Handle:
-        """Claim a free slot for `raw` (under the lock, name known absent)."""
-        hdr = self._h
-        if hdr.free_top == 0:
-            raise NoSpace(f"the slot table is full: all {self.seg.slot_count} slots hold files")
-        s = self.seg.free_stack[hdr.free_top - 1]
-        slot = self.seg.slot(s)
-        old = self._transition(s, Event.OPEN_WRITE, None, self.pid)
-        hdr.free_top -= 1
-        file_id = hdr.next_file_id
-        hdr.next_file_id = file_id + 1
-        slot.size = 0
-        slot.file_id = file_id
-        slot.created_ns = time.time_ns()
-        slot.waiting_ns = 0
-        slot.name_hash = h
-        slot.name_len = len(raw)
-        slot.flags = 0
-        slot.checksum = 0
-        slot.extent_count = 0
-        ffi.memmove(slot.name, raw, len(raw))
-        slot.name[len(raw)] = b"\0"
-        self._index_insert(s, h)
-        hdr.opened_write += 1
-        generation = (unpack_word(old)[1] + 1) & 0xFFFFFF
-        return Handle(s, generation, file_id, h % WAKE_BUCKETS)
 
     def create(self, raw: bytes, room_timeout: float | None = 0) -> Handle:
         """Open a new name for writing; AlreadyExists if the name is held.
         A full table is NoSpace at once, or after waiting up to
         `room_timeout` seconds for a slot to be freed (None: no limit)."""
         h = name_hash(raw)
+        claim = self._claim_struct()
         deadline = Deadline(room_timeout)
         while True:
             seen = self.space_seen()
-            with self.locked():
-                if self._find(raw, h) >= 0:
-                    raise AlreadyExists(f"{raw.decode()!r} already exists")
-                if self._h.free_top or room_timeout == 0:
-                    return self._claim(raw, h)
+            rc = lib.tfem_t_create(self._h, raw, len(raw), h, self.pid, time.time_ns(), claim)
+            if rc != errno.ENOSPC or room_timeout == 0:
+                self._check(rc, repr(raw.decode()))
+                return Handle(claim.slot, claim.generation, claim.file_id, h % WAKE_BUCKETS)
             self.wait_for_space(seen, deadline, "no slot was freed")
 
     def space_seen(self) -> int:
@@ -270,34 +207,35 @@ class SlotTable:
             left = deadline.left_ns(what)
         except Timeout as exc:
             raise NoSpace(str(exc)) from None
-        lib.tfem_wait_published(self._space_seq, self._space_waiters, seen, left)
+        lib.tfem_wait_published(self._space_seq, self._space_waiters, seen, left, 0)
 
     def publish(self, handle: Handle, size: int, checksum: int = 0) -> int | None:
         """A producer's close: WRITE -> WAIT and wake the waiters. If the
         name was unlinked meanwhile the file is freed instead; then the
         returned file id, if not None, has spill records to discard."""
-        with self.locked():
-            slot = self.seg.slot(handle.slot)
-            self._check_holder(handle)
-            if slot.flags & lib.TFEM_SLOT_DOOMED:
-                return self._free(handle.slot, Event.UNLINK, handle.generation)
-            slot.size = size
-            slot.checksum = checksum
-            slot.waiting_ns = time.monotonic_ns()
-            self._transition(handle.slot, Event.CLOSE_WRITE, handle.generation)
-            self._h.closed_write += 1
-        self._publish(handle.bucket)
-        return None
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_publish(self._h, handle.slot, handle.generation, self.pid, size, checksum,
+                                       time.monotonic_ns(), claim))
+        return self._discard(claim)
+
+    def grow(self, handle: Handle, capacity: int) -> int:
+        """Add arena blocks until the file holds `capacity` bytes: 0, or
+        ENOSPC (the arena is full) or E2BIG (extent limit), which only the
+        broker can resolve, by spilling."""
+        rc = lib.tfem_t_grow(self._h, handle.slot, handle.generation, self.pid, capacity)
+        if rc not in (0, errno.ENOSPC, errno.E2BIG):
+            self._check(rc)
+        return rc
 
     def abort(self, handle: Handle) -> int | None:
         """A producer gives up: the file is dropped."""
-        with self.locked():
-            self._check_holder(handle)
-            return self._free(handle.slot, Event.ABORT_WRITE, handle.generation)
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_abort(self._h, handle.slot, handle.generation, self.pid, claim))
+        return self._discard(claim)
 
     # ---- consumers ----
 
-    def open_existing(self, raw: bytes, create: bool, wait: bool, timeout: float | None, holder: int | None = None) -> tuple[Handle, bool]:
+    def open_existing(self, raw: bytes, create: bool, wait: bool, timeout: float | None) -> tuple[Handle, bool]:
         """Take `raw` for reading once it is in WAIT, or, with `create`,
         claim it for writing if nobody holds the name. Returns the handle
         and whether it was opened for writing. Waits on the name's bucket
@@ -305,69 +243,52 @@ class SlotTable:
         h = name_hash(raw)
         bucket = h % WAKE_BUCKETS
         deadline = Deadline(timeout)
-        who = self.pid if holder is None else holder
+        claim = self._claim_struct()
         while True:
             seen = lib.tfem_load32(self._wake_seq + bucket)
-            with self.locked():
-                s = self._find(raw, h)
-                if s < 0 and create:
-                    return self._claim(raw, h), True
-                if s >= 0:
-                    state, generation, _ = self.state_of(s)
-                    if state is State.WAIT:
-                        self._transition(s, Event.OPEN_READ, generation, who)
-                        self._h.opened_read += 1
-                        return Handle(s, generation, self.seg.slot(s).file_id, bucket), False
+            rc = lib.tfem_t_take(self._h, raw, len(raw), h, self.pid, create, time.time_ns(), claim)
+            if rc == 0:
+                return Handle(claim.slot, claim.generation, claim.file_id, bucket), bool(claim.for_write)
+            if rc not in (errno.ENOENT, errno.EAGAIN):
+                self._check(rc, repr(raw.decode()))
             if not wait:
-                if s < 0:
+                if rc == errno.ENOENT:
                     raise NotFound(f"no file named {raw.decode()!r}")
-                raise WouldBlock(f"{raw.decode()!r} is {state.name}, not ready to read")
+                raise WouldBlock(f"{raw.decode()!r} is {State(claim.state).name}, not ready to read")
             left = deadline.left_ns(f"{raw.decode()!r} was not ready to read")
-            lib.tfem_wait_published(self._wake_seq + bucket, self._wake_waiters + bucket, seen, left)
+            lib.tfem_wait_published(self._wake_seq + bucket, self._wake_waiters + bucket, seen, left, SPIN_NS)
 
     def consume(self, handle: Handle) -> int | None:
         """A consumer's close: READ -> INVALID, the slot is freed."""
-        with self.locked():
-            self._check_holder(handle)
-            return self._free(handle.slot, Event.CLOSE_READ, handle.generation)
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_consume(self._h, handle.slot, handle.generation, self.pid, claim))
+        return self._discard(claim)
 
     def release(self, handle: Handle) -> int | None:
         """Give a file back unread: READ -> WAIT, and wake the waiters. If
         the name was unlinked meanwhile the file is freed instead; then the
         returned file id, if not None, has spill records to discard."""
-        with self.locked():
-            if self.seg.slot(handle.slot).flags & lib.TFEM_SLOT_DOOMED:
-                return self._free(handle.slot, Event.UNLINK, handle.generation)
-            self._transition(handle.slot, Event.RELEASE_READ, handle.generation)
-        self._publish(handle.bucket)
-        return None
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_release(self._h, handle.slot, handle.generation, self.pid, claim))
+        return self._discard(claim)
 
     # ---- anyone ----
 
     def unlink(self, raw: bytes) -> int | None:
         """Remove a name. A WAIT file is freed now; a held file leaves the
         index now and is freed when its holder closes it."""
-        h = name_hash(raw)
-        with self.locked():
-            s = self._find(raw, h)
-            if s < 0:
-                raise NotFound(f"no file named {raw.decode()!r}")
-            state, generation, _ = self.state_of(s)
-            if state is State.WAIT:
-                return self._free(s, Event.UNLINK, generation)
-            slot = self.seg.slot(s)
-            self._index_remove(s)
-            slot.flags |= lib.TFEM_SLOT_DOOMED
-            return None
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_unlink(self._h, raw, len(raw), name_hash(raw), self.pid, claim),
+                    repr(raw.decode()))
+        return self._discard(claim)
 
     def stat(self, raw: bytes) -> FileStat:
-        with self.locked():
-            s = self._find(raw, name_hash(raw))
-            if s < 0:
-                raise NotFound(f"no file named {raw.decode()!r}")
-            return self._stat_slot(s)
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_lookup(self._h, raw, len(raw), name_hash(raw), self.pid, claim),
+                    repr(raw.decode()))
+        return self._stat_slot(claim.slot)
 
-    def list(self) -> list[FileStat]:
+    def list(self) -> builtins_list[FileStat]:
         with self.locked():
             return [self._stat_slot(s) for s in range(self.seg.slot_count)
                     if self.state_of(s)[0] is not State.INVALID
@@ -376,7 +297,7 @@ class SlotTable:
     def _stat_slot(self, s: int) -> FileStat:
         slot = self.seg.slot(s)
         return FileStat(
-            name=self._slot_name(s).decode(),
+            name=ffi.buffer(slot.name, slot.name_len)[:].decode(errors="replace"),
             size=slot.size,
             state=self.state_of(s)[0].name,
             created=slot.created_ns / 1e9,
@@ -387,11 +308,9 @@ class SlotTable:
     # ---- extents ----
 
     def capacity(self, s: int) -> int:
-        slot = self.seg.slot(s)
-        blocks = sum(slot.extents[i].count for i in range(slot.extent_count))
-        return self.seg.buf_size + blocks * self.seg.block_size
+        return lib.tfem_t_capacity(self._h, s)
 
-    def pieces(self, s: int) -> list[tuple[int, int, int]]:
+    def pieces(self, s: int) -> builtins_list[tuple[int, int, int]]:
         """(file offset, segment offset, length) of each memory piece."""
         seg, slot = self.seg, self.seg.slot(s)
         out = [(0, seg.inline_data_offset(s), seg.buf_size)] if seg.buf_size else []
@@ -403,14 +322,9 @@ class SlotTable:
             pos += length
         return out
 
-    def add_extent(self, s: int, start: int, count: int) -> None:
-        """Append blocks to a file held for writing (the broker's job)."""
-        slot = self.seg.slot(s)
-        slot.extents[slot.extent_count].start = start
-        slot.extents[slot.extent_count].count = count
-        slot.extent_count += 1
-
     def release_extents(self, s: int) -> None:
+        """Free a file's arena blocks (the broker, after moving its bytes to
+        the spill store)."""
         slot = self.seg.slot(s)
         if not slot.extent_count:
             return
@@ -419,31 +333,12 @@ class SlotTable:
         slot.extent_count = 0
         lib.tfem_publish(self._space_seq, self._space_waiters)
 
-    # ---- helpers under the lock ----
+    def mark_blocks(self, start: int, count: int) -> None:
+        lib.tfem_blocks_mark(self.seg.bitmap, start, count)
 
-    def _check_holder(self, handle: Handle) -> None:
-        state, generation, holder = self.state_of(handle.slot)
-        if generation != handle.generation or holder != self.pid:
-            raise HandleInvalidated(f"slot {handle.slot} is no longer held by this process")
-
-    def _free(self, s: int, event: Event, generation: int) -> int | None:
-        """Free slot `s` by `event`. Returns the file id when the file had
-        spill records, which the broker must discard."""
-        slot = self.seg.slot(s)
-        doomed = slot.flags & lib.TFEM_SLOT_DOOMED
-        if not doomed:
-            self._index_remove(s)
-        self.release_extents(s)
-        spilled_id = slot.file_id if slot.flags & lib.TFEM_SLOT_SPILLED else None
-        slot.flags = 0
-        slot.name_len = 0
-        self._transition(s, event, generation)
-        if event is Event.CLOSE_READ:
-            self._h.closed_read += 1
-        self.seg.free_stack[self._h.free_top] = s
-        self._h.free_top += 1
-        lib.tfem_publish(self._space_seq, self._space_waiters)
-        return spilled_id
+    def index_insert(self, s: int) -> None:
+        """Enter slot s in the name index (rebuilding it, under the lock)."""
+        lib.tfem_t_index_insert(self._h, s)
 
     # ---- the dead and the restarted ----
 
@@ -452,6 +347,7 @@ class SlotTable:
         writing is dropped, a file it was reading goes back to WAIT."""
         dropped, returned, discard = 0, 0, []
         buckets = set()
+        claim = self._claim_struct()
         with self.locked():
             for s in range(self.seg.slot_count):
                 state, generation, holder = self.state_of(s)
@@ -459,16 +355,16 @@ class SlotTable:
                     continue
                 slot = self.seg.slot(s)
                 if state is State.WRITE or slot.flags & lib.TFEM_SLOT_DOOMED:
-                    spilled = self._free(s, Event.ABORT_WRITE if state is State.WRITE else Event.UNLINK,
-                                         generation)
-                    discard += [spilled] if spilled is not None else []
+                    event = Event.ABORT_WRITE if state is State.WRITE else Event.UNLINK
+                    self._check(lib.tfem_t_free_locked(self._h, s, EVENT_NUMBER[event], generation, claim))
+                    discard += [claim.discard_id] if claim.discard_id else []
                     dropped += state is State.WRITE
                 else:
-                    self._transition(s, Event.RELEASE_READ, generation)
+                    self._transition_locked(s, Event.RELEASE_READ, generation, 0)
                     buckets.add(slot.name_hash % WAKE_BUCKETS)
                     returned += 1
         for bucket in buckets:
-            self._publish(bucket)
+            lib.tfem_publish(self._wake_seq + bucket, self._wake_waiters + bucket)
         return Settled(dropped, returned, tuple(discard))
 
     def holders(self) -> set[int]:
@@ -478,11 +374,11 @@ class SlotTable:
     def wake_all(self) -> None:
         """Wake every waiter, to look again (after the table was rebuilt)."""
         for bucket in range(WAKE_BUCKETS):
-            self._publish(bucket)
+            lib.tfem_publish(self._wake_seq + bucket, self._wake_waiters + bucket)
         lib.tfem_publish(self._space_seq, self._space_waiters)
 
-    def mark_blocks(self, start: int, count: int) -> None:
-        lib.tfem_blocks_mark(self.seg.bitmap, start, count)
+    def _transition_locked(self, s: int, event: Event, generation: int, holder: int) -> None:
+        self._check(lib.tfem_t_transition_locked(self._h, s, EVENT_NUMBER[event], generation, holder))
 
     # ---- the broker's hold for spilling ----
 
@@ -493,7 +389,7 @@ class SlotTable:
             state, generation, _ = self.state_of(s)
             if state is not State.WAIT:
                 return None
-            self._transition(s, Event.OPEN_READ, generation, self.pid)
+            self._transition_locked(s, Event.OPEN_READ, generation, self.pid)
             slot = self.seg.slot(s)
             return Handle(s, generation, slot.file_id, slot.name_hash % WAKE_BUCKETS)
 
@@ -501,3 +397,5 @@ class SlotTable:
         with self.locked():
             self.seg.slot(s).flags |= flag
 
+
+builtins_list = list  # SlotTable.list shadows the name inside the class

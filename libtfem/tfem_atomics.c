@@ -61,6 +61,12 @@ int tfem_futex_wake(uint32_t *addr, int count) {
     return (int)futex(addr, FUTEX_WAKE, (uint32_t)count, NULL);
 }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* A transition into WAIT: bump the bucket's sequence, wake its sleepers. */
 void tfem_publish(uint32_t *seq, uint32_t *waiters) {
     __atomic_fetch_add(seq, 1, SC);
@@ -69,8 +75,23 @@ void tfem_publish(uint32_t *seq, uint32_t *waiters) {
 
 /* Sleep until the bucket's sequence moves past `seen`. The caller read
  * `seen` before it looked for its name, so a publish in between is not
- * lost: the sequence has moved and the wait returns at once. */
-int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t timeout_ns) {
+ * lost: the sequence has moved and the wait returns at once.
+ *
+ * First it spins for up to spin_ns, yielding the CPU between looks: a
+ * wake-up through the kernel costs 25-50 us on this kind of machine, and a
+ * producer that is about to publish is often quicker than that. The spin
+ * yields so that two processes sharing one CPU do not starve each other
+ * (measured: 116 us without the yield, 10 us with it). spin_ns 0: sleep at
+ * once, the asynchronous way, for loaded machines. */
+int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t timeout_ns,
+                        int64_t spin_ns) {
+    if (spin_ns > 0) {
+        int64_t until = now_ns() + spin_ns;
+        do {
+            if (__atomic_load_n(seq, SC) != seen) return 0;
+            sched_yield();
+        } while (now_ns() < until);
+    }
     __atomic_fetch_add(waiters, 1, SC);
     int rc = 0;
     if (__atomic_load_n(seq, SC) == seen) rc = tfem_futex_wait(seq, seen, timeout_ns);
@@ -101,12 +122,6 @@ int tfem_pid_alive(int32_t pid) {
 int tfem_die_with_parent(int sig, int32_t parent) {
     if (prctl(PR_SET_PDEATHSIG, sig) != 0) return -1;
     return getppid() == parent ? 0 : -1;
-}
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* Take the table lock for `pid`. Spins briefly (yielding, so two processes
@@ -166,34 +181,58 @@ static void set_range(uint64_t *bm, uint32_t start, uint32_t count, int on) {
     }
 }
 
+/* Set the bits of [start, start+count) if all are clear, word by word
+ * with compare-and-swap; on a conflict, undo and return 0. */
+static int try_claim(uint64_t *bm, uint32_t start, uint32_t count) {
+    for (uint32_t i = start; i < start + count;) {
+        uint32_t word = i / 64, bit = i % 64;
+        uint32_t n = 64 - bit < start + count - i ? 64 - bit : start + count - i;
+        uint64_t mask = (n == 64 ? ~0ULL : ((1ULL << n) - 1)) << bit;
+        uint64_t old = __atomic_load_n(&bm[word], SC);
+        do {
+            if (old & mask) {
+                if (i > start) set_range(bm, start, i - start, 0);
+                return 0;
+            }
+        } while (!__atomic_compare_exchange_n(&bm[word], &old, old | mask, 0, SC, SC));
+        i += n;
+    }
+    return 1;
+}
+
 /* Claim `want` contiguous free blocks, first fit. When no run is that long,
  * claim the longest run there is. Returns the number claimed (0: arena
- * full) and the first block in *start. Only the broker allocates, so a run
- * seen free stays free until it is claimed. */
+ * full) and the first block in *start. Clients and the broker claim at
+ * once: a run found free is taken by compare-and-swap, and looked for
+ * again if another process took part of it first. */
 uint32_t tfem_blocks_claim(uint64_t *bm, uint32_t nblocks, uint32_t want, uint32_t *start) {
-    uint32_t best_start = 0, best_len = 0, run_start = 0, run_len = 0;
-    for (uint32_t i = 0; i < nblocks; i++) {
-        if (i % 64 == 0 && run_len == 0 && i + 64 <= nblocks &&
-            __atomic_load_n(&bm[i / 64], __ATOMIC_RELAXED) == ~0ULL) {
-            i += 63;
-            continue;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        uint32_t best_start = 0, best_len = 0, run_start = 0, run_len = 0;
+        for (uint32_t i = 0; i < nblocks; i++) {
+            if (i % 64 == 0 && run_len == 0 && i + 64 <= nblocks &&
+                __atomic_load_n(&bm[i / 64], __ATOMIC_RELAXED) == ~0ULL) {
+                i += 63;
+                continue;
+            }
+            if (bit_is_set(bm, i)) {
+                run_len = 0;
+                continue;
+            }
+            if (run_len == 0) run_start = i;
+            run_len++;
+            if (run_len > best_len) {
+                best_len = run_len;
+                best_start = run_start;
+            }
+            if (run_len == want) break;
         }
-        if (bit_is_set(bm, i)) {
-            run_len = 0;
-            continue;
+        if (best_len == 0) return 0;
+        if (try_claim(bm, best_start, best_len)) {
+            *start = best_start;
+            return best_len;
         }
-        if (run_len == 0) run_start = i;
-        run_len++;
-        if (run_len > best_len) {
-            best_len = run_len;
-            best_start = run_start;
-        }
-        if (run_len == want) break;
     }
-    if (best_len == 0) return 0;
-    *start = best_start;
-    set_range(bm, best_start, best_len, 1);
-    return best_len;
+    return 0;
 }
 
 void tfem_blocks_release(uint64_t *bm, uint32_t start, uint32_t count) {

@@ -33,9 +33,9 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 2
+#define TFEM_LAYOUT_VERSION 3
 #define TFEM_NAME_MAX 255
-#define TFEM_MAX_EXTENTS 24
+#define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
 #define TFEM_INDEX_EMPTY 0u
 

@@ -1,0 +1,353 @@
+/*
+ * tfem_table.c: the slot table's operations, one C call each.
+ *
+ * Why C: in Python each of these took 35-40 us of interpreter time (a dozen
+ * cffi field accesses, enum constructions and context managers), ten times
+ * a /dev/shm file's open+write+close. Here each is one call of a few
+ * hundred nanoseconds, and the same calls serve the C API.
+ *
+ * The rules are table.py's: every change to the name index, the free-slot
+ * stack and the counters, and every claim or release of a slot, happens
+ * under the table lock; each such change is a single store, so a holder
+ * that dies mid-way leaves a consistent table. State words change only by
+ * compare-and-swap, to the word the state machine gives: the transition
+ * table is generated from states.py (tfem_states.h). The index is linear
+ * probing with backward-shift deletion, never tombstones.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "tfem_atomics.h"
+#include "tfem_segment.h"
+#include "tfem_states.h"
+#include "tfem_table.h"
+
+#define SC __ATOMIC_SEQ_CST
+#define LOCK_TIMEOUT_NS (10LL * 1000000000LL)
+
+static struct tfem_slot *slot_at(struct tfem_header *h, uint32_t s) {
+    return (struct tfem_slot *)((char *)h + h->slots_offset + (uint64_t)s * h->slot_size);
+}
+static uint32_t *index_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->index_offset); }
+static uint32_t *free_stack_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->free_stack_offset); }
+static uint64_t *bitmap_of(struct tfem_header *h) { return (uint64_t *)((char *)h + h->bitmap_offset); }
+
+int tfem_t_lock(struct tfem_header *h, uint32_t pid) {
+    return tfem_lock(&h->table_lock, &h->lock_waiters, pid, LOCK_TIMEOUT_NS) ? EBUSY : 0;
+}
+void tfem_t_unlock(struct tfem_header *h) { tfem_unlock(&h->table_lock, &h->lock_waiters); }
+
+/* ---- state words ---- */
+
+static uint32_t generation_of(uint64_t word) { return (uint32_t)(word >> 8) & 0xFFFFFF; }
+static uint32_t holder_of(uint64_t word) { return (uint32_t)(word >> 32); }
+static int state_of(uint64_t word) { return (int)(word & 0xFF); }
+
+/* Apply `event` to slot `s` by compare-and-swap. `generation` < 0: any. */
+static int transition(struct tfem_slot *slot, int event, int64_t generation, uint32_t holder) {
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    int state = state_of(word);
+    if (generation >= 0 && generation_of(word) != (uint32_t)generation) return ESTALE;
+    if (state < 0 || state >= TFEM_STATE_COUNT) return EPERM;
+    int next = TFEM_NEXT_STATE[state][event];
+    if (next < 0) return EPERM;
+    uint32_t gen = generation_of(word);
+    if (TFEM_BUMPS_GENERATION[event]) gen = (gen + 1) & 0xFFFFFF;
+    uint64_t desired = ((uint64_t)(TFEM_HELD[next] ? holder : 0) << 32) | ((uint64_t)gen << 8) | (uint64_t)next;
+    return __atomic_compare_exchange_n(&slot->state, &word, desired, 0, SC, SC) ? 0 : ESTALE;
+}
+
+static int held_by(struct tfem_slot *slot, uint32_t generation, uint32_t pid, int state) {
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    return state_of(word) == state && generation_of(word) == generation && holder_of(word) == pid;
+}
+
+/* ---- the name index (under the lock) ---- */
+
+static int64_t find(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash) {
+    uint32_t *index = index_of(h), mask = h->index_size - 1;
+    for (uint32_t i = hash & mask;; i = (i + 1) & mask) {
+        uint32_t entry = index[i];
+        if (entry == TFEM_INDEX_EMPTY) return -1;
+        struct tfem_slot *slot = slot_at(h, entry - 1);
+        if (slot->name_hash == hash && slot->name_len == len && memcmp(slot->name, name, len) == 0)
+            return entry - 1;
+    }
+}
+
+void tfem_t_index_insert(struct tfem_header *h, uint32_t s) {
+    uint32_t *index = index_of(h), mask = h->index_size - 1;
+    uint32_t i = slot_at(h, s)->name_hash & mask;
+    while (index[i] != TFEM_INDEX_EMPTY) i = (i + 1) & mask;
+    index[i] = s + 1;
+}
+
+static void index_remove(struct tfem_header *h, uint32_t s) {
+    uint32_t *index = index_of(h), mask = h->index_size - 1;
+    uint32_t i = slot_at(h, s)->name_hash & mask;
+    while (index[i] != s + 1) {
+        if (index[i] == TFEM_INDEX_EMPTY) return; /* not indexed: unlinked while held */
+        i = (i + 1) & mask;
+    }
+    /* Backward shift: pull later entries of the probe run into the hole,
+     * unless an entry's home lies cyclically in (hole, j]. */
+    uint32_t hole = i;
+    for (uint32_t j = (i + 1) & mask; index[j] != TFEM_INDEX_EMPTY; j = (j + 1) & mask) {
+        uint32_t home = slot_at(h, index[j] - 1)->name_hash & mask;
+        int stays = hole < j ? (hole < home && home <= j) : (home > hole || home <= j);
+        if (stays) continue;
+        index[hole] = index[j];
+        hole = j;
+    }
+    index[hole] = TFEM_INDEX_EMPTY;
+}
+
+/* ---- claiming and freeing (under the lock) ---- */
+
+static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
+                 uint64_t now_ns, struct tfem_claim *out) {
+    if (h->free_top == 0) return ENOSPC;
+    uint32_t s = free_stack_of(h)[h->free_top - 1];
+    struct tfem_slot *slot = slot_at(h, s);
+    int rc = transition(slot, TFEM_EVENT_OPEN_WRITE, -1, pid);
+    if (rc) return rc;
+    h->free_top--;
+    slot->size = 0;
+    slot->file_id = h->next_file_id++;
+    slot->created_ns = now_ns;
+    slot->waiting_ns = 0;
+    slot->name_hash = hash;
+    slot->name_len = (uint16_t)len;
+    slot->flags = 0;
+    slot->checksum = 0;
+    slot->extent_count = 0;
+    memcpy(slot->name, name, len);
+    slot->name[len] = 0;
+    tfem_t_index_insert(h, s);
+    h->opened_write++;
+    out->slot = s;
+    out->generation = generation_of(__atomic_load_n(&slot->state, SC));
+    out->file_id = slot->file_id;
+    out->for_write = 1;
+    return 0;
+}
+
+static void release_extents(struct tfem_header *h, struct tfem_slot *slot) {
+    if (!slot->extent_count) return;
+    for (uint32_t i = 0; i < slot->extent_count; i++)
+        tfem_blocks_release(bitmap_of(h), slot->extents[i].start, slot->extents[i].count);
+    slot->extent_count = 0;
+    tfem_publish(&h->space_seq, &h->space_waiters);
+}
+
+/* Free slot s by `event`; out->discard_id names spill records to drop. */
+static int free_slot(struct tfem_header *h, uint32_t s, int event, uint32_t generation,
+                     struct tfem_claim *out) {
+    struct tfem_slot *slot = slot_at(h, s);
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    if (generation_of(word) != generation) return ESTALE;
+    if (!(slot->flags & TFEM_SLOT_DOOMED)) index_remove(h, s);
+    release_extents(h, slot);
+    out->discard_id = slot->flags & TFEM_SLOT_SPILLED ? slot->file_id : 0;
+    slot->flags = 0;
+    slot->name_len = 0;
+    int rc = transition(slot, event, generation, 0);
+    if (rc) return rc;
+    if (event == TFEM_EVENT_CLOSE_READ) h->closed_read++;
+    free_stack_of(h)[h->free_top++] = s;
+    tfem_publish(&h->space_seq, &h->space_waiters);
+    return 0;
+}
+
+static void publish_bucket(struct tfem_header *h, uint32_t hash) {
+    uint32_t b = hash % TFEM_WAKE_BUCKETS;
+    tfem_publish(&h->wake_seq[b], &h->wake_waiters[b]);
+}
+
+/* ---- the operations ---- */
+
+int tfem_t_create(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                  uint32_t pid, uint64_t now_ns, struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int rc = find(h, name, len, hash) >= 0 ? EEXIST : claim(h, name, len, hash, pid, now_ns, out);
+    tfem_t_unlock(h);
+    return rc;
+}
+
+int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                uint32_t holder, int create, uint64_t now_ns, struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (tfem_t_lock(h, holder)) return EBUSY;
+    int rc;
+    int64_t s = find(h, name, len, hash);
+    if (s < 0) {
+        rc = create ? claim(h, name, len, hash, holder, now_ns, out) : ENOENT;
+    } else {
+        struct tfem_slot *slot = slot_at(h, (uint32_t)s);
+        uint64_t word = __atomic_load_n(&slot->state, SC);
+        out->state = state_of(word);
+        if (state_of(word) != TFEM_STATE_WAIT) {
+            rc = EAGAIN;
+        } else if ((rc = transition(slot, TFEM_EVENT_OPEN_READ, generation_of(word), holder)) == 0) {
+            h->opened_read++;
+            out->slot = (uint32_t)s;
+            out->generation = generation_of(word);
+            out->file_id = slot->file_id;
+        }
+    }
+    tfem_t_unlock(h);
+    return rc;
+}
+
+int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
+                   uint64_t size, uint32_t checksum, uint64_t now_ns, struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (s >= h->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(h, s);
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int rc;
+    if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) {
+        rc = ESTALE;
+    } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while written: freed */
+        rc = free_slot(h, s, TFEM_EVENT_UNLINK, generation, out);
+        out->for_write = -1;
+    } else {
+        slot->size = size;
+        slot->checksum = checksum;
+        slot->waiting_ns = now_ns;
+        rc = transition(slot, TFEM_EVENT_CLOSE_WRITE, generation, 0);
+        if (rc == 0) h->closed_write++;
+    }
+    tfem_t_unlock(h);
+    if (rc == 0 && out->for_write == 0) publish_bucket(h, slot->name_hash);
+    return rc;
+}
+
+static int drop_held(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, int state,
+                     int event, struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (s >= h->slot_count) return ESTALE;
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int rc = held_by(slot_at(h, s), generation, pid, state) ? free_slot(h, s, event, generation, out) : ESTALE;
+    tfem_t_unlock(h);
+    return rc;
+}
+
+int tfem_t_abort(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
+                 struct tfem_claim *out) {
+    return drop_held(h, s, generation, pid, TFEM_STATE_WRITE, TFEM_EVENT_ABORT_WRITE, out);
+}
+
+int tfem_t_consume(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
+                   struct tfem_claim *out) {
+    return drop_held(h, s, generation, pid, TFEM_STATE_READ, TFEM_EVENT_CLOSE_READ, out);
+}
+
+int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
+                   struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (s >= h->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(h, s);
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int rc;
+    if (!held_by(slot, generation, pid, TFEM_STATE_READ)) {
+        rc = ESTALE;
+    } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while read: freed */
+        rc = free_slot(h, s, TFEM_EVENT_UNLINK, generation, out);
+        out->for_write = -1;
+    } else {
+        rc = transition(slot, TFEM_EVENT_RELEASE_READ, generation, 0);
+    }
+    tfem_t_unlock(h);
+    if (rc == 0 && out->for_write == 0) publish_bucket(h, slot->name_hash);
+    return rc;
+}
+
+int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                  uint32_t pid, struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int rc = 0;
+    int64_t s = find(h, name, len, hash);
+    if (s < 0) {
+        rc = ENOENT;
+    } else {
+        struct tfem_slot *slot = slot_at(h, (uint32_t)s);
+        uint64_t word = __atomic_load_n(&slot->state, SC);
+        if (state_of(word) == TFEM_STATE_WAIT) {
+            rc = free_slot(h, (uint32_t)s, TFEM_EVENT_UNLINK, generation_of(word), out);
+        } else { /* held: the name goes now, the holder frees the file */
+            index_remove(h, (uint32_t)s);
+            slot->flags |= TFEM_SLOT_DOOMED;
+        }
+    }
+    tfem_t_unlock(h);
+    return rc;
+}
+
+int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                  uint32_t pid, struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int64_t s = find(h, name, len, hash);
+    if (s >= 0) {
+        uint64_t word = __atomic_load_n(&slot_at(h, (uint32_t)s)->state, SC);
+        out->slot = (uint32_t)s;
+        out->generation = generation_of(word);
+        out->state = state_of(word);
+        out->file_id = slot_at(h, (uint32_t)s)->file_id;
+    }
+    tfem_t_unlock(h);
+    return s >= 0 ? 0 : ENOENT;
+}
+
+/* ---- growing a file held for writing: no lock, the holder owns its extents ---- */
+
+uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t s) {
+    struct tfem_slot *slot = slot_at(h, s);
+    uint64_t blocks = 0;
+    for (uint32_t i = 0; i < slot->extent_count; i++) blocks += slot->extents[i].count;
+    return h->buf_size + blocks * h->block_size;
+}
+
+/* Add extents from the arena until the file holds `capacity` bytes. Each
+ * extent is at least as large as what the file has, so a file of n bytes
+ * has O(log n) extents. ENOSPC when the arena has no room (the broker
+ * can make some, by spilling), E2BIG at the extent limit. */
+int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t capacity) {
+    if (s >= h->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(h, s);
+    if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) return ESTALE;
+    uint64_t have = tfem_t_capacity(h, s);
+    while (have < capacity) {
+        if (slot->extent_count >= TFEM_MAX_EXTENTS) return E2BIG;
+        uint64_t needed = (capacity - have + h->block_size - 1) / h->block_size;
+        uint64_t want = (have - h->buf_size) / h->block_size;
+        if (want < needed) want = needed;
+        if (want > h->block_count) want = h->block_count;
+        uint32_t start = 0;
+        uint32_t got = tfem_blocks_claim(bitmap_of(h), h->block_count, (uint32_t)(want ? want : 1), &start);
+        if (got == 0) return ENOSPC;
+        slot->extents[slot->extent_count].start = start;
+        slot->extents[slot->extent_count].count = got;
+        __atomic_store_n(&slot->extent_count, slot->extent_count + 1, SC);
+        have += (uint64_t)got * h->block_size;
+    }
+    return 0;
+}
+
+/* ---- for callers that hold the lock themselves (the broker's rarer paths) ---- */
+
+int tfem_t_transition_locked(struct tfem_header *h, uint32_t s, int event, int64_t generation,
+                             uint32_t holder) {
+    if (s >= h->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
+    return transition(slot_at(h, s), event, generation, holder);
+}
+
+int tfem_t_free_locked(struct tfem_header *h, uint32_t s, int event, uint32_t generation,
+                       struct tfem_claim *out) {
+    memset(out, 0, sizeof *out);
+    if (s >= h->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
+    return free_slot(h, s, event, generation, out);
+}

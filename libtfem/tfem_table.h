@@ -1,0 +1,56 @@
+/*
+ * tfem_table.h: operations on a segment's slot table and name index, for
+ * any process that maps the segment (see tfem_table.c).
+ *
+ * Each returns 0 or an errno value: EEXIST (name held), ENOENT (no such
+ * name), EAGAIN (name exists but is not in WAIT), ENOSPC (no free slot or
+ * no free blocks), E2BIG (a file at its extent limit), ESTALE (the slot is
+ * no longer held as the caller says), EBUSY (the table lock was held too
+ * long), EPERM (the state machine forbids the transition).
+ */
+#ifndef TFEM_TABLE_H
+#define TFEM_TABLE_H
+
+#include <stdint.h>
+
+#include "tfem_segment.h"
+
+struct tfem_claim {
+    uint32_t slot;
+    uint32_t generation;
+    uint64_t file_id;
+    int32_t for_write;    /* tfem_t_take: 1 if it created the name */
+    int32_t state;        /* tfem_t_take: the state found when not WAIT */
+    uint64_t discard_id;  /* a file id whose spill records must go, or 0 */
+};
+
+int tfem_t_create(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                  uint32_t pid, uint64_t now_ns, struct tfem_claim *out);
+int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                uint32_t holder, int create, uint64_t now_ns, struct tfem_claim *out);
+int tfem_t_publish(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                   uint64_t size, uint32_t checksum, uint64_t now_ns, struct tfem_claim *out);
+int tfem_t_abort(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                 struct tfem_claim *out);
+int tfem_t_consume(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                   struct tfem_claim *out);
+int tfem_t_release(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                   struct tfem_claim *out);
+int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                  uint32_t pid, struct tfem_claim *out);
+int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
+                  uint32_t pid, struct tfem_claim *out);
+int tfem_t_grow(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                uint64_t capacity);
+uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t slot);
+void tfem_t_index_insert(struct tfem_header *h, uint32_t slot);
+/* The caller holds the table lock (tfem_t_lock). `event` numbers are the
+ * order of states.Event; generation < 0 matches any. */
+int tfem_t_transition_locked(struct tfem_header *h, uint32_t slot, int event, int64_t generation,
+                             uint32_t holder);
+int tfem_t_free_locked(struct tfem_header *h, uint32_t slot, int event, uint32_t generation,
+                       struct tfem_claim *out);
+int tfem_t_lock(struct tfem_header *h, uint32_t pid);
+void tfem_t_unlock(struct tfem_header *h);
+
+#endif
