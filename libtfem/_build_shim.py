@@ -46,15 +46,7 @@ C_WRAPPERS = r"""
 #include <string.h>
 #include "tfem.h"
 
-int _tfem_py_ping(void);
-int _tfem_py_open(const char *name, int flags, double timeout);
-int64_t _tfem_py_write(int fd, const void *buf, size_t count);
-int64_t _tfem_py_read(int fd, void *buf, size_t count);
-int64_t _tfem_py_lseek(int fd, int64_t offset, int whence);
-int _tfem_py_stat(const char *name, struct tfem_stat *st);
-int _tfem_py_fstat(int fd, struct tfem_stat *st);
-int _tfem_py_close(int fd);
-int _tfem_py_unlink(const char *name);
+%(prototypes)s
 
 static pthread_once_t tfem_once = PTHREAD_ONCE_INIT;
 static int tfem_started; /* 1: serving; -1: could not start */
@@ -177,9 +169,10 @@ def make_builder(python: str = sys.executable) -> FFI:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     builder = FFI()
     builder.embedding_api(INTERNAL_API)
+    prototypes = "\n".join(line for line in INTERNAL_API.splitlines() if line.startswith(("int", "void")))
     builder.set_source(
         "_tfem_shim",
-        C_WRAPPERS,
+        C_WRAPPERS.replace("%(prototypes)s", prototypes),
         include_dirs=[str(HERE / "include")],
         define_macros=[("TFEM_BUILD_PYTHON", '"%s"' % python.replace('"', '\\"'))],
         extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],

