@@ -63,6 +63,8 @@ def _slot_problem(table: SlotTable, s: int, claimed: bytearray) -> str | None:
         return "name hash does not match the name"
     if slot.flags & ~_KNOWN_FLAGS:
         return "unknown flags"
+    if not 0 < slot.file_id < 2**63:  # ids count up from 1
+        return "impossible file id"
     if slot.extent_count > lib.TFEM_MAX_EXTENTS:
         return "too many extents"
     marked: list[tuple[int, int]] = []
@@ -104,12 +106,16 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
                 state: State | None = unpack_word(word)[0]
             except ValueError:  # not a state at all
                 state = None
+            holder = word >> 32
+            if state in (State.INVALID, State.WAIT) and holder:  # nobody holds these: no pid to ask about
+                slot.state = word = pack_word(state, (word >> 8) & 0xFFFFFF, 0)
             if state is State.INVALID:
                 slot.extent_count = slot.flags = slot.name_len = 0
                 continue
             # A WAIT file cannot have been unlinked and kept: unlink frees it.
             problem = "unknown state" if state is None else \
                 "unlinked but waiting" if slot.flags & lib.TFEM_SLOT_DOOMED and state is State.WAIT else \
+                "held by no possible process" if state is not State.WAIT and not 0 < holder < 2**31 else \
                 _slot_problem(table, s, claimed)
             if problem is not None:
                 log.warning("slot %d dropped at adoption: %s", s, problem)
@@ -153,7 +159,8 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
             if unpack_word(seg.slot(s).state)[0] is State.INVALID:
                 seg.free_stack[hdr.free_top] = s
                 hdr.free_top += 1
-        hdr.next_file_id = max(hdr.next_file_id, next_id)
+        # Past 2^63 the header's counter is damage: it would wrap and reuse ids.
+        hdr.next_file_id = next_id if hdr.next_file_id >= 2**63 else max(hdr.next_file_id, next_id)
     # Settle the files of holders that are gone (settle_holder takes the lock).
     for pid in table.holders():
         if not alive(pid):

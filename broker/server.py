@@ -323,6 +323,8 @@ class Broker:
     def _handle(self, identity: bytes, request: protocol.Request) -> Reply:
         op, args, rid = request.op, request.args, request.request_id
         if op is Op.HELLO:
+            if not 0 < args["pid"] < 2**31:  # a pid_t; pidfd_open would raise OverflowError
+                raise InvalidArgument(f"{args['pid']} is not a process id")
             self.clients[identity] = args["pid"]
             self._watch(args["pid"])
             return Reply(rid, 0, {"segment": self.segment.name, "broker_pid": os.getpid(),
@@ -438,10 +440,16 @@ class Broker:
         seg, slot = self.segment, self.segment.slot(s)
         assert self.spill is not None
         size = slot.size
-        for file_offset, seg_offset, length in self.table.pieces(s)[1 if seg.buf_size else 0:]:
-            n = max(0, min(length, size - file_offset))
-            if n:
-                self.spill.write(slot.file_id, file_offset - seg.buf_size, seg.view[seg_offset: seg_offset + n])
+        try:
+            for file_offset, seg_offset, length in self.table.pieces(s)[1 if seg.buf_size else 0:]:
+                n = max(0, min(length, size - file_offset))
+                if n:
+                    self.spill.write(slot.file_id, file_offset - seg.buf_size, seg.view[seg_offset: seg_offset + n])
+        except BaseException:
+            # One transaction per piece: the pieces already stored would
+            # never be discarded (the file is not flagged), so they go now.
+            self.spill.discard(slot.file_id)
+            raise
         self.table.set_flag(s, lib.TFEM_SLOT_SPILLED)
         self.table.release_extents(s)
 

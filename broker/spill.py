@@ -26,12 +26,22 @@ CHUNK = 1 << 20
 _KEY = struct.Struct(">QQ")
 
 
+def delete_reserve(map_size: int) -> int:
+    """Room kept past the limit on stored data. LMDB copies pages to delete
+    as well as to write, and records the pages a delete frees (8 bytes per
+    4 KiB page): with no room at all, a full store could not even discard
+    records to make room (MDB_MAP_FULL), and would stay full for good."""
+    return max(1 << 20, map_size // 64)
+
+
 class SpillStore:
     def __init__(self, path: pathlib.Path, map_size: int) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
-        self.env = lmdb.open(str(path), map_size=map_size, sync=False, metasync=False,
-                             max_dbs=0, mode=0o600)
+        self.limit = map_size  # pages of stored data, at most; writes past it are NoSpace
+        self.env = lmdb.open(str(path), map_size=map_size + delete_reserve(map_size), sync=False,
+                             metasync=False, max_dbs=0, mode=0o600)
+        self._db = self.env.open_db()
         self.bytes_by_file: dict[int, int] = {}
         with self.env.begin() as txn:
             for key, value in txn.cursor():
@@ -65,6 +75,9 @@ class SpillStore:
                     added += len(value) - (len(old) if old else 0)
                     txn.put(key, value)
                     pos += n
+                st = txn.stat(self._db)
+                if (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"] > self.limit:
+                    raise NoSpace(f"the spill store {self.path} is full ({self.limit >> 20} MiB)")  # aborts
         except lmdb.MapFullError:
             raise NoSpace(f"the spill store {self.path} is full") from None
         except lmdb.DiskError as exc:

@@ -37,6 +37,17 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _ids = itertools.count(random.randrange(1 << 30))
 
 
+def largest_message() -> int:
+    """The kernel's limit on one SysV message (msgmax). Readers use a buffer
+    this large: a message larger than the reader's buffer cannot be received
+    (E2BIG) and stays at the head of its type for good."""
+    try:
+        msgmax = int(pathlib.Path("/proc/sys/kernel/msgmax").read_text())
+    except (OSError, ValueError):
+        msgmax = 1 << 16
+    return max(msgmax, protocol.MAX_REGISTRY_MESSAGE)
+
+
 def queue_key(keyfile: pathlib.Path) -> int:
     return sysv_ipc.ftok(str(keyfile), FTOK_PROJECT_ID, silence_warning=True)
 
@@ -69,7 +80,7 @@ def ask_registry(keyfile: pathlib.Path, action: protocol.Action, args: dict[str,
     if not keyfile.exists():
         raise BrokerUnavailable(f"no registry: key file {keyfile} does not exist (start one with `tfem up`)")
     try:
-        queue = sysv_ipc.MessageQueue(queue_key(keyfile))
+        queue = sysv_ipc.MessageQueue(queue_key(keyfile), max_message_size=largest_message())
     except sysv_ipc.ExistentialError:
         raise BrokerUnavailable(f"no registry queue for key file {keyfile} (start one with `tfem up`)") from None
     owner = registry_pid(keyfile)

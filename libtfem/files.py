@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import crc32c
 
 from ._atomics import lib
-from .errors import ChecksumMismatch, InvalidArgument, NoSpace, WrongMode
+from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, WrongMode
 from .protocol import Op
 from .table import Deadline, Handle
 
@@ -35,6 +35,19 @@ if TYPE_CHECKING:
 
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
 _ZEROS = bytes(1 << 20)
+
+# Bumped in every forked child: a file opened before the fork is the parent's.
+# (Cheaper than asking for the pid on every read and write.)
+_fork_epoch = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_epoch
+    _fork_epoch += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 # Writes this large map their pages first, in one call: 1 GiB went from 1.7
 # to 2.3 GB/s here. Reads gained nothing measurable.
 POPULATE_FROM = 1 << 20
@@ -54,6 +67,7 @@ class TfemFile(io.RawIOBase):
         self._writing = writing
         self._handle = handle
         self._owner_pid = os.getpid()
+        self._epoch = _fork_epoch
         self._slot = client.table.seg.slot(handle.slot)
         self._pos = 0
         self._size = 0 if writing else self._slot.size
@@ -249,6 +263,10 @@ class TfemFile(io.RawIOBase):
     # ---- the data path ----
 
     def _check_open(self) -> None:
+        if self._epoch != _fork_epoch:  # in a forked child: never touch the parent's file
+            self._handle = None
+            raise BadDescriptor(f"{self.name!r} was opened by process {self._owner_pid} before it forked: "
+                                "it stays that process's file")
         if self._handle is None:
             raise ValueError("I/O operation on closed tfem file")
 

@@ -2,9 +2,11 @@
 
 It owns one SysV message queue whose key is ftok(key file). It reads only
 requests of type 1 and answers each with the requester's pid as the
-message type. Brokers ANNOUNCE and WITHDRAW themselves; a client REGISTERs
-and gets the endpoint of the least loaded live broker, and UNREGISTERs when
-done. A malformed message is logged and dropped; nothing a sender does can
+message type. Brokers ANNOUNCE and WITHDRAW themselves (an endpoint a live
+broker announced is its own: nobody else can announce or withdraw it); a
+client REGISTERs and gets the endpoint of the least loaded live broker, and
+UNREGISTERs when done. A malformed message is logged and dropped, a reply
+too large for one message becomes an error reply; nothing a sender does can
 stop the registry.
 
 The key file holds the registry's pid, so a second registry for the same
@@ -15,9 +17,9 @@ dead one left behind.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
-import pathlib
 from typing import Any, Callable
 
 import sysv_ipc
@@ -25,8 +27,8 @@ import sysv_ipc
 from tfem import protocol
 from tfem._atomics import lib
 from tfem.config import resolve_keyfile
-from tfem.discovery import KEYFILE_HEADER, queue_key, registry_pid
-from tfem.errors import BrokerUnavailable, ProtocolError, TfemError
+from tfem.discovery import KEYFILE_HEADER, largest_message, queue_key, registry_pid
+from tfem.errors import AlreadyExists, BrokerUnavailable, ProtocolError, TfemError
 from tfem.protocol import Action, Reply
 
 log = logging.getLogger("tfem.registry")
@@ -39,17 +41,6 @@ class BrokerEntry:
     load: int
 
 
-def largest_message() -> int:
-    """The kernel's limit on one SysV message (msgmax). The registry reads
-    with a buffer this large: a message larger than the reader's buffer
-    cannot be received (E2BIG) and would block the head of the queue."""
-    try:
-        msgmax = int(pathlib.Path("/proc/sys/kernel/msgmax").read_text())
-    except (OSError, ValueError):
-        msgmax = 1 << 16
-    return max(msgmax, protocol.MAX_REGISTRY_MESSAGE)
-
-
 class Registry:
     queue: Any = None
 
@@ -58,6 +49,7 @@ class Registry:
         self.brokers: dict[str, BrokerEntry] = {}
         self.clients: set[int] = set()
         self.dropped = 0
+        self.max_message = largest_message()  # the longest message the queue takes, either way
         self._created_keyfile = False
 
     def start(self) -> None:
@@ -73,7 +65,7 @@ class Registry:
         with os.fdopen(fd, "w") as f:
             f.write(f"{KEYFILE_HEADER}{os.getpid()}\n")
         key = queue_key(self.keyfile)
-        size = largest_message()
+        size = self.max_message
         try:
             self.queue = sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o600, max_message_size=size)
         except sysv_ipc.ExistentialError:
@@ -103,14 +95,21 @@ class Registry:
             reply = Reply(request.request_id, 0, self._handle(request))
         except TfemError as exc:
             reply = Reply(request.request_id, exc.errno or 5, str(exc))
+        body = protocol.encode_registry_reply(reply)
+        if len(body) > self.max_message:  # sysv_ipc would raise ValueError
+            body = protocol.encode_registry_reply(Reply(
+                request.request_id, errno.EMSGSIZE, f"the reply would take {len(body)} bytes, more than a message holds"))
         try:
-            self.queue.send(protocol.encode_registry_reply(reply), block=False, type=request.pid)
+            self.queue.send(body, block=False, type=request.pid)
         except (sysv_ipc.BusyError, sysv_ipc.Error) as exc:
             log.warning("reply to pid %d not sent: %s", request.pid, exc)
 
     def _handle(self, request: protocol.RegistryRequest) -> Any:
         action, args = request.action, request.args
         if action is Action.ANNOUNCE:
+            entry = self.brokers.get(args["endpoint"])
+            if entry is not None and entry.pid != request.pid and lib.tfem_pid_alive(entry.pid):
+                raise AlreadyExists(f"{args['endpoint']} is announced by broker {entry.pid}, which is running")
             self.brokers[args["endpoint"]] = BrokerEntry(args["endpoint"], request.pid, args["load"])
             return {}
         if action is Action.WITHDRAW:

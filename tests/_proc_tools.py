@@ -308,3 +308,161 @@ def servers() -> Iterator[Any]:
         wait_until(lambda: pid_gone(pid), 30, f"pid {pid} to be gone")
     for keyfile, env in s.keyfiles:
         tfem_cli("clean", "--keyfile", keyfile, env=env)
+
+
+# ---- step-by-step client processes (tests/_steps_worker.py) ----
+
+STEPS_WORKER = str(pathlib.Path(__file__).with_name("_steps_worker.py"))
+
+
+class StepsWorker(Worker):
+    """A client process that runs one command at a time (see _steps_worker.py)."""
+
+    def do(self, op: str, expect: str | None = None, event_timeout: float = 30.0, **step: Any) -> dict[str, Any]:
+        """Send one command (`step` holds its fields: name, timeout, ...)
+        and return its event; fails the test if the event is not `expect`
+        (default: what the command reports on success) within
+        `event_timeout` seconds."""
+        self.send(json.dumps({"op": op, **step}))
+        event = self.next_event(event_timeout)
+        if op == "open" and event["event"] == "opening":
+            event = self.next_event(event_timeout)
+        wanted = expect or {"open": "opened", "write": "wrote", "read": "read", "close": "closed",
+                            "abort": "aborted", "stats": "stats"}.get(op)
+        assert wanted is None or event["event"] == wanted, f"{op} {step}: {event}; stderr: {self.stderr}"
+        return event
+
+    def start_open(self, name: str, mode: str, **step: Any) -> None:
+        """Send an open without waiting for its outcome (it may block)."""
+        self.send(json.dumps({"op": "open", "name": name, "mode": mode, **step}))
+        self.expect("opening")
+
+
+@pytest.fixture
+def steps_workers() -> Iterator[Callable[..., StepsWorker]]:
+    """start(env, command, *args) -> StepsWorker (`steps` by default); all
+    are killed at teardown."""
+    started: list[StepsWorker] = []
+
+    def start(env: dict[str, str], *args: str) -> StepsWorker:
+        w = StepsWorker([sys.executable, STEPS_WORKER, *(args or ("steps",))], env)
+        started.append(w)
+        if not args or args[0] in ("steps", "produce-stream", "consume-stream"):
+            w.expect("ready", timeout=60)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+# ---- `tfem up` with its log in a file ----
+
+
+class UpInstance:
+    """A `tfem up` whose servers' log goes to a file the test can read
+    (conftest's instances pipe it to nobody: a chatty server would block)."""
+
+    def __init__(self, where: pathlib.Path, options: tuple[str, ...], keyfile: pathlib.Path | None = None,
+                 spill_dir: pathlib.Path | None = None) -> None:
+        from tfem.config import Instance
+
+        where.mkdir(parents=True, exist_ok=True)
+        self.keyfile = keyfile or where / "tfem.key"
+        self.spill_dir = spill_dir or where / "spill"
+        self.names = Instance.for_keyfile(self.keyfile)
+        self.log_path = where / "up.log"
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, TFEM_KEYFILE=str(self.keyfile))
+        env.pop("TFEM_BROKER", None)
+        return env
+
+    def start(self, timeout: float = 60.0) -> UpInstance:
+        read_end, write_end = os.pipe()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tfem", "up", "--keyfile", str(self.keyfile), "--spill-dir",
+                 str(self.spill_dir), "--ready-fd", str(write_end), *self.options],
+                pass_fds=(write_end,), stderr=log, stdin=subprocess.DEVNULL)
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], timeout)
+            line = os.read(read_end, 64) if ready else b""
+        finally:
+            os.close(read_end)
+        if line.strip() != b"ready":
+            self.stop()
+            raise AssertionError(f"tfem up did not start: {self.log()}")
+        return self
+
+    def connect(self) -> Any:
+        import tfem
+
+        return tfem.connect(self.keyfile)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def server_pids(self) -> list[int]:
+        return instance_server_pids(str(self.keyfile))
+
+    def stop(self) -> None:
+        """SIGTERM (after SIGCONT, in case a test stopped it); SIGKILL if it
+        will not go, then its servers, then `tfem clean`."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        left = self.server_pids()
+        for pid in left:
+            kill_pid(pid)
+        for pid in left:
+            wait_until(lambda: pid_gone(pid), 30, f"server {pid} to be gone")
+
+    def leftovers(self) -> list[str]:
+        try:
+            from .conftest import leftovers
+        except ImportError:
+            from conftest import leftovers
+        return leftovers(self.names) + (["spill store"] if (self.spill_dir / "data.mdb").exists() else [])
+
+    def clean(self) -> None:
+        tfem_cli("clean", "--keyfile", str(self.keyfile), env=self.env)
+        import shutil
+
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def up_factory(tmp_path: pathlib.Path) -> Iterator[Callable[..., UpInstance]]:
+    """start(*options, subdir="") -> a running UpInstance. At teardown each
+    is stopped as a user would, must leave nothing behind, and whatever it
+    left is removed anyway."""
+    started: list[UpInstance] = []
+
+    def start(*options: str, subdir: str = "") -> UpInstance:
+        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options)
+        started.append(inst)
+        return inst.start()
+
+    yield start
+    left = []
+    for inst in started:
+        inst.stop()
+        found = inst.leftovers()
+        if found:
+            left.append((str(inst.keyfile), found, inst.log()[-2000:]))
+            inst.clean()
+    assert not left, f"left behind: {left}"
