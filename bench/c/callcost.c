@@ -17,16 +17,7 @@
 #include <unistd.h>
 #include <tfem.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what) {
-    fprintf(stderr, "callcost: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
+#include "common.h"
 
 /* ns per call of `iterations` rounds of lseek + 1-byte read on fd. */
 static double tfem_round(int fd, long iterations, unsigned *sum) {

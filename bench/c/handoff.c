@@ -26,16 +26,7 @@
 #include <unistd.h>
 #include <tfem.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void die(const char *what) {
-    fprintf(stderr, "handoff: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
+#include "common.h"
 
 static unsigned char pattern(size_t i) { return (unsigned char)(i * 131 + (i >> 12)); }
 
