@@ -1,7 +1,7 @@
 """tfem: temporary files handed between processes through shared memory.
 
 Besides the Python packages, the build makes two native pieces:
-- tfem._atomics, a cffi API-mode extension (cffi_modules);
+- tfem._native, a cffi API-mode extension (cffi_modules);
 - libtfem.so, the C API, a cffi embedding-mode library. cffi_modules cannot
   build it (it would produce a module without a link to libpython, which C
   programs cannot link against), so build_ext compiles it with
@@ -57,9 +57,9 @@ setup(
     python_requires=">=3.9",
     packages=["tfem", "tfem.broker", "tfem.registry"],
     package_dir={"tfem": "libtfem", "tfem.broker": "broker", "tfem.registry": "registry"},
-    package_data={"tfem": ["tfem_segment.h", "tfem_atomics.h", "tfem_table.h", "include/tfem.h"]},
+    package_data={"tfem": ["include/tfem.h"]},
     setup_requires=["cffi>=1.15"],
-    cffi_modules=["libtfem/_build_atomics.py:ffibuilder"],
+    cffi_modules=["libtfem/native/build.py:ffibuilder"],
     cmdclass={"build_ext": BuildWithCShim},
     install_requires=[
         "cffi>=1.15",

@@ -574,7 +574,7 @@ def broker_memory(instance: TfemInstance) -> dict[str, Any]:
 def segment_metadata(status: dict[str, Any]) -> dict[str, Any]:
     """Segment bytes per slot that are not the slot's inline buffer, from
     `tfem status --json` and the layout code that sized the segment."""
-    from tfem._atomics import ffi
+    from tfem._native import ffi
     from tfem.segment import Layout
 
     slots, buf = int(status["slots_total"]), int(status["buf_size"])

@@ -23,8 +23,8 @@ import dataclasses
 import logging
 from typing import Callable
 
-from tfem._atomics import ffi, lib
-from tfem.states import State, pack_word, unpack_word
+from tfem._native import ffi, lib
+from tfem.states import State, generation_of, holder_of, pack_word, unpack_word
 from tfem.table import NAME_MAX, SlotTable, name_hash
 
 _KNOWN_FLAGS = lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_DOOMED
@@ -106,9 +106,9 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
                 state: State | None = unpack_word(word)[0]
             except ValueError:  # not a state at all
                 state = None
-            holder = word >> 32
+            holder = holder_of(word)
             if state in (State.INVALID, State.WAIT) and holder:  # nobody holds these: no pid to ask about
-                slot.state = word = pack_word(state, (word >> 8) & 0xFFFFFF, 0)
+                slot.state = word = pack_word(state, generation_of(word), 0)
             if state is State.INVALID:
                 slot.extent_count = slot.flags = slot.name_len = 0
                 continue
@@ -119,7 +119,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
                 _slot_problem(table, s, claimed)
             if problem is not None:
                 log.warning("slot %d dropped at adoption: %s", s, problem)
-                slot.state = pack_word(State.INVALID, (word >> 8) & 0xFFFFFF, 0)
+                slot.state = pack_word(State.INVALID, generation_of(word), 0)
                 slot.extent_count = slot.flags = slot.name_len = 0
                 report.dropped_corrupt += 1
                 continue
@@ -145,7 +145,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
             raw = ffi.buffer(slot.name, slot.name_len)[:]
             if not slot.flags & lib.TFEM_SLOT_DOOMED:
                 if raw in indexed:  # two live slots with one name: keep the first
-                    slot.state = pack_word(State.INVALID, (slot.state >> 8) & 0xFFFFFF, 0)
+                    slot.state = pack_word(State.INVALID, generation_of(slot.state), 0)
                     slot.extent_count = slot.flags = slot.name_len = 0
                     keep_spill.discard(slot.file_id)
                     report.dropped_corrupt += 1

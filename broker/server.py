@@ -36,7 +36,7 @@ from typing import Any, Callable
 import zmq
 
 from tfem import discovery, protocol
-from tfem._atomics import lib
+from tfem._native import lib
 from tfem.config import Instance
 from tfem.errors import InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient
 from tfem.protocol import Op, Reply

@@ -8,7 +8,7 @@
             data = f.read()        # consumed when the block ends
 """
 
-from .client import Client, connect
+from .client import Client, connect, set_wait_mode
 from .errors import (
     AlreadyExists, BadDescriptor, BrokerUnavailable, Busy, ChecksumMismatch, InvalidArgument, NameTooLong,
     NoSpace, NotFound, ProtocolError, TfemError, Timeout, WouldBlock, WrongMode,
@@ -24,7 +24,7 @@ from .table import FileStat
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "connect", "TfemFile", "FileStat", "State",
+    "Client", "connect", "set_wait_mode", "TfemFile", "FileStat", "State",
     "TfemError", "AlreadyExists", "BadDescriptor", "BrokerUnavailable", "Busy", "ChecksumMismatch",
     "InvalidArgument",
     "NameTooLong", "NoSpace", "NotFound", "ProtocolError", "Timeout", "WouldBlock", "WrongMode",

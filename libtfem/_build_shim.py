@@ -1,13 +1,15 @@
-"""cffi embedding-mode build of libtfem.so: the C API over the Python client.
+"""cffi embedding-mode build of libtfem.so: the C API of include/tfem.h.
 
-The public functions of tfem.h are plain C, written below. Each one starts
-the embedded interpreter once (pthread_once), checks its pointers, and
-calls into Python through the `_tfem_py_*` entry points that tfem.c_api
-implements. Starting Python ourselves, rather than leaving it to cffi,
-lets us:
+The public functions are plain C over the native core (native/
+tfem_capi.c, compiled with the core's sources into the library): a C
+program whose files fit in memory never starts an interpreter. The calls
+that need the broker's protocol (native/tfem_embed.h: room in a full
+arena, spilled bytes, their checksum, discarding spill records) go to the
+embedded Python runtime, started on first use. Starting it ourselves,
+rather than leaving it to cffi, lets us:
 - name the interpreter this library was built for (program_name), so
   sys.prefix is the virtual environment it was installed into whatever
-  PATH says;
+  PATH says; TFEM_PYTHON names another;
 - notice a failed start and return -1/ENOSYS instead of cffi's silent 0;
 - refuse a host that already runs a different Python version;
 - take the GIL around fork() (pthread_atfork), so a fork while another
@@ -17,36 +19,30 @@ lets us:
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 import sysconfig
 
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
+NATIVE = HERE / "native"
+SOURCES = ("tfem_capi.c", "tfem_file.c", "tfem_table.c", "tfem_atomics.c", "tfem_crc32c.c")
 
-INTERNAL_API = """
-struct tfem_stat { uint64_t size; int state; int spilled; double created; };
-int _tfem_py_ping(void);
-int _tfem_py_open(const char *name, int flags, double timeout);
-int64_t _tfem_py_write(int fd, const void *buf, size_t count);
-int64_t _tfem_py_read(int fd, void *buf, size_t count);
-int64_t _tfem_py_lseek(int fd, int64_t offset, int whence);
-int _tfem_py_stat(const char *name, struct tfem_stat *st);
-int _tfem_py_fstat(int fd, struct tfem_stat *st);
-int _tfem_py_close(int fd);
-int _tfem_py_unlink(const char *name);
-"""
 
-C_WRAPPERS = r"""
+def embedded_api() -> str:
+    """The `_tfem_py_*` declarations of tfem_embed.h, as cffi takes them."""
+    text = re.sub(r"/\*.*?\*/", "", (NATIVE / "tfem_embed.h").read_text(), flags=re.S)
+    return "\n".join(line for line in text.splitlines() if line.startswith(("int", "int64_t")) and "_tfem_py_" in line)
+
+
+PYTHON_START = r"""
 #include <errno.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "tfem.h"
-
-%(prototypes)s
+#include "tfem_embed.h"
 
 static pthread_once_t tfem_once = PTHREAD_ONCE_INIT;
 static int tfem_started; /* 1: serving; -1: could not start */
@@ -96,64 +92,13 @@ static void tfem_start(void) {
     tfem_started = 1;
 }
 
-static int tfem_ready(void) {
+int tfem_python_ready(void) {
     pthread_once(&tfem_once, tfem_start);
     if (tfem_started != 1) {
         errno = ENOSYS;
-        return 0;
+        return -1;
     }
-    return 1;
-}
-
-int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
-    if (!tfem_ready()) return -1;
-    if (name == NULL) { errno = EFAULT; return -1; }
-    if (timeout_seconds != timeout_seconds) { errno = EINVAL; return -1; } /* NaN */
-    return _tfem_py_open(name, flags, timeout_seconds);
-}
-
-int tfem_open(const char *name, int flags) { return tfem_open_timeout(name, flags, -1.0); }
-
-ssize_t tfem_write(int fd, const void *buf, size_t count) {
-    if (!tfem_ready()) return -1;
-    if (buf == NULL && count) { errno = EFAULT; return -1; }
-    if (count > SSIZE_MAX) { errno = EINVAL; return -1; }
-    return (ssize_t)_tfem_py_write(fd, buf, count);
-}
-
-ssize_t tfem_read(int fd, void *buf, size_t count) {
-    if (!tfem_ready()) return -1;
-    if (buf == NULL && count) { errno = EFAULT; return -1; }
-    if (count > SSIZE_MAX) { errno = EINVAL; return -1; }
-    return (ssize_t)_tfem_py_read(fd, buf, count);
-}
-
-off_t tfem_lseek(int fd, off_t offset, int whence) {
-    if (!tfem_ready()) return -1;
-    return (off_t)_tfem_py_lseek(fd, (int64_t)offset, whence);
-}
-
-int tfem_stat(const char *name, struct tfem_stat *st) {
-    if (!tfem_ready()) return -1;
-    if (name == NULL || st == NULL) { errno = EFAULT; return -1; }
-    return _tfem_py_stat(name, st);
-}
-
-int tfem_fstat(int fd, struct tfem_stat *st) {
-    if (!tfem_ready()) return -1;
-    if (st == NULL) { errno = EFAULT; return -1; }
-    return _tfem_py_fstat(fd, st);
-}
-
-int tfem_close(int fd) {
-    if (!tfem_ready()) return -1;
-    return _tfem_py_close(fd);
-}
-
-int tfem_unlink(const char *name) {
-    if (!tfem_ready()) return -1;
-    if (name == NULL) { errno = EFAULT; return -1; }
-    return _tfem_py_unlink(name);
+    return 0;
 }
 """
 
@@ -166,18 +111,24 @@ tfem.c_api.install(ffi)
 
 def make_builder(python: str = sys.executable) -> FFI:
     """The builder for libtfem.so, starting `python`'s environment."""
+    sys.path.insert(0, str(NATIVE))
+    try:
+        import build as native_build  # writes tfem_states.h
+    finally:
+        sys.path.pop(0)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     builder = FFI()
-    builder.embedding_api(INTERNAL_API)
-    prototypes = "\n".join(line for line in INTERNAL_API.splitlines() if line.startswith(("int", "void")))
+    builder.embedding_api(embedded_api())
     builder.set_source(
         "_tfem_shim",
-        C_WRAPPERS.replace("%(prototypes)s", prototypes),
-        include_dirs=[str(HERE / "include")],
+        PYTHON_START,
+        sources=[str(NATIVE / source) for source in SOURCES],
+        include_dirs=[str(HERE / "include"), str(NATIVE)],
         define_macros=[("TFEM_BUILD_PYTHON", '"%s"' % python.replace('"', '\\"'))],
-        extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
+        extra_compile_args=native_build.COMPILE_ARGS,
         extra_link_args=[f"-Wl,-rpath,{libdir}"] if libdir else [],
         library_dirs=[libdir] if libdir else [],
+        libraries=["m"],
     )
     builder.embedding_init_code(INIT_CODE)
     return builder

@@ -1,10 +1,12 @@
 """The Python side of libtfem.so: the `_tfem_py_*` entry points.
 
-Each entry point runs one call of tfem.posix. Data moves between the C
-caller's buffer and the shared segment in one copy: the caller's buffer is
-wrapped (ffi.buffer, no copy) and handed to readinto/write. Every error
-becomes -1 with errno set, in one place (`_fail`); an exception never
-escapes to C, where cffi would turn it into a silent 0.
+libtfem.so does everything on the memory path in C (native/tfem_capi.c);
+it calls these only for what needs the broker's protocol: room in a full
+arena, the bytes and checksum of a spilled file, discarding spill records,
+and the segment's name when only a broker endpoint is known. Each runs over
+the process's default client (tfem.posix). Every error becomes -1 with
+errno set, in one place (`_fail`); an exception never escapes to C, where
+cffi would turn it into a silent 0.
 """
 
 from __future__ import annotations
@@ -14,22 +16,20 @@ from typing import Any
 
 from . import posix
 from .errors import TfemError
-from .states import State
-from .table import FileStat
+from .files import SPILL_IO_CHUNK
+from .protocol import Op
 
 
 def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
-    if isinstance(exc, ValueError):  # e.g. I/O on a closed file
-        return errno.EINVAL
-    if isinstance(exc, (TypeError, OverflowError)):
+    if isinstance(exc, (ValueError, TypeError, OverflowError)):
         return errno.EINVAL
     return errno.EIO
 
 
 def install(ffi: Any) -> None:
-    """Bind the entry points declared in _build_shim.INTERNAL_API."""
+    """Bind the entry points declared in native/tfem_embed.h."""
 
     def _fail(exc_type: Any, exc: BaseException, tb: Any) -> int:
         ffi.errno = errno_of(exc)
@@ -42,47 +42,48 @@ def install(ffi: Any) -> None:
     def extern(fn: Any) -> Any:
         return ffi.def_extern(name=fn.__name__, error=-1, onerror=_fail)(fn)
 
-    def fill(st: Any, info: FileStat) -> int:
-        st.size = info.size
-        st.state = int(State[info.state])
-        st.spilled = int(info.spilled)
-        st.created = info.created
-        return 0
+    def held(slot: int, generation: int) -> dict[str, int]:
+        return {"slot": slot, "generation": generation}
 
     @extern
     def _tfem_py_ping() -> int:
         return 1
 
     @extern
-    def _tfem_py_open(name: Any, flags: int, timeout: float) -> int:
-        return posix.tfem_open(ffi.string(name), flags, None if timeout < 0 else timeout)
-
-    @extern
-    def _tfem_py_write(fd: int, buf: Any, count: int) -> int:
-        return posix.tfem_write(fd, ffi.buffer(buf, count))
-
-    @extern
-    def _tfem_py_read(fd: int, buf: Any, count: int) -> int:
-        return posix.tfem_readinto(fd, ffi.buffer(buf, count))
-
-    @extern
-    def _tfem_py_lseek(fd: int, offset: int, whence: int) -> int:
-        return posix.tfem_lseek(fd, offset, whence)
-
-    @extern
-    def _tfem_py_stat(name: Any, st: Any) -> int:
-        return fill(st, posix.tfem_stat(ffi.string(name)))
-
-    @extern
-    def _tfem_py_fstat(fd: int, st: Any) -> int:
-        return fill(st, posix.tfem_fstat(fd))
-
-    @extern
-    def _tfem_py_close(fd: int) -> int:
-        posix.tfem_close(fd)
+    def _tfem_py_segment(out: Any, size: int) -> int:
+        name = posix.default_client().table.seg.name.encode()
+        if len(name) >= size:
+            raise TfemError(f"segment name {name!r} is too long")
+        ffi.memmove(out, name + b"\0", len(name) + 1)
         return 0
 
     @extern
-    def _tfem_py_unlink(name: Any) -> int:
-        posix.tfem_unlink(ffi.string(name))
+    def _tfem_py_alloc(slot: int, generation: int, capacity: int) -> int:
+        posix.default_client().call(Op.ALLOC, {**held(slot, generation), "capacity": capacity})
+        return 0
+
+    @extern
+    def _tfem_py_spill_write(slot: int, generation: int, offset: int, buf: Any, count: int) -> int:
+        client, data, chunk = posix.default_client(), ffi.buffer(buf, count), SPILL_IO_CHUNK
+        for start in range(0, count, chunk):
+            piece = memoryview(data)[start: start + chunk]
+            client.call(Op.SPILL_WRITE, {**held(slot, generation), "offset": offset + start}, piece)
+        return count
+
+    @extern
+    def _tfem_py_spill_read(slot: int, generation: int, offset: int, buf: Any, count: int) -> int:
+        reply = posix.default_client().call(Op.SPILL_READ, {**held(slot, generation), "offset": offset,
+                                                            "length": min(count, SPILL_IO_CHUNK)})
+        data = memoryview(reply.data)
+        ffi.memmove(buf, data, len(data))
+        return len(data)
+
+    @extern
+    def _tfem_py_checksum(slot: int, generation: int, crc: int) -> int:
+        reply = posix.default_client().call(Op.CHECKSUM, {**held(slot, generation), "crc": crc})
+        return int(reply.result["crc"])
+
+    @extern
+    def _tfem_py_discard(file_id: int) -> int:
+        posix.default_client().call(Op.DISCARD, {"file_id": file_id})
         return 0

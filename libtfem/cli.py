@@ -66,7 +66,7 @@ def _add_ready_fd(p: argparse.ArgumentParser) -> None:
 
 def _die_with_parent(args: argparse.Namespace) -> None:
     if args.die_with_parent is not None:
-        from tfem._atomics import lib
+        from tfem._native import lib
 
         if lib.tfem_die_with_parent(signal.SIGKILL, args.die_with_parent) != 0:
             raise TfemError("the parent that started this server has already exited")
@@ -456,7 +456,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     import sysv_ipc
 
-    from tfem._atomics import lib
+    from tfem._native import lib
     from tfem.discovery import queue_key
     from tfem.registry.server import registry_pid
     from tfem.segment import Segment

@@ -29,18 +29,47 @@ from typing import Any
 import zmq
 
 from . import discovery, protocol
-from ._atomics import lib
+from ._native import ffi, lib
 from .config import ENV_BROKER, Instance
-from .errors import BrokerUnavailable, InvalidArgument, ProtocolError, from_errno
+from .errors import (AlreadyExists, BrokerUnavailable, Busy, InvalidArgument, NoSpace, NotFound, ProtocolError,
+                     TfemError, Timeout, WouldBlock, from_errno)
 from .files import TfemFile
 from .protocol import Op, Reply, Request
 from .segment import Segment
-from .table import FileStat, SlotTable, encode_name
+from .states import State
+from .table import Deadline, FileStat, SlotTable, encode_name
 
 REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
 CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
 BYE_TIMEOUT_S = 1.0  # for its answer to goodbye: it may have stopped meanwhile
 LIVENESS_POLL_MS = 200  # while waiting for a reply, how often the broker's pid is checked
+_MODES = {m: m[0] for m in ("r", "w", "a")} | {m + "b": m for m in "rwa"} | {"b" + m: m for m in "rwa"}
+_OPEN_MODE = {"r": lib.TFEM_OPEN_READ, "a": lib.TFEM_OPEN_AUTO}
+WAIT_MODES = {"adaptive": lib.TFEM_WAIT_ADAPTIVE, "spin": lib.TFEM_WAIT_SPIN, "sleep": lib.TFEM_WAIT_SLEEP}
+
+
+def set_wait_mode(mode: str, spin_us: float | None = None) -> None:
+    """How this process waits for a name or for room: "adaptive" (spin
+    while CPUs are idle and recent waits were short, else sleep; the
+    default), "spin" (always spin first) or "sleep" (sleep at once on the
+    futex). `spin_us` sets the spin window (default 50 us). The
+    environment sets both at import: TFEM_WAIT and TFEM_SPIN_US."""
+    if mode not in WAIT_MODES:
+        raise InvalidArgument(f"wait mode must be one of {', '.join(WAIT_MODES)}, not {mode!r}")
+    if spin_us is not None and not spin_us >= 0:
+        raise InvalidArgument(f"spin_us must be at least 0, not {spin_us!r}")
+    lib.tfem_set_wait_mode(WAIT_MODES[mode], -1 if spin_us is None else int(spin_us * 1000))
+
+
+def _wait_mode_from_environment() -> None:
+    try:
+        spin_us = float(os.environ["TFEM_SPIN_US"]) if "TFEM_SPIN_US" in os.environ else None
+        set_wait_mode(os.environ.get("TFEM_WAIT", "adaptive"), spin_us)
+    except (ValueError, InvalidArgument) as exc:
+        raise InvalidArgument(f"TFEM_WAIT / TFEM_SPIN_US: {exc}") from None
+
+
+_wait_mode_from_environment()
 
 
 def _reconnect_timeout() -> float:
@@ -94,6 +123,9 @@ class Client:
             self.close()
             raise
         self.table = SlotTable(self.segment, self._pid)
+        self._header = self.segment.header
+        self._memory = self.segment.view
+        self._state_found = ffi.new("int32_t *")
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -184,25 +216,57 @@ class Client:
         off, gets NoSpace at once; with a `timeout` it waits that long for
         consumers to free room first (back-pressure).
         """
-        self._check_fork()
+        if os.getpid() != self._pid:
+            self._check_fork()
         raw = encode_name(name)
-        text = raw.decode()
-        kind = mode.replace("b", "") if isinstance(mode, str) else None
-        if kind not in ("r", "w", "a"):
+        kind = _MODES.get(mode) if isinstance(mode, str) else None
+        if kind is None:
             raise InvalidArgument(f"mode must be 'r', 'w' or 'a' (binary), not {mode!r}")
         if timeout is not None and not timeout >= 0:  # NaN too
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
         room_timeout = 0 if timeout is None or not wait else timeout
-        if kind == "w":
-            writing, handle = True, self.table.create(raw, room_timeout)
-        else:
-            handle, writing = self.table.open_existing(raw, kind == "a", wait, timeout)
-        f = TfemFile(self, text, handle, writing, room_timeout)
+        core = ffi.new("struct tfem_file *")
+        deadline = Deadline(timeout)
+        while True:  # again after a signal (EINTR), once Python has run its handlers
+            if kind == "w":
+                rc = lib.tfem_f_create(self._header, raw, len(raw), self._pid,
+                                       deadline.remaining_ns() if room_timeout else 0, core)
+            else:
+                rc = lib.tfem_f_open(self._header, raw, len(raw), self._pid, _OPEN_MODE[kind], wait,
+                                     deadline.remaining_ns(), core, self._state_found)
+            if rc != errno.EINTR:
+                break
+        if rc:
+            raise self._open_error(rc, raw, kind, timeout)
+        f = TfemFile(core, raw.decode(), self, self._memory, room_timeout)
         self._open_files.add(f)
         return f
 
-    def _forget(self, f: TfemFile) -> None:
-        self._open_files.discard(f)
+    def _open_error(self, rc: int, raw: bytes, kind: str, timeout: float | None) -> TfemError:
+        text = raw.decode()
+        if rc == errno.ENOENT:
+            return NotFound(f"no file named {text!r}")
+        if rc == errno.EAGAIN:
+            return WouldBlock(f"{text!r} is {State(self._state_found[0]).name}, not ready to read")
+        if rc == errno.ETIMEDOUT:
+            return Timeout(f"{text!r} was not ready to read within {timeout} s")
+        if rc == errno.EEXIST:
+            return AlreadyExists(f"{text!r} already exists")
+        if rc == errno.ENOSPC:
+            if kind == "w" and timeout:
+                return NoSpace(f"no slot was freed within {timeout} s")
+            return NoSpace(f"the slot table is full: all {self.table.seg.slot_count} slots hold files")
+        if rc == errno.EBUSY:
+            return Busy(f"the table lock has been held by pid {self._header.table_lock} for over 10 s")
+        return from_errno(rc, f"{text!r}: {os.strerror(rc)}")
+
+    # ---- what files need of their client (files.Broker) ----
+
+    def room_seen(self) -> int:
+        return self.table.space_seen()
+
+    def wait_for_room(self, seen: int, deadline: Deadline, what: str) -> None:
+        self.table.wait_for_space(seen, deadline, what)
 
     def stat(self, name: str | bytes) -> FileStat:
         self._check_fork()
@@ -238,7 +302,8 @@ class Client:
             return
         if os.getpid() == self._pid:
             for f in list(self._open_files):
-                f.abort() if f.writable() else f.close()
+                if not f.closed:
+                    f.abort() if f.writable() else f.close()
             try:
                 self._call(Op.BYE, {}, timeout_ms=int(BYE_TIMEOUT_S * 1000))
             except Exception:

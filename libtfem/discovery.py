@@ -19,7 +19,7 @@ from typing import Any
 import sysv_ipc
 
 from . import protocol
-from ._atomics import lib
+from ._native import lib
 from .config import FTOK_PROJECT_ID
 from .errors import BrokerUnavailable, ProtocolError, Timeout, from_errno
 

@@ -1,39 +1,39 @@
-"""A file held in a tfem slot, as an io.RawIOBase.
+"""A file held in a tfem slot, as an io.RawIOBase over the native core.
 
-Data moves straight between the caller's buffer and the shared segment:
-the inline buffer first, then the arena extents, in file order. Bytes past
-the inline buffer of a spilled file go through the broker (the spill store
-is the broker's); writes to them are coalesced, reads are read ahead.
+Every method on the memory path is one call into the core (native/
+tfem_file.c), which moves bytes straight between the caller's buffer and the
+shared segment and keeps the checksum as it goes. What the core cannot do
+alone it reports, and this module asks the broker: room in the arena when
+it is full (ALLOC, which spills), and the bytes of a spilled file past its
+inline buffer (SPILL_WRITE, SPILL_READ; writes coalesced, reads read ahead).
 
 A producer's file is published (WRITE -> WAIT) by close(); leaving a `with`
 block through an exception drops it instead, so a half-written file is
 never seen. A consumer's close() frees the file; leaving a `with` block
 through an exception gives it back (READ -> WAIT), so nothing is lost.
 
-Every file carries a crc32c of its bytes, taken at the producer's close and
-checked when a consumer opens it: torn or damaged data is an error
-(ChecksumMismatch), never silent. crc32c runs at memory speed (hardware
-instructions), so the check costs a fraction of the copy.
+Every file carries a crc32c of its bytes. A consumer reading in order is
+checked as it reads, before it sees the end of the file; a damaged file is
+ChecksumMismatch and is given back at close, never consumed. A spilled file
+is checked when it is opened (the broker holds most of its bytes).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import operator
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
-import crc32c
-
-from ._atomics import lib
-from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, WrongMode
-from .protocol import Op
-from .table import Deadline, Handle
-
-if TYPE_CHECKING:
-    from .client import Client
+from ._native import ffi, lib
+from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
+from .protocol import Op, Reply
+from .table import Deadline
 
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
+BIG_READ = 1 << 20  # read() this large copies once from views; smaller, through readinto
+CRC_NONE = 2**64 - 1  # the core's mark for "no running checksum"
 _ZEROS = bytes(1 << 20)
 
 # Bumped in every forked child: a file opened before the fork is the parent's.
@@ -48,53 +48,58 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-# Writes this large map their pages first, in one call: 1 GiB went from 1.7
-# to 2.3 GB/s here. Reads gained nothing measurable.
-POPULATE_FROM = 1 << 20
+
+class Broker(Protocol):
+    """What a file needs of its client: requests to the broker, and a wait
+    for room (back-pressure)."""
+
+    def call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply: ...
+
+    def wait_for_room(self, seen: int, deadline: Deadline, what: str) -> None: ...
+
+    def room_seen(self) -> int: ...
+
+
+def _source(data: Any) -> tuple[Any, int]:
+    """Bytes to write, as the core takes them, and their length."""
+    if type(data) is bytes:
+        return data, len(data)
+    try:
+        buf = ffi.from_buffer(data)
+    except (TypeError, ValueError, BufferError):  # not contiguous
+        buf = memoryview(data).tobytes()
+    return buf, len(buf)
+
+
+def _target(buffer: Any) -> tuple[Any, int]:
+    """A buffer to read into, as the core takes it, and its length."""
+    out = ffi.from_buffer(buffer, require_writable=True)
+    return out, len(out)
 
 
 class TfemFile(io.RawIOBase):
-    _handle: Handle | None = None
-
-    def __init__(self, client: Client, name: str, handle: Handle, writing: bool,
+    def __init__(self, core: Any, name: str, broker: Broker, memory: memoryview,
                  room_timeout: float | None = 0) -> None:
         super().__init__()
-        self._client = client
-        self._table = client.table
-        self._view = client.table.seg.view
+        self._f = core  # struct tfem_file *, owned by this object
+        # The segment's mapping: views are cut from it, so a view still
+        # referenced keeps the mapping alive after the client closes.
+        self._memory = memory
+        self._base = int(ffi.cast("uintptr_t", core.h))
+        self._broker = broker
         self.name = name
-        self.mode = "wb" if writing else "rb"
-        self._writing = writing
-        self._handle = handle
+        self._writing = bool(core.writing)
+        self.mode = "wb" if self._writing else "rb"
         self._owner_pid = os.getpid()
         self._epoch = _fork_epoch
-        self._slot = client.table.seg.slot(handle.slot)
-        self._pos = 0
-        self._size = 0 if writing else self._slot.size
-        self._load_pieces()
         self._pending = bytearray()  # spill writes not yet sent
         self._pending_offset = 0
         self._cache: Any = b""  # spill read-ahead
         self._cache_offset = 0
         self._room_timeout = room_timeout  # how long a write may wait for memory
-        if not writing:
-            self._verify()
-
-    def _load_pieces(self) -> None:
-        slot = self._slot
-        self._spilled = bool(slot.flags & lib.TFEM_SLOT_SPILLED)
-        if not slot.extent_count and not self._spilled:  # the common small file
-            buf = self._table.seg.buf_size
-            self._pieces = [(0, self._table.seg.inline_data_offset(self._handle.slot), buf)] if buf else []
-            self._memory_end = buf
-            return
-        self._pieces = self._table.pieces(self._handle.slot)
-        if self._spilled:
-            buf = self._table.seg.buf_size
-            self._pieces = [p for p in self._pieces if p[0] < buf]
-            self._memory_end = buf
-        else:
-            self._memory_end = self._pieces[-1][0] + self._pieces[-1][2] if self._pieces else 0
+        self._discard = ffi.new("uint64_t *")
+        if not self._writing and core.spilled:
+            self._verify_spilled()
 
     # ---- io.RawIOBase ----
 
@@ -112,122 +117,106 @@ class TfemFile(io.RawIOBase):
 
     def tell(self) -> int:
         self._check_open()
-        return self._pos
+        return int(self._f.pos)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._check_open()
         offset = operator.index(offset)  # as io.BytesIO: TypeError for 1.5, never a float position
-        if whence == os.SEEK_SET:
-            target = offset
-        elif whence == os.SEEK_CUR:
-            target = self._pos + offset
-        elif whence == os.SEEK_END:
-            target = self._size + offset
-        else:
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
             raise InvalidArgument(f"whence must be SEEK_SET, SEEK_CUR or SEEK_END, not {whence}")
-        if target < 0:
-            raise InvalidArgument(f"seek to a negative offset ({target})")
-        self._pos = target
-        return target
+        if not -2**63 <= offset < 2**63:
+            raise InvalidArgument(f"seek offset {offset} is out of range")
+        pos = lib.tfem_f_seek(self._f, offset, whence)
+        if pos < 0:
+            raise InvalidArgument(f"seek to a negative offset ({self._f.pos if whence else 0} + {offset})")
+        return int(pos)
 
     def readinto(self, buffer: Any) -> int:
-        self._check_mode(reading=True)
-        out = memoryview(buffer).cast("B")
-        n = max(0, min(len(out), self._size - self._pos))
-        self._copy_out(self._pos, out[:n])
-        self._pos += n
-        return n
+        if self._epoch != _fork_epoch or self._writing:
+            self._check_mode(reading=True)
+        out, n = _target(buffer)
+        f = self._f
+        got = lib.tfem_f_read(f, out, n)
+        if got < 0 or (f.need and got < n):
+            return self._read_rest(out, n, got)
+        return int(got)
 
-    def read(self, size: int = -1) -> bytes:
-        self._check_mode(reading=True)
-        if size is None or size < 0:
-            size = self._size - self._pos
-        n = max(0, min(size, self._size - self._pos))
-        if n == 0:
-            return b""
-        if not self._spilled or self._pos + n <= self._memory_end:
-            # One copy: join the segment's pieces straight into the result.
-            data = b"".join(self._memory_views(self._pos, n))
-        else:
-            out = bytearray(n)
-            self._copy_out(self._pos, memoryview(out))
-            data = bytes(out)
-        self._pos += n
-        return data
+    def read(self, size: int | None = -1) -> bytes:
+        if self._epoch != _fork_epoch or self._writing:
+            self._check_mode(reading=True)
+        f = self._f
+        left = max(0, f.size - f.pos) if f.held else 0
+        n = left if size is None or size < 0 else min(size, left)
+        if n >= BIG_READ and not f.spilled:  # one copy: the segment's pieces joined into the result
+            data = b"".join(self._views(n))
+            f.pos += len(data)
+            if f.pos >= f.size:
+                self._end_reached()
+            return data
+        out = bytearray(n)
+        got = self.readinto(out)
+        return bytes(out) if got == n else bytes(out[:got])
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
     def chunks(self, size: int = 16 << 20) -> Iterator[memoryview]:
         """Read the rest of the file as views, without copying what is in
         memory. A view is valid only until the file is closed."""
         self._check_mode(reading=True)
-        while self._pos < self._size:
-            n = min(size, self._size - self._pos)
-            if self._pos + n <= self._memory_end:
-                views = self._memory_views(self._pos, n)
-                n = len(views[0])
-                chunk = views[0]
+        f = self._f
+        while f.pos < f.size:
+            n = min(size, f.size - f.pos)
+            if f.pos < f.memory_end:
+                chunk = self._views(n)[0]
+                f.pos += len(chunk)
             else:
                 chunk = memoryview(bytearray(n))
-                self._copy_out(self._pos, chunk)
-            self._pos += n
+                self.readinto(chunk)
             yield chunk
 
-    def readall(self) -> bytes:
-        return self.read(-1)
-
     def write(self, data: Any) -> int:
-        self._check_mode(reading=False)
-        mv = memoryview(data).cast("B")
-        if not len(mv):
-            return 0
-        while self._pos > self._size:  # a gap reads back as zeros
-            gap = min(self._pos - self._size, len(_ZEROS))
-            self._write_at(self._size, memoryview(_ZEROS)[:gap])
-            self._set_size(self._size + gap)
-        self._write_at(self._pos, mv)
-        self._pos += len(mv)
-        if self._pos > self._size:
-            self._set_size(self._pos)
-        return len(mv)
+        if self._epoch != _fork_epoch or not self._writing:
+            self._check_mode(reading=False)
+        buf, n = _source(data)
+        done = lib.tfem_f_write(self._f, buf, n)
+        if done != n:
+            self._write_rest(buf, n, done)
+        return n
 
     def close(self) -> None:
-        """Producer: publish the file. Consumer: free it. Idempotent."""
-        if self._handle is None or self._in_forked_child():
+        """Producer: publish the file. Consumer: free it (or give it back,
+        if its bytes were found damaged). Idempotent."""
+        f = self._f
+        if not f.held or self._in_forked_child():
             return
-        if self._writing:
-            try:
-                self._flush_spill()  # sends with the handle, so before letting it go
-            except BaseException:
-                self.abort()  # never half-published, never left held
-                raise
-            try:
-                checksum = self._checksum()
-            except BaseException:
-                self.abort()
-                raise
-        handle, self._handle = self._handle, None
         try:
-            if self._writing:
-                discard = self._table.publish(handle, self._size, checksum)
-            else:
-                discard = self._table.consume(handle)
-            if discard is not None:
-                self._client.call(Op.DISCARD, {"file_id": discard})
+            if self._pending:
+                try:
+                    self._flush_spill()  # sends with the handle, so before letting it go
+                except BaseException:
+                    self.abort()  # never half-published, never left held
+                    raise
+            rc = lib.tfem_f_close(f, self._discard)
+            if rc == errno.EXDEV:  # a spilled file: the broker holds most of its bytes
+                try:
+                    crc = self._spilled_checksum()
+                except BaseException:
+                    self.abort()
+                    raise
+                rc = lib.tfem_f_publish(f, crc, self._discard)
+            self._after_release(rc)
         finally:
-            self._client._forget(self)
             super().close()
 
     def abort(self) -> None:
         """Producer: drop the file instead of publishing it. Consumer: give
         it back unread (READ -> WAIT), for another consumer to take."""
-        if self._handle is None or self._in_forked_child():
+        if not self._f.held or self._in_forked_child():
             return
-        handle, self._handle = self._handle, None
         try:
-            discard = self._table.abort(handle) if self._writing else self._table.release(handle)
-            if discard is not None:
-                self._client.call(Op.DISCARD, {"file_id": discard})
+            self._after_release(lib.tfem_f_abort(self._f, self._discard))
         finally:
-            self._client._forget(self)
             super().close()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -240,34 +229,42 @@ class TfemFile(io.RawIOBase):
         # An unclosed producer file is dropped, never half-published; an
         # unclosed consumer file is consumed, as a closed one would be.
         try:
-            if self._handle is not None:
+            if self._f.held:
                 self.abort() if self._writing else self.close()
         except Exception:
             pass
+
+    @property
+    def closed(self) -> bool:
+        return not self._f.held
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a tfem file has no operating-system descriptor")
+
+    def fstat(self) -> Any:
+        """The held slot's facts (struct tfem_fileinfo): right even after the
+        name was unlinked or reused."""
+        self._check_open()
+        info = ffi.new("struct tfem_fileinfo *")
+        lib.tfem_f_fstat(self._f, info)
+        return info
+
+    # ---- state and errors ----
 
     def _in_forked_child(self) -> bool:
         """A copy of a parent's file in a forked child: the file is the
         parent's, so the child lets go of its copy and touches nothing."""
         if os.getpid() == self._owner_pid:
             return False
-        self._handle = None
+        self._f.held = 0
         return True
-
-    @property
-    def closed(self) -> bool:
-        return self._handle is None
-
-    def fileno(self) -> int:
-        raise io.UnsupportedOperation("a tfem file has no operating-system descriptor")
-
-    # ---- the data path ----
 
     def _check_open(self) -> None:
         if self._epoch != _fork_epoch:  # in a forked child: never touch the parent's file
-            self._handle = None
+            self._f.held = 0
             raise BadDescriptor(f"{self.name!r} was opened by process {self._owner_pid} before it forked: "
                                 "it stays that process's file")
-        if self._handle is None:
+        if not self._f.held:
             raise ValueError("I/O operation on closed tfem file")
 
     def _check_mode(self, reading: bool) -> None:
@@ -277,93 +274,127 @@ class TfemFile(io.RawIOBase):
         if not reading and not self._writing:
             raise WrongMode(f"{self.name!r} is open for reading, not writing")
 
-    def _set_size(self, size: int) -> None:
-        self._size = size
-        self._slot.size = size  # so stat() of a file being written is current
+    def _fail(self, rc: int) -> TfemError:
+        """The exception for an errno the core returned (positive)."""
+        self._check_open()
+        if rc == errno.EBADMSG:
+            return ChecksumMismatch(
+                f"{self.name!r} does not match the checksum its producer took (crc32c "
+                f"{self._f.crc:08x} of the bytes read, expected {self._f.slot.checksum:08x}): its bytes "
+                "were damaged; closing gives it back, left in place (`tfem rm` removes it)")
+        if rc == errno.ESTALE:
+            return from_errno(rc, f"{self.name!r} is no longer held by this process")
+        return from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
 
-    def _memory_views(self, pos: int, n: int) -> list[memoryview]:
-        pieces = self._pieces
-        if pieces and pos + n <= pieces[0][2]:  # within the inline buffer: most small files
-            offset = pieces[0][1] + pos
-            return [self._view[offset: offset + n]]
-        views, end = [], pos + n
-        for start, offset, length in pieces:
-            lo, hi = max(pos, start), min(end, start + length)
-            if lo < hi:
-                if self._writing and hi - lo >= POPULATE_FROM:
-                    self._table.seg.populate(offset + lo - start, hi - lo)
-                views.append(self._view[offset + lo - start: offset + hi - start])
+    def _after_release(self, rc: int) -> None:
+        if rc not in (0, errno.EBADF):
+            raise self._fail(rc) if self._f.held else from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
+        if self._discard[0]:
+            self._broker.call(Op.DISCARD, {"file_id": int(self._discard[0])})
+
+    def _end_reached(self) -> None:
+        """After a read that took the last bytes through views: the check."""
+        rc = lib.tfem_f_verify(self._f)
+        if rc:
+            raise self._fail(rc)
+
+    # ---- the slow paths: memory full, spilled bytes ----
+
+    def _views(self, n: int) -> list[memoryview]:
+        """Views of up to n bytes at the position, within memory."""
+        f, ptr, views = self._f, ffi.new("char **"), []
+        pos, end = f.pos, f.pos + n
+        while pos < end:
+            run = lib.tfem_f_view(f, pos, ptr)
+            if run < 0:
+                raise self._fail(-run)
+            if run == 0:
+                break
+            run = min(run, end - pos)
+            offset = int(ffi.cast("uintptr_t", ptr[0])) - self._base
+            views.append(self._memory[offset: offset + run])
+            pos += run
         return views
 
-    def _copy_out(self, pos: int, out: memoryview) -> None:
-        n = len(out)
-        in_memory = max(0, min(n, self._memory_end - pos))
-        done = 0
-        for view in self._memory_views(pos, in_memory):
-            out[done: done + len(view)] = view
-            done += len(view)
-        while done < n:
-            done += self._read_spilled(pos + done, out[done:])
+    def _read_rest(self, out: Any, n: int, got: int) -> int:
+        f = self._f
+        if got < 0:
+            raise self._fail(-got)
+        done = got
+        while done < n and f.pos < f.size:  # the spilled part
+            k = self._read_spilled(f.pos, ffi.buffer(out + done, min(n - done, f.size - f.pos)))
+            f.pos += k
+            done += k
+        return done
 
-    def _write_at(self, pos: int, mv: memoryview) -> None:
-        end = pos + len(mv)
-        if not self._spilled and end > self._memory_end:
-            self._grow(end)
-        in_memory = max(0, min(len(mv), self._memory_end - pos))
-        done = 0
-        for view in self._memory_views(pos, in_memory):
-            view[:] = mv[done: done + len(view)]
-            done += len(view)
-        if done < len(mv):
-            self._write_spilled(pos + done, mv[done:])
+    def _write_rest(self, buf: Any, n: int, done: int) -> None:
+        f = self._f
+        while True:
+            if done < 0:
+                raise self._fail(-done)
+            if done == n:
+                return
+            if f.need == lib.TFEM_NEED_ROOM:
+                self._make_room(f.want)
+            else:  # TFEM_NEED_SPILL: the rest goes to the spill store
+                if f.pos > f.size:  # a gap reads back as zeros
+                    self._spill_zeros(f.size, f.pos)
+                view = memoryview(buf)[done:] if isinstance(buf, bytes) else memoryview(ffi.buffer(buf + done, n - done))
+                self._write_spilled(f.pos, view)
+                f.pos += n - done
+                if f.pos > f.size:
+                    f.size = f.slot.size = f.pos
+                f.crc_end = CRC_NONE  # checksummed at close, with the broker
+                return
+            rest = buf[done:] if isinstance(buf, bytes) else buf + done
+            more = lib.tfem_f_write(f, rest, n - done)
+            done = done + more if more >= 0 else more
 
-    def _grow(self, capacity: int) -> None:
+    def _spill_zeros(self, start: int, end: int) -> None:
+        while start < end:
+            k = min(end - start, len(_ZEROS))
+            self._write_spilled(start, memoryview(_ZEROS)[:k])
+            start += k
+        self._f.size = self._f.slot.size = end
+
+    def _make_room(self, capacity: int) -> None:
         """Ask the broker for room up to `capacity`. A full arena (spill
         off) is NoSpace at once, or after waiting up to the open's
         room_timeout for blocks to be freed."""
-        h = self._handle
-        assert h is not None
+        f = self._f
         deadline = Deadline(self._room_timeout)
         while True:
-            seen = self._table.space_seen()
-            if self._table.grow(h, capacity) == 0:
-                break  # from the arena, without asking anyone
+            seen = self._broker.room_seen()
             try:  # the broker can make room: it spills
-                self._client.call(Op.ALLOC, {"slot": h.slot, "generation": h.generation, "capacity": capacity})
+                self._broker.call(Op.ALLOC, {"slot": f.index, "generation": f.generation, "capacity": capacity})
                 break
             except NoSpace:
                 if self._room_timeout == 0:
                     raise
-                self._table.wait_for_space(seen, deadline, "no memory was freed")
-        self._load_pieces()
+                self._broker.wait_for_room(seen, deadline, "no memory was freed")
+        lib.tfem_f_reload(f)
 
-    # ---- checksums ----
+    def _spilled_checksum(self) -> int:
+        """crc32c of the whole file: the memory part here, the spilled part
+        by the broker, which holds it."""
+        f = self._f
+        reply = self._broker.call(Op.CHECKSUM, {"slot": f.index, "generation": f.generation,
+                                                "crc": lib.tfem_f_memory_crc(f)})
+        return int(reply.result["crc"])
 
-    def _checksum(self) -> int:
-        """crc32c of bytes [0, size): the memory part here, the spilled
-        part by the broker, which holds it."""
-        in_memory = min(self._size, self._memory_end)
-        crc = 0
-        for view in self._memory_views(0, in_memory):
-            crc = crc32c.crc32c(view, crc)
-        if self._size > in_memory:
-            h = self._handle
-            assert h is not None
-            reply = self._client.call(Op.CHECKSUM, {"slot": h.slot, "generation": h.generation, "crc": crc})
-            crc = reply.result["crc"]
-        return crc
-
-    def _verify(self) -> None:
+    def _verify_spilled(self) -> None:
+        f = self._f
         try:
-            actual = self._checksum()
+            actual = self._spilled_checksum()
         except BaseException:
             self.abort()
             raise
-        if actual != self._slot.checksum:
+        if actual != f.slot.checksum:
             self.abort()
             raise ChecksumMismatch(f"{self.name!r} does not match the checksum its producer took "
-                                   f"(crc32c {actual:08x}, expected {self._slot.checksum:08x}): its "
+                                   f"(crc32c {actual:08x}, expected {f.slot.checksum:08x}): its "
                                    f"bytes were damaged; it is left in place (`tfem rm` removes it)")
+        f.checked = 1
 
     def _write_spilled(self, pos: int, mv: memoryview) -> None:
         if self._pending and pos == self._pending_offset + len(self._pending) \
@@ -384,19 +415,17 @@ class TfemFile(io.RawIOBase):
             self._pending = bytearray()
 
     def _send_spill(self, pos: int, data: Any) -> None:
-        h = self._handle
-        assert h is not None
-        self._client.call(Op.SPILL_WRITE, {"slot": h.slot, "generation": h.generation, "offset": pos}, data)
+        f = self._f
+        self._broker.call(Op.SPILL_WRITE, {"slot": f.index, "generation": f.generation, "offset": pos}, data)
 
-    def _read_spilled(self, pos: int, out: memoryview) -> int:
+    def _read_spilled(self, pos: int, out: Any) -> int:
         if not self._cache_offset <= pos < self._cache_offset + len(self._cache):
-            h = self._handle
-            assert h is not None
-            length = min(max(len(out), SPILL_IO_CHUNK), self._size - pos)
-            reply = self._client.call(
-                Op.SPILL_READ, {"slot": h.slot, "generation": h.generation, "offset": pos, "length": length})
+            f = self._f
+            length = min(max(len(out), SPILL_IO_CHUNK), f.size - pos)
+            reply = self._broker.call(
+                Op.SPILL_READ, {"slot": f.index, "generation": f.generation, "offset": pos, "length": length})
             self._cache, self._cache_offset = memoryview(reply.data), pos
         start = pos - self._cache_offset
         n = min(len(out), len(self._cache) - start)
-        out[:n] = self._cache[start: start + n]
+        out[0:n] = self._cache[start: start + n]
         return n

@@ -15,7 +15,7 @@ from typing import Any
 from .client import Client, connect
 from .errors import BadDescriptor, InvalidArgument
 from .files import TfemFile
-from .table import FileStat
+from .table import FileStat, file_stat
 
 TFEM_RDONLY = 0
 TFEM_WRONLY = 1
@@ -93,7 +93,8 @@ def tfem_stat(name: str | bytes) -> FileStat:
 
 
 def tfem_fstat(fd: int) -> FileStat:
-    return default_client().table.stat(_file(fd).name.encode())
+    """The held file's facts, from its slot (right after an unlink too)."""
+    return file_stat(_file(fd).fstat())
 
 
 def tfem_close(fd: int) -> None:

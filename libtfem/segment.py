@@ -19,7 +19,7 @@ from typing import Any
 
 import posix_ipc
 
-from ._atomics import ffi, lib
+from ._native import ffi, lib
 from .errors import InvalidArgument, NoSpace, NotFound, TfemError
 
 PAGE = mmap.PAGESIZE

@@ -77,18 +77,30 @@ def next_state(state: State, event: Event) -> State:
         raise TransitionError(state, event) from None
 
 
-# ---- the state word (tfem_segment.h): state, generation, holder pid ----
+# ---- the state word of a slot: state, generation, holder pid ----
+# The one definition of its layout: the build writes it into tfem_states.h.
 
+STATE_MASK = 0xFF
+GENERATION_SHIFT = 8
 GENERATION_MASK = 0xFFFFFF
+HOLDER_SHIFT = 32
 
 
 def pack_word(state: State, generation: int, holder: int) -> int:
-    return (holder << 32) | ((generation & GENERATION_MASK) << 8) | int(state)
+    return (holder << HOLDER_SHIFT) | ((generation & GENERATION_MASK) << GENERATION_SHIFT) | int(state)
 
 
 def unpack_word(word: int) -> tuple[State, int, int]:
     """(state, generation, holder pid) of a state word."""
-    return State(word & 0xFF), (word >> 8) & GENERATION_MASK, word >> 32
+    return State(word & STATE_MASK), (word >> GENERATION_SHIFT) & GENERATION_MASK, word >> HOLDER_SHIFT
+
+
+def generation_of(word: int) -> int:
+    return (word >> GENERATION_SHIFT) & GENERATION_MASK
+
+
+def holder_of(word: int) -> int:
+    return word >> HOLDER_SHIFT
 
 
 def apply(word: int, event: Event, holder: int = 0) -> int:

@@ -7,11 +7,11 @@ Theory of operation:
   pid; a dead holder's lock is taken over), change state words only by
   compare-and-swap to what the state machine of states.py gives, and bump
   a generation on every claim, so a handle to a reused slot is refused.
-- This module turns their return codes into tfem's errors and does the
-  waiting: a consumer whose name is not ready sleeps on the wake sequence of
-  the name's bucket (crc32 % TFEM_WAKE_BUCKETS), bumped by every transition
-  into WAIT, after a short spin; a producer that finds no room sleeps on
-  the space sequence, bumped whenever slots or blocks are freed.
+- This module turns their return codes into tfem's errors, for the
+  broker's work on the table (settling dead holders, holding files to spill
+  them, rebuilding after a crash) and for stat, unlink and list. A file's
+  own life (open, write, read, wait, close) is the native core's
+  (native/tfem_file.c, files.py).
 - File data is not touched here and never under the lock: a holder owns its
   slot's inline buffer and extents until it closes.
 """
@@ -27,25 +27,14 @@ import time
 import zlib
 from typing import Any, Iterator, NamedTuple
 
-from ._atomics import ffi, lib
+from ._native import ffi, lib
 from .errors import AlreadyExists, Busy, InvalidArgument, NameTooLong, NoSpace, NotFound, TfemError, Timeout, WouldBlock
 from .segment import Segment
 from .states import EVENT_NUMBER, Event, State, unpack_word
 
 WAKE_BUCKETS = lib.TFEM_WAKE_BUCKETS
+LIST_BATCH = 256
 NAME_MAX = lib.TFEM_NAME_MAX
-
-
-def _spin_ns() -> int:
-    """How long a waiter spins before it sleeps: TFEM_SPIN_US, else 50 us
-    where there is a second CPU for the producer, else none."""
-    try:
-        return int(float(os.environ["TFEM_SPIN_US"]) * 1000)
-    except (KeyError, ValueError):
-        return 50_000 if (os.cpu_count() or 1) > 1 else 0
-
-
-SPIN_NS = _spin_ns()
 
 
 class HandleInvalidated(TfemError):
@@ -89,6 +78,12 @@ class Deadline:
         self.timeout = timeout
         self._end = None if timeout is None or timeout == float("inf") else time.monotonic() + timeout
 
+    def remaining_ns(self) -> int:
+        """Nanoseconds left, at least 0 (-1: no limit)."""
+        if self._end is None:
+            return -1
+        return max(0, int((self._end - time.monotonic()) * 1e9))
+
     def left_ns(self, what: str) -> int:
         """Nanoseconds left (-1: no limit); Timeout once none are."""
         if self._end is None:
@@ -125,6 +120,18 @@ class FileStat:
     created: float  # seconds since the epoch
     spilled: bool
     slot: int
+
+
+def file_stat(info: Any) -> FileStat:
+    """A FileStat from the core's struct tfem_fileinfo."""
+    return FileStat(
+        name=ffi.buffer(info.name, info.name_len)[:].decode(errors="replace"),
+        size=info.size,
+        state=State(info.state).name,
+        created=info.created_ns / 1e9,
+        spilled=bool(info.spilled),
+        slot=info.slot,
+    )
 
 
 class SlotTable:
@@ -182,20 +189,13 @@ class SlotTable:
 
     # ---- producers ----
 
-    def create(self, raw: bytes, room_timeout: float | None = 0) -> Handle:
-        """Open a new name for writing; AlreadyExists if the name is held.
-        A full table is NoSpace at once, or after waiting up to
-        `room_timeout` seconds for a slot to be freed (None: no limit)."""
+    def create(self, raw: bytes) -> Handle:
+        """Claim a new name for writing (the broker's tests and tools; files
+        are opened through the native core, tfem_file.c)."""
         h = name_hash(raw)
         claim = self._claim_struct()
-        deadline = Deadline(room_timeout)
-        while True:
-            seen = self.space_seen()
-            rc = lib.tfem_t_create(self._h, raw, len(raw), h, self.pid, time.time_ns(), claim)
-            if rc != errno.ENOSPC or room_timeout == 0:
-                self._check(rc, repr(raw.decode()))
-                return Handle(claim.slot, claim.generation, claim.file_id, h % WAKE_BUCKETS)
-            self.wait_for_space(seen, deadline, "no slot was freed")
+        self._check(lib.tfem_t_create(self._h, raw, len(raw), h, self.pid, time.time_ns(), claim), repr(raw.decode()))
+        return Handle(claim.slot, claim.generation, claim.file_id, h % WAKE_BUCKETS)
 
     def space_seen(self) -> int:
         """The space sequence, read before looking for room."""
@@ -207,7 +207,7 @@ class SlotTable:
             left = deadline.left_ns(what)
         except Timeout as exc:
             raise NoSpace(str(exc)) from None
-        lib.tfem_wait_published(self._space_seq, self._space_waiters, seen, left, 0)
+        lib.tfem_f_wait_space(self._h, seen, left)
 
     def publish(self, handle: Handle, size: int, checksum: int = 0) -> int | None:
         """A producer's close: WRITE -> WAIT and wake the waiters. If the
@@ -235,28 +235,15 @@ class SlotTable:
 
     # ---- consumers ----
 
-    def open_existing(self, raw: bytes, create: bool, wait: bool, timeout: float | None) -> tuple[Handle, bool]:
-        """Take `raw` for reading once it is in WAIT, or, with `create`,
-        claim it for writing if nobody holds the name. Returns the handle
-        and whether it was opened for writing. Waits on the name's bucket
-        unless `wait` is false; `timeout` None waits without limit."""
+    def take(self, raw: bytes) -> Handle:
+        """Take `raw` for reading if it is in WAIT, without waiting."""
         h = name_hash(raw)
-        bucket = h % WAKE_BUCKETS
-        deadline = Deadline(timeout)
         claim = self._claim_struct()
-        while True:
-            seen = lib.tfem_load32(self._wake_seq + bucket)
-            rc = lib.tfem_t_take(self._h, raw, len(raw), h, self.pid, create, time.time_ns(), claim)
-            if rc == 0:
-                return Handle(claim.slot, claim.generation, claim.file_id, bucket), bool(claim.for_write)
-            if rc not in (errno.ENOENT, errno.EAGAIN):
-                self._check(rc, repr(raw.decode()))
-            if not wait:
-                if rc == errno.ENOENT:
-                    raise NotFound(f"no file named {raw.decode()!r}")
-                raise WouldBlock(f"{raw.decode()!r} is {State(claim.state).name}, not ready to read")
-            left = deadline.left_ns(f"{raw.decode()!r} was not ready to read")
-            lib.tfem_wait_published(self._wake_seq + bucket, self._wake_waiters + bucket, seen, left, SPIN_NS)
+        rc = lib.tfem_t_take(self._h, raw, len(raw), h, self.pid, 0, time.time_ns(), claim)
+        if rc == errno.EAGAIN:
+            raise WouldBlock(f"{raw.decode()!r} is {State(claim.state).name}, not ready to read")
+        self._check(rc, repr(raw.decode()))
+        return Handle(claim.slot, claim.generation, claim.file_id, h % WAKE_BUCKETS)
 
     def consume(self, handle: Handle) -> int | None:
         """A consumer's close: READ -> INVALID, the slot is freed."""
@@ -283,27 +270,23 @@ class SlotTable:
         return self._discard(claim)
 
     def stat(self, raw: bytes) -> FileStat:
-        claim = self._claim_struct()
-        self._check(lib.tfem_t_lookup(self._h, raw, len(raw), name_hash(raw), self.pid, claim),
-                    repr(raw.decode()))
-        return self._stat_slot(claim.slot)
+        info = ffi.new("struct tfem_fileinfo *")
+        self._check(lib.tfem_t_stat(self._h, raw, len(raw), name_hash(raw), self.pid, info), repr(raw.decode()))
+        return file_stat(info)
 
     def list(self) -> builtins_list[FileStat]:
-        with self.locked():
-            return [self._stat_slot(s) for s in range(self.seg.slot_count)
-                    if self.state_of(s)[0] is not State.INVALID
-                    and not self.seg.slot(s).flags & lib.TFEM_SLOT_DOOMED]
-
-    def _stat_slot(self, s: int) -> FileStat:
-        slot = self.seg.slot(s)
-        return FileStat(
-            name=ffi.buffer(slot.name, slot.name_len)[:].decode(errors="replace"),
-            size=slot.size,
-            state=self.state_of(s)[0].name,
-            created=slot.created_ns / 1e9,
-            spilled=bool(slot.flags & lib.TFEM_SLOT_SPILLED),
-            slot=s,
-        )
+        """Every named file, in slot order (one pass under the lock per
+        LIST_BATCH files)."""
+        out, start = [], 0
+        batch = ffi.new("struct tfem_fileinfo[]", LIST_BATCH)
+        while True:
+            n = lib.tfem_t_list(self._h, self.pid, start, batch, LIST_BATCH)
+            if n < 0:
+                self._check(-n)
+            out += [file_stat(batch[i]) for i in range(n)]
+            if n < LIST_BATCH:
+                return out
+            start = batch[n - 1].slot + 1
 
     # ---- extents ----
 

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import sysv_ipc
 
 from tfem import protocol
-from tfem._atomics import lib
-from tfem.config import resolve_keyfile
+from tfem._native import lib
+from tfem.config import Instance, resolve_keyfile
 from tfem.discovery import KEYFILE_HEADER, largest_message, queue_key, registry_pid
 from tfem.errors import AlreadyExists, BrokerUnavailable, ProtocolError, TfemError
 from tfem.protocol import Action, Reply
@@ -63,7 +63,9 @@ class Registry:
         self._created_keyfile = not self.keyfile.exists()
         fd = os.open(self.keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"{KEYFILE_HEADER}{os.getpid()}\n")
+            # The segment's name is for C clients, which map it without asking
+            # anyone (the broker derives the same name from this key file).
+            f.write(f"{KEYFILE_HEADER}{os.getpid()}\nsegment {Instance.for_keyfile(self.keyfile).segment}\n")
         key = queue_key(self.keyfile)
         size = self.max_message
         try:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests._proc_tools import wait_until
 from tests.conftest import SMALL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -39,6 +40,7 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path
 def run(program: pathlib.Path, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     # A minimal environment: the program must find its interpreter itself.
     minimal = {"PATH": "/usr/bin:/bin", "TFEM_KEYFILE": env["TFEM_KEYFILE"], "HOME": env.get("HOME", "/")}
+    minimal.update({name: env[name] for name in ("TFEM_PYTHON",) if name in env})
     return subprocess.run([str(program), *args], env=minimal, capture_output=True, text=True, timeout=timeout)
 
 
@@ -139,9 +141,14 @@ EXPECTED_ERRNO = {
 }
 
 
-def test_errno_cases(instance_factory, programs):
+NO_PYTHON = "/nonexistent/python3"  # TFEM_PYTHON: the embedded runtime cannot start
+
+
+@pytest.mark.parametrize("python", ["available", "unavailable"])
+def test_errno_cases(instance_factory, programs, python):
     inst = instance_factory("--slots", "2", *SMALL[2:])
-    result = run(programs["errno_cases"], env=inst.env)
+    env = inst.env if python == "available" else {**inst.env, "TFEM_PYTHON": NO_PYTHON}
+    result = run(programs["errno_cases"], env=env)
     assert result.returncode == 0, result.stderr
     got = dict(line.split(" ", 1) for line in result.stdout.splitlines() if not line.startswith("read-bytes"))
     assert got == EXPECTED_ERRNO
@@ -153,3 +160,26 @@ def test_errno_cases(instance_factory, programs):
 def test_no_server_is_econnrefused(tmp_path, programs):
     result = run(programs["errno_cases"], "noserver", env={"TFEM_KEYFILE": str(tmp_path / "none.key")})
     assert result.stdout.strip() == "open-no-server ECONNREFUSED"
+
+
+def test_memory_files_need_no_interpreter(instance, programs, client):
+    """Every call on files that fit in memory is C: with the Python runtime
+    made unavailable, a C producer and consumer still hand over files that
+    fill arena blocks. Only a file that must spill needs the broker's
+    protocol, and then the error says why."""
+    env = {**instance.env, "TFEM_PYTHON": NO_PYTHON}
+    produced = run(programs["producer"], "10", "70000", "np", env=env)
+    assert produced.returncode == 0, produced.stderr
+    assert "Python" not in produced.stderr
+    consumed = run(programs["consumer"], "10", "70000", "np", env=env)
+    assert consumed.returncode == 0, consumed.stderr
+    assert "read 10 files, 0 with wrong bytes" in consumed.stdout
+    assert client.list() == []
+
+    big = run(programs["producer"], "1", str(3 << 20), "big", env=env)  # 3 MiB through a 1 MiB arena
+    assert big.returncode == 1
+    assert "libtfem: " in big.stderr  # why the runtime could not serve: on stderr
+    assert "write big/0: Function not implemented" in big.stderr
+    # The producer exited holding the file: the broker's sweep drops it.
+    wait_until(lambda: client.list() == [], timeout=10, what="the dead producer's file dropped")
+    assert client.stats()["arena_bytes_used"] == 0

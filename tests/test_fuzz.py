@@ -32,7 +32,7 @@ import zmq
 
 import tfem
 from tfem import discovery, protocol
-from tfem._atomics import ffi, lib
+from tfem._native import ffi, lib
 from tfem.broker.recovery import adopt
 from tfem.discovery import queue_key
 from tfem.errors import TfemError
@@ -421,7 +421,7 @@ class Populated:
                 continue
             table.publish(h, size, zlib.crc32(data))
             if i in (5, 6, 10, 15):  # being read (6 and 15 by the dead process)
-                table.open_existing(raw, False, False, 0)
+                table.take(raw)
             if i in (10, 15):  # and unlinked meanwhile
                 table.unlink(raw)
             if i == 7:  # moved to the spill store
@@ -557,7 +557,7 @@ def check_adopted(seg: Segment, table: SlotTable, what: str) -> None:
     with pytest.raises(tfem.NoSpace):
         table.create(b"one too many")
     for i in range(len(free)):
-        handle, _ = table.open_existing(f"new/{i}".encode(), False, False, 0)
+        handle = table.take(f"new/{i}".encode())
         table.consume(handle)
     assert h.free_top == len(free), what
 

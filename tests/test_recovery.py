@@ -25,7 +25,7 @@ import lmdb
 import pytest
 
 import tfem
-from tfem._atomics import ffi
+from tfem._native import ffi
 from tfem.segment import Segment
 
 try:  # tests/ may or may not be a package
@@ -105,7 +105,7 @@ def kill_broker(broker: int) -> None:
 def connect_when_back(up, old_broker: int) -> tfem.Client:
     """A new client, once `tfem up` has a new broker serving (until then the
     registry rightly says that no broker is there)."""
-    from tfem._atomics import lib
+    from tfem._native import lib
 
     def back() -> bool:
         pid = up.names.read_state().get("broker_pid")
@@ -409,13 +409,33 @@ def test_damaged_bytes_in_the_segment_are_a_checksum_mismatch(instance, client, 
     put(client, name, size)
     put(client, "crc/bystander", 20_000)
     offset, old = _damage_in_segment(instance, client, name, where)
-    for _ in range(2):  # refused every time, and left in place
+    # Checked as it is read, before the reader sees the end: reading in
+    # order, jumping ahead, or asking for views. Refused every time, and
+    # given back at close, never consumed.
+    for how in ("in order", "in small reads", "jumping", "views"):
+        f = client.open(name, "r", wait=False)
         with pytest.raises(tfem.ChecksumMismatch) as caught:
-            client.open(name, "r", wait=False)
+            if how == "in order":
+                f.read()
+            elif how == "in small reads":
+                while f.read(1000):
+                    pass
+            elif how == "jumping":
+                f.seek(size - 10)
+                f.read(5)
+            else:
+                list(f.chunks())
         assert caught.value.errno == errno.EBADMSG
         assert name in str(caught.value) and "checksum" in str(caught.value)
+        with pytest.raises(tfem.ChecksumMismatch):
+            f.read(1)  # and stays refused
+        f.close()
         st = client.stat(name)
         assert (st.state, st.size) == ("WAIT", size)
+    with pytest.raises(tfem.ChecksumMismatch):  # a `with` block gives it back too
+        with client.open(name, "r", wait=False) as f:
+            f.read()
+    assert client.stat(name).state == "WAIT"
     check(client, "crc/bystander", 20_000)  # other files are not affected
     with mapped(instance.names.segment) as seg:  # repaired, it reads back
         seg.view[offset] = old

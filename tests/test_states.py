@@ -35,7 +35,7 @@ def _id(pair: tuple[State, Event]) -> str:
 
 
 def test_state_numbers_match_the_segment_header() -> None:
-    from tfem._atomics import lib
+    from tfem._native import lib
 
     assert State.INVALID == lib.TFEM_STATE_INVALID
     assert State.WRITE == lib.TFEM_STATE_WRITE

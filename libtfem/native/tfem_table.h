@@ -15,6 +15,18 @@
 
 #include "tfem_segment.h"
 
+/* What stat and list report of a file. */
+struct tfem_fileinfo {
+    uint64_t size;
+    uint64_t file_id;
+    uint64_t created_ns;
+    uint32_t slot;
+    int32_t state;
+    int32_t spilled;
+    uint32_t name_len;
+    char name[TFEM_NAME_MAX + 1];
+};
+
 struct tfem_claim {
     uint32_t slot;
     uint32_t generation;
@@ -43,6 +55,13 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
 int tfem_t_grow(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
                 uint64_t capacity);
 uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t slot);
+int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
+                struct tfem_fileinfo *out);
+int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct tfem_fileinfo *out,
+                    uint32_t max);
+void tfem_t_info(struct tfem_header *h, uint32_t slot, struct tfem_fileinfo *out);
+/* crc32 of a name (zlib's): keys the name index and the wake buckets. */
+uint32_t tfem_name_hash(const char *name, uint32_t len);
 void tfem_t_index_insert(struct tfem_header *h, uint32_t slot);
 /* The caller holds the table lock (tfem_t_lock). `event` numbers are the
  * order of states.Event; generation < 0 matches any. */

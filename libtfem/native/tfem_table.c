@@ -18,19 +18,16 @@
 #include <string.h>
 
 #include "tfem_atomics.h"
-#include "tfem_segment.h"
-#include "tfem_states.h"
+#include "tfem_layout.h"
 #include "tfem_table.h"
 
 #define SC __ATOMIC_SEQ_CST
 #define LOCK_TIMEOUT_NS (10LL * 1000000000LL)
 
-static struct tfem_slot *slot_at(struct tfem_header *h, uint32_t s) {
-    return (struct tfem_slot *)((char *)h + h->slots_offset + (uint64_t)s * h->slot_size);
-}
+#define slot_at tfem_slot_at
+#define bitmap_of tfem_bitmap_of
 static uint32_t *index_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->index_offset); }
 static uint32_t *free_stack_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->free_stack_offset); }
-static uint64_t *bitmap_of(struct tfem_header *h) { return (uint64_t *)((char *)h + h->bitmap_offset); }
 
 int tfem_t_lock(struct tfem_header *h, uint32_t pid) {
     return tfem_lock(&h->table_lock, &h->lock_waiters, pid, LOCK_TIMEOUT_NS) ? EBUSY : 0;
@@ -39,9 +36,9 @@ void tfem_t_unlock(struct tfem_header *h) { tfem_unlock(&h->table_lock, &h->lock
 
 /* ---- state words ---- */
 
-static uint32_t generation_of(uint64_t word) { return (uint32_t)(word >> 8) & 0xFFFFFF; }
-static uint32_t holder_of(uint64_t word) { return (uint32_t)(word >> 32); }
-static int state_of(uint64_t word) { return (int)(word & 0xFF); }
+#define generation_of tfem_word_generation
+#define holder_of tfem_word_holder
+#define state_of tfem_word_state
 
 /* Apply `event` to slot `s` by compare-and-swap. `generation` < 0: any. */
 static int transition(struct tfem_slot *slot, int event, int64_t generation, uint32_t holder) {
@@ -52,8 +49,8 @@ static int transition(struct tfem_slot *slot, int event, int64_t generation, uin
     int next = TFEM_NEXT_STATE[state][event];
     if (next < 0) return EPERM;
     uint32_t gen = generation_of(word);
-    if (TFEM_BUMPS_GENERATION[event]) gen = (gen + 1) & 0xFFFFFF;
-    uint64_t desired = ((uint64_t)(TFEM_HELD[next] ? holder : 0) << 32) | ((uint64_t)gen << 8) | (uint64_t)next;
+    if (TFEM_BUMPS_GENERATION[event]) gen = (gen + 1) & TFEM_WORD_GENERATION_MASK;
+    uint64_t desired = tfem_word(next, gen, TFEM_HELD[next] ? holder : 0);
     return __atomic_compare_exchange_n(&slot->state, &word, desired, 0, SC, SC) ? 0 : ESTALE;
 }
 
@@ -300,6 +297,63 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
     }
     tfem_t_unlock(h);
     return s >= 0 ? 0 : ENOENT;
+}
+
+/* ---- what stat and list report ---- */
+
+void tfem_t_info(struct tfem_header *h, uint32_t s, struct tfem_fileinfo *out) {
+    struct tfem_slot *slot = slot_at(h, s);
+    uint32_t len = slot->name_len <= TFEM_NAME_MAX ? slot->name_len : TFEM_NAME_MAX;
+    out->size = slot->size;
+    out->file_id = slot->file_id;
+    out->created_ns = slot->created_ns;
+    out->slot = s;
+    out->state = state_of(__atomic_load_n(&slot->state, SC));
+    out->spilled = (slot->flags & TFEM_SLOT_SPILLED) != 0;
+    out->name_len = len;
+    memcpy(out->name, slot->name, len);
+    out->name[len] = 0;
+}
+
+int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
+                struct tfem_fileinfo *out) {
+    if (tfem_t_lock(h, pid)) return EBUSY;
+    int64_t s = find(h, name, len, hash);
+    if (s >= 0) tfem_t_info(h, (uint32_t)s, out);
+    tfem_t_unlock(h);
+    return s >= 0 ? 0 : ENOENT;
+}
+
+/* The named files of slots start.. (unlinked ones not), at most max of
+ * them; a caller continues from the last one's slot + 1. */
+int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct tfem_fileinfo *out,
+                    uint32_t max) {
+    if (tfem_t_lock(h, pid)) return -EBUSY;
+    int64_t n = 0;
+    for (uint32_t s = start; s < h->slot_count && n < max; s++) {
+        struct tfem_slot *slot = slot_at(h, s);
+        if (state_of(__atomic_load_n(&slot->state, SC)) == TFEM_STATE_INVALID || slot->flags & TFEM_SLOT_DOOMED)
+            continue;
+        tfem_t_info(h, s, &out[n++]);
+    }
+    tfem_t_unlock(h);
+    return n;
+}
+
+uint32_t tfem_name_hash(const char *name, uint32_t len) {
+    static uint32_t table[256];
+    static int ready;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) { /* racing initialisers write the same values */
+        for (uint32_t n = 0; n < 256; n++) {
+            uint32_t c = n;
+            for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0xEDB88320u : c >> 1;
+            __atomic_store_n(&table[n], c, __ATOMIC_RELAXED);
+        }
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    uint32_t crc = ~0u;
+    for (uint32_t i = 0; i < len; i++) crc = (crc >> 8) ^ table[(crc ^ (unsigned char)name[i]) & 0xFF];
+    return ~crc;
 }
 
 /* ---- growing a file held for writing: no lock, the holder owns its extents ---- */

@@ -15,8 +15,9 @@
  *   numbers keyed by a crc32 of the name; the name kept in each slot is map2.
  * - The free-slot stack, the index and slot claims change only under the
  *   table lock (a pid in the header; a dead holder's lock is taken over).
- * - The block bitmap has a set bit per arena block in use. Only the broker
- *   sets bits; the last holder of a file clears them.
+ * - The block bitmap has a set bit per arena block in use. Writers claim
+ *   runs themselves by compare-and-swap; the last holder of a file clears
+ *   them.
  * - Consumers waiting for a name sleep on the wake sequence of the name's
  *   bucket; every transition into WAIT bumps it and wakes the sleepers.
  *   Producers waiting for room sleep on space_seq, bumped whenever a slot
@@ -39,13 +40,10 @@
 #define TFEM_WAKE_BUCKETS 64
 #define TFEM_INDEX_EMPTY 0u
 
-/* The state word of a slot: bits 0-7 the state, bits 8-31 a generation
- * bumped each time the slot is claimed (so a stale compare-and-swap fails),
- * bits 32-63 the pid of the process holding the file (0 when none). */
-#define TFEM_STATE_INVALID 0
-#define TFEM_STATE_WRITE 1
-#define TFEM_STATE_WAIT 2
-#define TFEM_STATE_READ 3
+/* The state word of a slot holds the state, a generation bumped each time
+ * the slot is claimed (so a stale compare-and-swap fails) and the pid of
+ * the process holding the file (0 when none). Its layout and the state
+ * numbers are states.py's, generated into tfem_states.h. */
 
 /* Slot flags. */
 #define TFEM_SLOT_SPILLED 1u /* bytes past the inline buffer are in the spill store */

@@ -82,13 +82,16 @@ void tfem_publish(uint32_t *seq, uint32_t *waiters) {
  * producer that is about to publish is often quicker than that. The spin
  * yields so that two processes sharing one CPU do not starve each other
  * (measured: 116 us without the yield, 10 us with it). spin_ns 0: sleep at
- * once, the asynchronous way, for loaded machines. */
+ * once, the asynchronous way, for loaded machines. *spun says whether
+ * the spin saw the change. EINTR: a signal came; the caller looks again
+ * (and Python runs its handlers). */
 int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t timeout_ns,
-                        int64_t spin_ns) {
+                        int64_t spin_ns, int *spun) {
+    *spun = 0;
     if (spin_ns > 0) {
         int64_t until = now_ns() + spin_ns;
         do {
-            if (__atomic_load_n(seq, SC) != seen) return 0;
+            if (__atomic_load_n(seq, SC) != seen) return *spun = 1, 0;
             sched_yield();
         } while (now_ns() < until);
     }
@@ -96,7 +99,7 @@ int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t
     int rc = 0;
     if (__atomic_load_n(seq, SC) == seen) rc = tfem_futex_wait(seq, seen, timeout_ns);
     __atomic_fetch_sub(waiters, 1, SC);
-    return rc == EINTR ? 0 : rc;
+    return rc;
 }
 
 /* Whether a process runs: it exists and is not a zombie waiting to be

@@ -1,9 +1,10 @@
-"""cffi API-mode build of tfem._atomics: the segment layout and its C operations.
+"""cffi API-mode build of tfem._native: the segment layout and the native core.
 
-The declarations given to cdef are the headers' own (tfem_segment.h,
-tfem_atomics.h, tfem_table.h), so the layout Python sees is the one the C
-compiler laid out. tfem_states.h, the C copy of the state machine, is
-generated here from states.py, the one place the transitions are written.
+The declarations given to cdef are the headers' own, so the layout Python
+sees is the one the C compiler laid out. tfem_states.h, the C copy of the
+state machine and of the state word's layout, is generated from states.py,
+the one place they are written (`write_states_header`, run by this module
+and by the C API's build).
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-HEADERS = ("tfem_segment.h", "tfem_atomics.h", "tfem_table.h")
+# What Python binds, in dependency order. tfem_layout.h is for the C files only.
+HEADERS = ("tfem_segment.h", "tfem_states.h", "tfem_atomics.h", "tfem_table.h", "tfem_file.h", "tfem_crc32c.h")
+SOURCES = ("tfem_atomics.c", "tfem_table.c", "tfem_file.c", "tfem_crc32c.c")
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-Werror=implicit-function-declaration"]
 
 
 def _declarations(header: str) -> str:
     """A header in the form cdef takes: no comments, no preprocessor lines,
-    constants and array lengths left for the compiler to fill in."""
+    constants and array lengths left for the compiler to fill in, no
+    definitions with initialisers."""
     text = re.sub(r"/\*.*?\*/", "", (HERE / header).read_text(), flags=re.S)
+    text = re.sub(r"static const[^;]*;", "", text, flags=re.S)
     lines = []
     for line in text.splitlines():
         define = re.match(r"#define (TFEM_\w+) (\S+)", line)
@@ -33,18 +39,23 @@ def _declarations(header: str) -> str:
 
 
 def states_header() -> str:
-    """tfem_states.h: the transition table of states.py as C arrays."""
-    spec = importlib.util.spec_from_file_location("_tfem_states", HERE / "states.py")
+    """tfem_states.h: states.py's transition table and state word as C."""
+    spec = importlib.util.spec_from_file_location("_tfem_states", HERE.parent / "states.py")
     assert spec is not None and spec.loader is not None
     states = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(states)
     State, Event = states.State, states.Event
     events = sorted(Event, key=states.EVENT_NUMBER.__getitem__)
-    lines = ["/* Generated from states.py by _build_atomics.py: do not edit. */",
-             "#ifndef TFEM_STATES_H", "#define TFEM_STATES_H", "",
-             f"#define TFEM_STATE_COUNT {len(State)}"]
+    lines = ["/* Generated from states.py by native/build.py: do not edit. */",
+             "#ifndef TFEM_STATES_H", "#define TFEM_STATES_H", ""]
+    lines += [f"#define TFEM_STATE_{state.name} {int(state)}" for state in sorted(State, key=int)]
+    lines.append(f"#define TFEM_STATE_COUNT {len(State)}")
     lines += [f"#define TFEM_EVENT_{event.name} {states.EVENT_NUMBER[event]}" for event in events]
     lines.append(f"#define TFEM_EVENT_COUNT {len(events)}")
+    lines += [f"#define TFEM_WORD_STATE_MASK {states.STATE_MASK:#x}",
+              f"#define TFEM_WORD_GENERATION_SHIFT {states.GENERATION_SHIFT}",
+              f"#define TFEM_WORD_GENERATION_MASK {states.GENERATION_MASK:#x}",
+              f"#define TFEM_WORD_HOLDER_SHIFT {states.HOLDER_SHIFT}"]
     rows = []
     for state in sorted(State, key=int):
         row = [int(states.TRANSITIONS.get(state, {}).get(event, -1)) for event in events]
@@ -57,16 +68,23 @@ def states_header() -> str:
     return "\n".join(lines + ["", "#endif", ""])
 
 
-(HERE / "tfem_states.h").write_text(states_header())
+def write_states_header() -> None:
+    path = HERE / "tfem_states.h"
+    text = states_header()
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+write_states_header()
 
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join(_declarations(h) for h in HEADERS))
 ffibuilder.set_source(
-    "tfem._atomics",
+    "tfem._native",
     "".join(f'#include "{h}"\n' for h in HEADERS),
-    sources=[str(HERE / "tfem_atomics.c"), str(HERE / "tfem_table.c")],
+    sources=[str(HERE / source) for source in SOURCES],
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror=implicit-function-declaration"],
+    extra_compile_args=COMPILE_ARGS,
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,428 @@
+/*
+ * tfem_capi.c: the C API of tfem.h, in plain C over the native core.
+ *
+ * Connecting: the key file (TFEM_KEYFILE, else the per-user default, as in
+ * Python) names the registry's pid and the broker's segment; the library
+ * maps the segment itself and checks its header. With TFEM_BROKER (an
+ * endpoint, no key file) the segment's name comes from the broker's HELLO,
+ * asked through the embedded Python runtime.
+ *
+ * Every call on a file whose bytes are in memory is C: no interpreter. The
+ * calls that need the broker's protocol start the embedded runtime on first
+ * use (tfem_embed.h): room when the arena is full (ALLOC, the broker
+ * spills), bytes of a spilled file, a spilled file's checksum, and
+ * discarding spill records after a spilled file is freed. DESIGN.md lists
+ * them.
+ *
+ * Descriptors are tfem's own (3, 4, ...), in a table shared by the threads
+ * of the process. A descriptor belongs to the process that opened it: in a
+ * forked child the parent's are EBADF, and the child holds files under its
+ * own pid. The broker notices a dead C program through the holder pids in
+ * the state words, like any other client.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tfem.h"
+#include "tfem_atomics.h"
+#include "tfem_embed.h"
+#include "tfem_file.h"
+#include "tfem_layout.h"
+
+#define FIRST_FD 3
+#define KEYFILE_HEADER "tfem registry key file; pid "
+
+struct descriptor {
+    struct tfem_file f;
+    pid_t owner;           /* the process that opened it */
+    int64_t room_timeout_ns; /* how long a write may wait for memory */
+    int in_use;
+};
+
+static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
+static struct descriptor **descriptors; /* stable addresses: the table grows, entries do not move */
+static int descriptor_count;
+static struct tfem_header *header; /* the mapped segment, once connected */
+static uint32_t my_pid;
+
+static void after_fork_in_child(void) {
+    pthread_mutex_init(&table_mutex, NULL); /* another thread may have held it at fork */
+    my_pid = (uint32_t)getpid();
+}
+
+static int fail(int e) {
+    errno = e;
+    return -1;
+}
+
+/* ---- connecting ---- */
+
+static int default_keyfile(char *out, size_t size) {
+    const char *xdg = getenv("XDG_RUNTIME_DIR"), *job = getenv("SLURM_JOB_ID");
+    char dir[PATH_MAX], file[64];
+    struct stat st;
+    if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode))
+        snprintf(dir, sizeof dir, "%s/tfem", xdg);
+    else
+        snprintf(dir, sizeof dir, "/tmp/tfem-%u", (unsigned)getuid());
+    if (job && *job) snprintf(file, sizeof file, "registry-job%.40s.key", job);
+    else snprintf(file, sizeof file, "registry.key");
+    return snprintf(out, size, "%s/%s", dir, file) < (int)size ? 0 : ENAMETOOLONG;
+}
+
+/* The segment named in the key file; ECONNREFUSED when no registry runs. */
+static int segment_from_keyfile(char *segment, size_t size) {
+    char path[PATH_MAX], text[512];
+    const char *chosen = getenv("TFEM_KEYFILE");
+    if (chosen && *chosen) snprintf(path, sizeof path, "%s", chosen);
+    else if (default_keyfile(path, sizeof path)) return ECONNREFUSED;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ECONNREFUSED;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    text[n > 0 ? n : 0] = 0;
+    if (strncmp(text, KEYFILE_HEADER, strlen(KEYFILE_HEADER)) != 0) return ECONNREFUSED;
+    long pid = strtol(text + strlen(KEYFILE_HEADER), NULL, 10);
+    if (pid <= 0 || !tfem_pid_alive((int32_t)pid)) return ECONNREFUSED; /* it died without cleaning up */
+    const char *line = strstr(text, "\nsegment ");
+    if (!line) return ECONNREFUSED;
+    line += strlen("\nsegment ");
+    size_t len = strcspn(line, "\n");
+    if (len == 0 || len >= size) return ECONNREFUSED;
+    memcpy(segment, line, len);
+    segment[len] = 0;
+    return 0;
+}
+
+/* Every offset within the segment, as the broker laid it out. */
+static int header_sane(const struct tfem_header *h, uint64_t size) {
+    if (h->magic != TFEM_SEGMENT_MAGIC || h->layout_version != TFEM_LAYOUT_VERSION) return 0;
+    if (h->segment_size != size || h->slot_count == 0 || h->index_size == 0) return 0;
+    if (h->index_size & (h->index_size - 1) || h->block_size < 4096) return 0;
+    if (h->slot_size < sizeof(struct tfem_slot) + h->buf_size) return 0;
+    if (h->slots_offset < sizeof *h || h->slots_offset + (uint64_t)h->slot_count * h->slot_size > h->index_offset)
+        return 0;
+    if (h->index_offset + 4ull * h->index_size > h->free_stack_offset) return 0;
+    if (h->free_stack_offset + 4ull * h->slot_count > h->bitmap_offset) return 0;
+    if (h->bitmap_offset + 8ull * ((h->block_count + 63ull) / 64) > h->arena_offset) return 0;
+    return h->arena_offset + (uint64_t)h->block_count * h->block_size <= size;
+}
+
+static int map_segment(const char *name) {
+    int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) return ECONNREFUSED;
+    struct stat st;
+    void *base = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= sizeof(struct tfem_header))
+        base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) return ECONNREFUSED;
+    if (!header_sane(base, (uint64_t)st.st_size)) {
+        munmap(base, (size_t)st.st_size);
+        fprintf(stderr, "libtfem: segment %s does not carry a tfem layout %d header\n", name, TFEM_LAYOUT_VERSION);
+        return EIO;
+    }
+    __atomic_store_n(&header, (struct tfem_header *)base, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* The mapped segment, connecting on first use. */
+static struct tfem_header *connected(void) {
+    struct tfem_header *h = __atomic_load_n(&header, __ATOMIC_ACQUIRE);
+    if (h) return h;
+    pthread_mutex_lock(&table_mutex);
+    int rc = 0;
+    if (!header) {
+        char segment[256];
+        if (getenv("TFEM_BROKER") && *getenv("TFEM_BROKER") && !(getenv("TFEM_KEYFILE") && *getenv("TFEM_KEYFILE")))
+            rc = tfem_python_ready() || _tfem_py_segment(segment, sizeof segment) < 0 ? errno : 0;
+        else
+            rc = segment_from_keyfile(segment, sizeof segment);
+        if (!rc) rc = map_segment(segment);
+        if (!rc) {
+            my_pid = (uint32_t)getpid();
+            pthread_atfork(NULL, NULL, after_fork_in_child);
+        }
+    }
+    pthread_mutex_unlock(&table_mutex);
+    errno = rc;
+    return rc ? NULL : header;
+}
+
+/* ---- descriptors ---- */
+
+/* A free descriptor, marked in use; its index in *index. */
+static struct descriptor *new_descriptor(int *index) {
+    pthread_mutex_lock(&table_mutex);
+    int i = 0;
+    while (i < descriptor_count && descriptors[i]->in_use) i++;
+    if (i == descriptor_count) {
+        struct descriptor **grown = realloc(descriptors, (size_t)(descriptor_count + 1) * sizeof *grown);
+        struct descriptor *d = calloc(1, sizeof *d);
+        if (grown) descriptors = grown;
+        if (!grown || !d) {
+            free(d);
+            pthread_mutex_unlock(&table_mutex);
+            return NULL;
+        }
+        descriptors[descriptor_count++] = d;
+    }
+    struct descriptor *d = descriptors[i];
+    d->in_use = 1;
+    pthread_mutex_unlock(&table_mutex);
+    *index = i;
+    return d;
+}
+
+static void free_descriptor(int i) {
+    pthread_mutex_lock(&table_mutex);
+    descriptors[i]->in_use = 0;
+    pthread_mutex_unlock(&table_mutex);
+}
+
+/* The file behind fd, held by this process; NULL with EBADF. */
+static struct descriptor *lookup(int fd) {
+    struct descriptor *d = NULL;
+    pthread_mutex_lock(&table_mutex);
+    if (fd >= FIRST_FD && fd - FIRST_FD < descriptor_count) d = descriptors[fd - FIRST_FD];
+    pthread_mutex_unlock(&table_mutex);
+    if (!d || !d->in_use || !d->f.held || d->owner != getpid()) {
+        errno = EBADF;
+        return NULL;
+    }
+    return d;
+}
+
+/* ---- names ---- */
+
+static int valid_utf8(const unsigned char *s, size_t n) {
+    static const uint32_t least[] = {0, 0x80, 0x800, 0x10000};
+    for (size_t i = 0; i < n;) {
+        unsigned c = s[i];
+        size_t extra = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : 4;
+        if (extra == 4 || i + extra >= n) return 0;
+        uint32_t cp = extra == 0 ? c : c & (0x3Fu >> extra);
+        for (size_t k = 1; k <= extra; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if (cp < least[extra] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+        i += extra + 1;
+    }
+    return 1;
+}
+
+/* 0, or the errno for a name tfem does not take (as Python's encode_name). */
+static int check_name(const char *name, uint32_t *len) {
+    if (!name) return EFAULT;
+    size_t n = strnlen(name, TFEM_NAME_MAX + 1);
+    if (n == 0) return EINVAL;
+    if (n > TFEM_NAME_MAX) return ENAMETOOLONG;
+    if (!valid_utf8((const unsigned char *)name, n)) return EINVAL;
+    *len = (uint32_t)n;
+    return 0;
+}
+
+/* ---- what needs the broker ---- */
+
+static void discard(uint64_t file_id) {
+    if (file_id && tfem_python_ready() == 0) _tfem_py_discard(file_id); /* else the broker's sweep does it */
+}
+
+static int verify_spilled(struct tfem_file *f) {
+    if (tfem_python_ready()) return errno;
+    int64_t crc = _tfem_py_checksum(f->index, f->generation, tfem_f_memory_crc(f));
+    if (crc < 0) return errno;
+    if ((uint32_t)crc != f->slot->checksum) return EBADMSG;
+    f->checked = 1;
+    return 0;
+}
+
+/* ---- the API ---- */
+
+int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
+    uint32_t len = 0;
+    int rc = check_name(name, &len);
+    if (rc) return fail(rc);
+    int access = flags & 3;
+    if (flags & ~(3 | TFEM_NONBLOCK) || access == 3 || isnan(timeout_seconds)) return fail(EINVAL);
+    struct tfem_header *h = connected();
+    if (!h) return -1;
+    int i = 0;
+    struct descriptor *d = new_descriptor(&i);
+    if (!d) return fail(ENOMEM);
+    int wait = !(flags & TFEM_NONBLOCK);
+    int64_t timeout_ns = timeout_seconds < 0 ? -1 : (int64_t)(timeout_seconds * 1e9);
+    d->room_timeout_ns = timeout_ns < 0 || !wait ? 0 : timeout_ns;
+    int32_t state = 0;
+    do {
+        if (access == TFEM_WRONLY)
+            rc = tfem_f_create(h, name, len, my_pid, d->room_timeout_ns, &d->f);
+        else
+            rc = tfem_f_open(h, name, len, my_pid, access == TFEM_AUTO ? TFEM_OPEN_AUTO : TFEM_OPEN_READ, wait,
+                             timeout_ns, &d->f, &state);
+    } while (rc == EINTR);
+    if (rc == 0 && !d->f.writing && d->f.spilled && (rc = verify_spilled(&d->f)) != 0) {
+        uint64_t ignored;
+        tfem_f_abort(&d->f, &ignored); /* given back, left in place */
+    }
+    if (rc) {
+        free_descriptor(i);
+        return fail(rc);
+    }
+    d->owner = getpid();
+    return FIRST_FD + i;
+}
+
+int tfem_open(const char *name, int flags) { return tfem_open_timeout(name, flags, -1.0); }
+
+/* Ask the broker for room; with a room timeout, wait for consumers to free some. */
+static int make_room(struct descriptor *d) {
+    int64_t deadline_left = d->room_timeout_ns;
+    for (;;) {
+        uint32_t seen = __atomic_load_n(&d->f.h->space_seq, __ATOMIC_SEQ_CST);
+        if (tfem_python_ready()) return errno;
+        if (_tfem_py_alloc(d->f.index, d->f.generation, d->f.want) == 0) {
+            tfem_f_reload(&d->f);
+            return 0;
+        }
+        if (errno != ENOSPC || deadline_left == 0) return errno;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        if (tfem_f_wait_space(d->f.h, seen, deadline_left) == ETIMEDOUT) return ENOSPC;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        if (deadline_left > 0) {
+            deadline_left -= (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+            if (deadline_left <= 0) return ENOSPC;
+        }
+    }
+}
+
+static int write_spilled(struct tfem_file *f, const char *buf, uint64_t n) {
+    static const char zeros[65536];
+    if (tfem_python_ready()) return errno;
+    while (f->size < f->pos) { /* a gap reads back as zeros */
+        uint64_t k = f->pos - f->size < sizeof zeros ? f->pos - f->size : sizeof zeros;
+        if (_tfem_py_spill_write(f->index, f->generation, f->size, zeros, k) < 0) return errno;
+        f->size = f->slot->size = f->size + k;
+    }
+    if (_tfem_py_spill_write(f->index, f->generation, f->pos, buf, n) < 0) return errno;
+    f->pos += n;
+    if (f->pos > f->size) f->size = f->slot->size = f->pos;
+    f->crc_end = UINT64_MAX; /* checksummed at close, with the broker */
+    return 0;
+}
+
+ssize_t tfem_write(int fd, const void *buf, size_t count) {
+    struct descriptor *d = lookup(fd);
+    if (!d) return -1;
+    if (!d->f.writing) return fail(EBADF);
+    if (buf == NULL && count) return fail(EFAULT);
+    if (count > SSIZE_MAX) return fail(EINVAL);
+    const char *p = buf;
+    uint64_t done = 0;
+    while (done < count) {
+        int64_t n = tfem_f_write(&d->f, p + done, count - done);
+        if (n < 0) return fail((int)-n);
+        done += (uint64_t)n;
+        if (done == count) break;
+        int rc = d->f.need == TFEM_NEED_ROOM ? make_room(d) : write_spilled(&d->f, p + done, count - done);
+        if (rc) return fail(rc);
+        if (d->f.need == TFEM_NEED_SPILL) done = count;
+    }
+    return (ssize_t)count;
+}
+
+ssize_t tfem_read(int fd, void *buf, size_t count) {
+    struct descriptor *d = lookup(fd);
+    if (!d) return -1;
+    if (d->f.writing) return fail(EBADF);
+    if (buf == NULL && count) return fail(EFAULT);
+    if (count > SSIZE_MAX) return fail(EINVAL);
+    int64_t n = tfem_f_read(&d->f, buf, count);
+    if (n < 0) return fail((int)-n);
+    if (d->f.need != TFEM_NEED_SPILL) return (ssize_t)n;
+    struct tfem_file *f = &d->f;
+    uint64_t want = count - (uint64_t)n < f->size - f->pos ? count - (uint64_t)n : f->size - f->pos;
+    if (tfem_python_ready()) return -1;
+    int64_t more = _tfem_py_spill_read(f->index, f->generation, f->pos, (char *)buf + n, want);
+    if (more < 0) return n ? n : -1;
+    f->pos += (uint64_t)more;
+    return (ssize_t)(n + more);
+}
+
+off_t tfem_lseek(int fd, off_t offset, int whence) {
+    struct descriptor *d = lookup(fd);
+    if (!d) return -1;
+    int64_t pos = tfem_f_seek(&d->f, (int64_t)offset, whence);
+    return pos < 0 ? fail((int)-pos) : (off_t)pos;
+}
+
+static void fill_stat(const struct tfem_fileinfo *info, struct tfem_stat *st) {
+    st->size = info->size;
+    st->state = info->state;
+    st->spilled = info->spilled;
+    st->created = (double)info->created_ns / 1e9;
+}
+
+int tfem_stat(const char *name, struct tfem_stat *st) {
+    uint32_t len = 0;
+    int rc = check_name(name, &len);
+    if (rc) return fail(rc);
+    if (!st) return fail(EFAULT);
+    struct tfem_header *h = connected();
+    if (!h) return -1;
+    struct tfem_fileinfo info;
+    rc = tfem_t_stat(h, name, len, tfem_name_hash(name, len), my_pid, &info);
+    if (rc) return fail(rc);
+    fill_stat(&info, st);
+    return 0;
+}
+
+int tfem_fstat(int fd, struct tfem_stat *st) {
+    struct descriptor *d = lookup(fd);
+    if (!d) return -1;
+    if (!st) return fail(EFAULT);
+    struct tfem_fileinfo info;
+    tfem_f_fstat(&d->f, &info);
+    fill_stat(&info, st);
+    return 0;
+}
+
+int tfem_close(int fd) {
+    struct descriptor *d = lookup(fd);
+    if (!d) return -1;
+    uint64_t discard_id = 0;
+    int rc = tfem_f_close(&d->f, &discard_id);
+    if (rc == EXDEV) { /* a spilled file: its checksum needs the broker */
+        int64_t crc = tfem_python_ready() ? -1 : _tfem_py_checksum(d->f.index, d->f.generation, tfem_f_memory_crc(&d->f));
+        rc = crc < 0 ? errno : tfem_f_publish(&d->f, (uint32_t)crc, &discard_id);
+        if (crc < 0) tfem_f_abort(&d->f, &discard_id); /* never half-published, never left held */
+    }
+    free_descriptor(fd - FIRST_FD);
+    discard(discard_id);
+    return rc ? fail(rc == ESTALE ? EBADF : rc) : 0;
+}
+
+int tfem_unlink(const char *name) {
+    uint32_t len = 0;
+    int rc = check_name(name, &len);
+    if (rc) return fail(rc);
+    struct tfem_header *h = connected();
+    if (!h) return -1;
+    struct tfem_claim out;
+    rc = tfem_t_unlink(h, name, len, tfem_name_hash(name, len), my_pid, &out);
+    if (rc) return fail(rc);
+    discard(out.discard_id);
+    return 0;
+}

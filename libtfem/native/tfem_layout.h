@@ -1,0 +1,33 @@
+/*
+ * tfem_layout.h: addresses inside a mapped segment, for the C files of the
+ * core (not part of what Python binds: cffi reads the other headers).
+ */
+#ifndef TFEM_LAYOUT_H
+#define TFEM_LAYOUT_H
+
+#include "tfem_segment.h"
+#include "tfem_states.h"
+
+static inline struct tfem_slot *tfem_slot_at(struct tfem_header *h, uint32_t s) {
+    return (struct tfem_slot *)((char *)h + h->slots_offset + (uint64_t)s * h->slot_size);
+}
+static inline char *tfem_inline_data(struct tfem_slot *slot) { return (char *)(slot + 1); }
+static inline char *tfem_block_data(struct tfem_header *h, uint32_t block) {
+    return (char *)h + h->arena_offset + (uint64_t)block * h->block_size;
+}
+static inline uint64_t *tfem_bitmap_of(struct tfem_header *h) {
+    return (uint64_t *)((char *)h + h->bitmap_offset);
+}
+
+/* The state word, laid out as states.py says (tfem_states.h). */
+static inline int tfem_word_state(uint64_t word) { return (int)(word & TFEM_WORD_STATE_MASK); }
+static inline uint32_t tfem_word_generation(uint64_t word) {
+    return (uint32_t)(word >> TFEM_WORD_GENERATION_SHIFT) & TFEM_WORD_GENERATION_MASK;
+}
+static inline uint32_t tfem_word_holder(uint64_t word) { return (uint32_t)(word >> TFEM_WORD_HOLDER_SHIFT); }
+static inline uint64_t tfem_word(int state, uint32_t generation, uint32_t holder) {
+    return ((uint64_t)holder << TFEM_WORD_HOLDER_SHIFT) |
+           ((uint64_t)(generation & TFEM_WORD_GENERATION_MASK) << TFEM_WORD_GENERATION_SHIFT) | (uint64_t)state;
+}
+
+#endif
