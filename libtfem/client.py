@@ -23,7 +23,6 @@ import itertools
 import os
 import threading
 import time
-import weakref
 from typing import Any
 
 import zmq
@@ -33,17 +32,19 @@ from ._native import ffi, lib
 from .config import ENV_BROKER, Instance
 from .errors import (AlreadyExists, BrokerUnavailable, Busy, InvalidArgument, NoSpace, NotFound, ProtocolError,
                      TfemError, Timeout, WouldBlock, from_errno)
+from . import files
 from .files import TfemFile
 from .protocol import Op, Reply, Request
 from .segment import Segment
 from .states import State
-from .table import Deadline, FileStat, SlotTable, encode_name
+from .table import NAME_MAX, Deadline, FileStat, SlotTable, encode_name
 
 REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
 CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
 BYE_TIMEOUT_S = 1.0  # for its answer to goodbye: it may have stopped meanwhile
 LIVENESS_POLL_MS = 200  # while waiting for a reply, how often the broker's pid is checked
 _MODES = {m: m[0] for m in ("r", "w", "a")} | {m + "b": m for m in "rwa"} | {"b" + m: m for m in "rwa"}
+_FILE = ffi.typeof("struct tfem_file *")
 _OPEN_MODE = {"r": lib.TFEM_OPEN_READ, "a": lib.TFEM_OPEN_AUTO}
 WAIT_MODES = {"adaptive": lib.TFEM_WAIT_ADAPTIVE, "spin": lib.TFEM_WAIT_SPIN, "sleep": lib.TFEM_WAIT_SLEEP}
 
@@ -94,12 +95,13 @@ class Client:
         self._connect_timeout_ms = int(connect_timeout * 1000)
         self._ids = itertools.count(1)
         self._socket_lock = threading.Lock()  # a ZeroMQ socket serves one thread at a time
-        self._open_files: weakref.WeakSet[TfemFile] = weakref.WeakSet()
+        self.held: set[Any] = set()  # the cores of files open through this client
         self._connect()
 
     def _open_socket(self) -> Reply:
         """A socket of this process's own, and the broker's HELLO reply."""
-        self._pid = os.getpid()
+        self.pid = os.getpid()
+        self._epoch = files.fork_epoch
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -107,7 +109,7 @@ class Client:
         try:
             # ZeroMQ connects lazily and retries quietly: only a reply
             # shows that a broker listens at the endpoint.
-            return self._call(Op.HELLO, {"pid": self._pid}, timeout_ms=self._connect_timeout_ms)
+            return self._call(Op.HELLO, {"pid": self.pid}, timeout_ms=self._connect_timeout_ms)
         except BaseException:
             self._socket.close()
             self._context.term()
@@ -122,21 +124,22 @@ class Client:
         except BaseException:
             self.close()
             raise
-        self.table = SlotTable(self.segment, self._pid)
+        self.table = SlotTable(self.segment, self.pid)
         self._header = self.segment.header
-        self._memory = self.segment.view
+        self.memory = self.segment.view
+        self.base = int(ffi.cast("uintptr_t", self._header))
         self._state_found = ffi.new("int32_t *")
 
     def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
+        if os.getpid() != self.pid:
             # In a forked child: abandon the parent's socket (closing it here
             # could disturb the parent) and keep the inherited mapping.
             self._socket = self._context = None
             self._socket_lock = threading.Lock()  # another thread may have held it at fork
-            self._open_files = weakref.WeakSet()
+            self.held = set()
             self._open_socket()
             assert self.segment is not None
-            self.table = SlotTable(self.segment, self._pid)
+            self.table = SlotTable(self.segment, self.pid)
 
     # ---- requests ----
 
@@ -189,7 +192,7 @@ class Client:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                hello = self._exchange(Request(next(self._ids), Op.HELLO, {"pid": self._pid}), 250)
+                hello = self._exchange(Request(next(self._ids), Op.HELLO, {"pid": self.pid}), 250)
             except BrokerUnavailable:
                 continue  # nobody listening yet
             if hello is None or hello.errno:
@@ -216,31 +219,47 @@ class Client:
         off, gets NoSpace at once; with a `timeout` it waits that long for
         consumers to free room first (back-pressure).
         """
-        if os.getpid() != self._pid:
+        if self._epoch != files.fork_epoch:
             self._check_fork()
-        raw = encode_name(name)
-        kind = _MODES.get(mode) if isinstance(mode, str) else None
+        try:  # the common name: short, plain text
+            raw = name.encode() if type(name) is str else None  # type: ignore[union-attr]
+        except UnicodeEncodeError:
+            raw = None
+        if raw is None or not 0 < len(raw) <= NAME_MAX or b"\0" in raw:
+            raw = encode_name(name)
+        kind = _MODES.get(mode) if type(mode) is str else None
         if kind is None:
             raise InvalidArgument(f"mode must be 'r', 'w' or 'a' (binary), not {mode!r}")
         if timeout is not None and not timeout >= 0:  # NaN too
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
         room_timeout = 0 if timeout is None or not wait else timeout
-        core = ffi.new("struct tfem_file *")
-        deadline = Deadline(timeout)
-        while True:  # again after a signal (EINTR), once Python has run its handlers
-            if kind == "w":
-                rc = lib.tfem_f_create(self._header, raw, len(raw), self._pid,
-                                       deadline.remaining_ns() if room_timeout else 0, core)
-            else:
-                rc = lib.tfem_f_open(self._header, raw, len(raw), self._pid, _OPEN_MODE[kind], wait,
-                                     deadline.remaining_ns(), core, self._state_found)
-            if rc != errno.EINTR:
-                break
+        deadline = None if timeout is None else Deadline(timeout)
+        left = -1 if deadline is None else deadline.remaining_ns()
+        core = ffi.new(_FILE)
+        if kind == "w":
+            rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
+        else:
+            rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
+                                 self._state_found)
         if rc:
-            raise self._open_error(rc, raw, kind, timeout)
-        f = TfemFile(core, raw.decode(), self, self._memory, room_timeout)
-        self._open_files.add(f)
+            self._open_again(rc, raw, kind, core, wait, deadline, room_timeout)
+        f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
+        self.held.add(core)
         return f
+
+    def _open_again(self, rc: int, raw: bytes, kind: str, core: Any, wait: bool, deadline: Deadline | None,
+                    room_timeout: float) -> None:
+        """The open again after a signal (EINTR, once Python has run its
+        handlers), or its error."""
+        while rc == errno.EINTR:
+            left = -1 if deadline is None else deadline.remaining_ns()
+            if kind == "w":
+                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
+            else:
+                rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
+                                     self._state_found)
+        if rc:
+            raise self._open_error(rc, raw, kind, None if deadline is None else deadline.timeout)
 
     def _open_error(self, rc: int, raw: bytes, kind: str, timeout: float | None) -> TfemError:
         text = raw.decode()
@@ -300,10 +319,15 @@ class Client:
         Idempotent; the segment stays for other processes."""
         if self._socket is None:
             return
-        if os.getpid() == self._pid:
-            for f in list(self._open_files):
-                if not f.closed:
-                    f.abort() if f.writable() else f.close()
+        if os.getpid() == self.pid:
+            for core in list(self.held):  # producers' files are dropped, consumers' consumed
+                lib.tfem_f_abort(core) if core.writing else lib.tfem_f_close(core)
+                if core.discard_id:
+                    try:
+                        self._call(Op.DISCARD, {"file_id": int(core.discard_id)})
+                    except Exception:
+                        pass  # the broker's sweep discards what no file owns
+            self.held.clear()
             try:
                 self._call(Op.BYE, {}, timeout_ms=int(BYE_TIMEOUT_S * 1000))
             except Exception:
@@ -313,7 +337,7 @@ class Client:
         self._socket = self._context = None
         if self.segment is not None:
             self.segment.close()
-        if self._registry is not None and os.getpid() == self._pid:
+        if self._registry is not None and os.getpid() == self.pid:
             try:
                 discovery.ask_registry(self._registry.keyfile, protocol.Action.UNREGISTER, timeout=1.0)
             except Exception:
@@ -327,7 +351,7 @@ class Client:
 
     def __del__(self) -> None:
         try:
-            if self._socket is not None and os.getpid() == self._pid:
+            if self._socket is not None and os.getpid() == self.pid:
                 self.close()
         except Exception:
             pass

@@ -36,22 +36,29 @@ BIG_READ = 1 << 20  # read() this large copies once from views; smaller, through
 CRC_NONE = 2**64 - 1  # the core's mark for "no running checksum"
 _ZEROS = bytes(1 << 20)
 
-# Bumped in every forked child: a file opened before the fork is the parent's.
-# (Cheaper than asking for the pid on every read and write.)
-_fork_epoch = 0
+# Bumped in every forked child: a file opened before the fork is the parent's,
+# and a client made before it needs a connection of its own. (Cheaper than
+# asking for the pid on every call; the one fork hook of the client side.)
+fork_epoch = 0
 
 
 def _after_fork_in_child() -> None:
-    global _fork_epoch
-    _fork_epoch += 1
+    global fork_epoch
+    fork_epoch += 1
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Broker(Protocol):
-    """What a file needs of its client: requests to the broker, and a wait
-    for room (back-pressure)."""
+class Owner(Protocol):
+    """What a file needs of its client: the mapping, the broker (for room
+    and spilled bytes), and the set of files it must let go of when it
+    closes."""
+
+    memory: memoryview  # the segment's mapping
+    base: int  # its address
+    pid: int
+    held: set[Any]  # the cores of files open through it
 
     def call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply: ...
 
@@ -78,28 +85,29 @@ def _target(buffer: Any) -> tuple[Any, int]:
 
 
 class TfemFile(io.RawIOBase):
-    def __init__(self, core: Any, name: str, broker: Broker, memory: memoryview,
-                 room_timeout: float | None = 0) -> None:
-        super().__init__()
-        self._f = core  # struct tfem_file *, owned by this object
-        # The segment's mapping: views are cut from it, so a view still
-        # referenced keeps the mapping alive after the client closes.
-        self._memory = memory
-        self._base = int(ffi.cast("uintptr_t", core.h))
-        self._broker = broker
+    # The spill path's state, made per file only when a file spills.
+    _pending: bytearray | None = None  # spill writes not yet sent
+    _pending_offset = 0
+    _cache: Any = b""  # spill read-ahead
+    _cache_offset = 0
+
+    _room_timeout: float | None = 0  # how long a write may wait for memory
+
+    def __init__(self, core: Any, name: str, owner: Owner, room_timeout: float | None = 0) -> None:
+        self._f = core  # struct tfem_file *, this object's alone
+        self._owner = owner
         self.name = name
-        self._writing = bool(core.writing)
-        self.mode = "wb" if self._writing else "rb"
-        self._owner_pid = os.getpid()
-        self._epoch = _fork_epoch
-        self._pending = bytearray()  # spill writes not yet sent
-        self._pending_offset = 0
-        self._cache: Any = b""  # spill read-ahead
-        self._cache_offset = 0
-        self._room_timeout = room_timeout  # how long a write may wait for memory
-        self._discard = ffi.new("uint64_t *")
-        if not self._writing and core.spilled:
+        self._epoch = fork_epoch
+        self._writing = writing = core.writing
+        if writing:
+            if room_timeout:
+                self._room_timeout = room_timeout
+        elif core.spilled:
             self._verify_spilled()
+
+    @property
+    def mode(self) -> str:
+        return "wb" if self._writing else "rb"
 
     # ---- io.RawIOBase ----
 
@@ -132,7 +140,7 @@ class TfemFile(io.RawIOBase):
         return int(pos)
 
     def readinto(self, buffer: Any) -> int:
-        if self._epoch != _fork_epoch or self._writing:
+        if self._epoch != fork_epoch or self._writing:
             self._check_mode(reading=True)
         out, n = _target(buffer)
         f = self._f
@@ -142,7 +150,7 @@ class TfemFile(io.RawIOBase):
         return int(got)
 
     def read(self, size: int | None = -1) -> bytes:
-        if self._epoch != _fork_epoch or self._writing:
+        if self._epoch != fork_epoch or self._writing:
             self._check_mode(reading=True)
         f = self._f
         left = max(0, f.size - f.pos) if f.held else 0
@@ -154,7 +162,10 @@ class TfemFile(io.RawIOBase):
                 self._end_reached()
             return data
         out = bytearray(n)
-        got = self.readinto(out)
+        buf = ffi.from_buffer(out)
+        got = lib.tfem_f_read(f, buf, n)
+        if got < 0 or (f.need and got < n):
+            got = self._read_rest(buf, n, got)
         return bytes(out) if got == n else bytes(out[:got])
 
     def readall(self) -> bytes:
@@ -176,7 +187,7 @@ class TfemFile(io.RawIOBase):
             yield chunk
 
     def write(self, data: Any) -> int:
-        if self._epoch != _fork_epoch or not self._writing:
+        if self._epoch != fork_epoch or not self._writing:
             self._check_mode(reading=False)
         buf, n = _source(data)
         done = lib.tfem_f_write(self._f, buf, n)
@@ -188,36 +199,36 @@ class TfemFile(io.RawIOBase):
         """Producer: publish the file. Consumer: free it (or give it back,
         if its bytes were found damaged). Idempotent."""
         f = self._f
-        if not f.held or self._in_forked_child():
+        if not f.held or self._epoch != fork_epoch and self._in_forked_child():
             return
-        try:
-            if self._pending:
-                try:
-                    self._flush_spill()  # sends with the handle, so before letting it go
-                except BaseException:
-                    self.abort()  # never half-published, never left held
-                    raise
-            rc = lib.tfem_f_close(f, self._discard)
-            if rc == errno.EXDEV:  # a spilled file: the broker holds most of its bytes
-                try:
-                    crc = self._spilled_checksum()
-                except BaseException:
-                    self.abort()
-                    raise
-                rc = lib.tfem_f_publish(f, crc, self._discard)
+        if self._pending:
+            try:
+                self._flush_spill()  # sends with the handle, so before letting it go
+            except BaseException:
+                self.abort()  # never half-published, never left held
+                raise
+        rc = lib.tfem_f_close(f)
+        if rc == errno.EXDEV:  # a spilled file: the broker holds most of its bytes
+            try:
+                crc = self._spilled_checksum()
+            except BaseException:
+                self.abort()
+                raise
+            rc = lib.tfem_f_publish(f, crc)
+        self._owner.held.discard(f)
+        if rc or f.discard_id:
             self._after_release(rc)
-        finally:
-            super().close()
 
     def abort(self) -> None:
         """Producer: drop the file instead of publishing it. Consumer: give
         it back unread (READ -> WAIT), for another consumer to take."""
-        if not self._f.held or self._in_forked_child():
+        f = self._f
+        if not f.held or self._epoch != fork_epoch and self._in_forked_child():
             return
-        try:
-            self._after_release(lib.tfem_f_abort(self._f, self._discard))
-        finally:
-            super().close()
+        rc = lib.tfem_f_abort(f)
+        self._owner.held.discard(f)
+        if rc or f.discard_id:
+            self._after_release(rc)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
@@ -238,6 +249,10 @@ class TfemFile(io.RawIOBase):
     def closed(self) -> bool:
         return not self._f.held
 
+    def flush(self) -> None:
+        """Nothing to flush: bytes are in the segment as soon as written."""
+        self._check_open()
+
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a tfem file has no operating-system descriptor")
 
@@ -254,15 +269,13 @@ class TfemFile(io.RawIOBase):
     def _in_forked_child(self) -> bool:
         """A copy of a parent's file in a forked child: the file is the
         parent's, so the child lets go of its copy and touches nothing."""
-        if os.getpid() == self._owner_pid:
-            return False
         self._f.held = 0
         return True
 
     def _check_open(self) -> None:
-        if self._epoch != _fork_epoch:  # in a forked child: never touch the parent's file
+        if self._epoch != fork_epoch:  # in a forked child: never touch the parent's file
             self._f.held = 0
-            raise BadDescriptor(f"{self.name!r} was opened by process {self._owner_pid} before it forked: "
+            raise BadDescriptor(f"{self.name!r} was opened by process {self._owner.pid} before it forked: "
                                 "it stays that process's file")
         if not self._f.held:
             raise ValueError("I/O operation on closed tfem file")
@@ -287,10 +300,11 @@ class TfemFile(io.RawIOBase):
         return from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
 
     def _after_release(self, rc: int) -> None:
+        """After a close or abort that failed, or freed spilled bytes."""
+        if self._f.discard_id:
+            self._owner.call(Op.DISCARD, {"file_id": int(self._f.discard_id)})
         if rc not in (0, errno.EBADF):
-            raise self._fail(rc) if self._f.held else from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
-        if self._discard[0]:
-            self._broker.call(Op.DISCARD, {"file_id": int(self._discard[0])})
+            raise from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
 
     def _end_reached(self) -> None:
         """After a read that took the last bytes through views: the check."""
@@ -311,8 +325,8 @@ class TfemFile(io.RawIOBase):
             if run == 0:
                 break
             run = min(run, end - pos)
-            offset = int(ffi.cast("uintptr_t", ptr[0])) - self._base
-            views.append(self._memory[offset: offset + run])
+            offset = int(ffi.cast("uintptr_t", ptr[0])) - self._owner.base
+            views.append(self._owner.memory[offset: offset + run])
             pos += run
         return views
 
@@ -364,21 +378,21 @@ class TfemFile(io.RawIOBase):
         f = self._f
         deadline = Deadline(self._room_timeout)
         while True:
-            seen = self._broker.room_seen()
+            seen = self._owner.room_seen()
             try:  # the broker can make room: it spills
-                self._broker.call(Op.ALLOC, {"slot": f.index, "generation": f.generation, "capacity": capacity})
+                self._owner.call(Op.ALLOC, {"slot": f.index, "generation": f.generation, "capacity": capacity})
                 break
             except NoSpace:
                 if self._room_timeout == 0:
                     raise
-                self._broker.wait_for_room(seen, deadline, "no memory was freed")
+                self._owner.wait_for_room(seen, deadline, "no memory was freed")
         lib.tfem_f_reload(f)
 
     def _spilled_checksum(self) -> int:
         """crc32c of the whole file: the memory part here, the spilled part
         by the broker, which holds it."""
         f = self._f
-        reply = self._broker.call(Op.CHECKSUM, {"slot": f.index, "generation": f.generation,
+        reply = self._owner.call(Op.CHECKSUM, {"slot": f.index, "generation": f.generation,
                                                 "crc": lib.tfem_f_memory_crc(f)})
         return int(reply.result["crc"])
 
@@ -397,6 +411,8 @@ class TfemFile(io.RawIOBase):
         f.checked = 1
 
     def _write_spilled(self, pos: int, mv: memoryview) -> None:
+        if self._pending is None:
+            self._pending = bytearray()
         if self._pending and pos == self._pending_offset + len(self._pending) \
                 and len(self._pending) + len(mv) <= SPILL_IO_CHUNK:
             self._pending += mv
@@ -416,13 +432,13 @@ class TfemFile(io.RawIOBase):
 
     def _send_spill(self, pos: int, data: Any) -> None:
         f = self._f
-        self._broker.call(Op.SPILL_WRITE, {"slot": f.index, "generation": f.generation, "offset": pos}, data)
+        self._owner.call(Op.SPILL_WRITE, {"slot": f.index, "generation": f.generation, "offset": pos}, data)
 
     def _read_spilled(self, pos: int, out: Any) -> int:
         if not self._cache_offset <= pos < self._cache_offset + len(self._cache):
             f = self._f
             length = min(max(len(out), SPILL_IO_CHUNK), f.size - pos)
-            reply = self._broker.call(
+            reply = self._owner.call(
                 Op.SPILL_READ, {"slot": f.index, "generation": f.generation, "offset": pos, "length": length})
             self._cache, self._cache_offset = memoryview(reply.data), pos
         start = pos - self._cache_offset

@@ -273,8 +273,7 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
                              timeout_ns, &d->f, &state);
     } while (rc == EINTR);
     if (rc == 0 && !d->f.writing && d->f.spilled && (rc = verify_spilled(&d->f)) != 0) {
-        uint64_t ignored;
-        tfem_f_abort(&d->f, &ignored); /* given back, left in place */
+        tfem_f_abort(&d->f); /* given back, left in place */
     }
     if (rc) {
         free_descriptor(i);
@@ -402,13 +401,13 @@ int tfem_fstat(int fd, struct tfem_stat *st) {
 int tfem_close(int fd) {
     struct descriptor *d = lookup(fd);
     if (!d) return -1;
-    uint64_t discard_id = 0;
-    int rc = tfem_f_close(&d->f, &discard_id);
+    int rc = tfem_f_close(&d->f);
     if (rc == EXDEV) { /* a spilled file: its checksum needs the broker */
         int64_t crc = tfem_python_ready() ? -1 : _tfem_py_checksum(d->f.index, d->f.generation, tfem_f_memory_crc(&d->f));
-        rc = crc < 0 ? errno : tfem_f_publish(&d->f, (uint32_t)crc, &discard_id);
-        if (crc < 0) tfem_f_abort(&d->f, &discard_id); /* never half-published, never left held */
+        rc = crc < 0 ? errno : tfem_f_publish(&d->f, (uint32_t)crc);
+        if (crc < 0) tfem_f_abort(&d->f); /* never half-published, never left held */
     }
+    uint64_t discard_id = d->f.discard_id;
     free_descriptor(fd - FIRST_FD);
     discard(discard_id);
     return rc ? fail(rc == ESTALE ? EBADF : rc) : 0;

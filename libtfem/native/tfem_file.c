@@ -66,10 +66,11 @@ static uint64_t real_ns(void) {
  * A wake-up through the kernel costs 25-50 us on this kind of machine; a
  * spin that sees the change first costs a few. Spinning pays only while
  * (a) the wait is short: the recent waits of this process, averaged, are
- * under twice the spin window; and (b) a CPU is free for the process we
- * wait for: the kernel's count of runnable tasks (/proc/loadavg, read at
- * most once a millisecond) is at most the number of CPUs. Otherwise the
- * waiter sleeps on the futex at once. The spin yields between looks, so two
+ * under twice the spin window; and (b) the other runnable tasks fit on the
+ * CPUs, so the process we wait for has one: the kernel's count of runnable
+ * tasks (/proc/loadavg, read at most once a millisecond), less this
+ * thread, is at most the number of CPUs. Otherwise the waiter sleeps on
+ * the futex at once. The spin yields between looks, so two
  * processes on one CPU never spin against each other. */
 
 static int wait_mode = TFEM_WAIT_ADAPTIVE;
@@ -115,7 +116,7 @@ static int64_t choose_spin(int64_t now) {
     static long cpus;
     if (!cpus) cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (cpus < 2 || __atomic_load_n(&recent_wait_ns, RELAXED) > 2 * window) return 0;
-    return runnable_now(now) <= cpus ? window : 0;
+    return runnable_now(now) - 1 <= cpus ? window : 0; /* the others, not counting this thread */
 }
 
 /* Wait for *seq to move past `seen`, spinning first by load. */
@@ -427,41 +428,41 @@ int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out) {
 
 /* ---- closing ---- */
 
-int tfem_f_publish(struct tfem_file *f, uint32_t checksum, uint64_t *discard_id) {
+int tfem_f_publish(struct tfem_file *f, uint32_t checksum) {
     struct tfem_claim out;
     f->held = 0;
     int rc = tfem_t_publish(f->h, f->index, f->generation, f->pid, f->size, checksum, (uint64_t)mono_ns(), &out);
-    *discard_id = out.discard_id;
+    f->discard_id = out.discard_id;
     return rc;
 }
 
 /* Producer: publish (EXDEV: a spilled file whose checksum needs the
  * broker; the caller takes it and calls tfem_f_publish). Consumer: free the
  * file, or give it back if it was damaged. */
-int tfem_f_close(struct tfem_file *f, uint64_t *discard_id) {
-    *discard_id = 0;
+int tfem_f_close(struct tfem_file *f) {
+    f->discard_id = 0;
     if (!f->held) return EBADF;
     if (f->writing) {
-        if (f->crc_end == f->size) return tfem_f_publish(f, f->crc, discard_id);
+        if (f->crc_end == f->size) return tfem_f_publish(f, f->crc);
         if (f->spilled) return EXDEV;
-        return tfem_f_publish(f, tfem_f_memory_crc(f), discard_id);
+        return tfem_f_publish(f, tfem_f_memory_crc(f));
     }
-    if (f->damaged) return tfem_f_abort(f, discard_id);
+    if (f->damaged) return tfem_f_abort(f);
     struct tfem_claim out;
     f->held = 0;
     int rc = tfem_t_consume(f->h, f->index, f->generation, f->pid, &out);
-    *discard_id = out.discard_id;
+    f->discard_id = out.discard_id;
     return rc;
 }
 
 /* Producer: drop the file. Consumer: give it back unread (READ -> WAIT). */
-int tfem_f_abort(struct tfem_file *f, uint64_t *discard_id) {
-    *discard_id = 0;
+int tfem_f_abort(struct tfem_file *f) {
+    f->discard_id = 0;
     if (!f->held) return EBADF;
     struct tfem_claim out;
     f->held = 0;
     int rc = f->writing ? tfem_t_abort(f->h, f->index, f->generation, f->pid, &out)
                         : tfem_t_release(f->h, f->index, f->generation, f->pid, &out);
-    *discard_id = out.discard_id;
+    f->discard_id = out.discard_id;
     return rc;
 }

@@ -40,6 +40,7 @@ struct tfem_file {
     uint64_t memory_end; /* bytes [0, memory_end) live in the segment */
     uint64_t want;       /* TFEM_NEED_ROOM: the capacity asked for */
     uint64_t crc_end;    /* bytes [0, crc_end) are covered by crc */
+    uint64_t discard_id; /* after close or abort: a file id whose spill records must go, or 0 */
     uint32_t crc;
     uint32_t index;      /* slot number */
     uint32_t generation;
@@ -69,9 +70,9 @@ int tfem_f_verify(struct tfem_file *f);
 int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out);
 
 uint32_t tfem_f_memory_crc(struct tfem_file *f);
-int tfem_f_close(struct tfem_file *f, uint64_t *discard_id);
-int tfem_f_publish(struct tfem_file *f, uint32_t checksum, uint64_t *discard_id);
-int tfem_f_abort(struct tfem_file *f, uint64_t *discard_id);
+int tfem_f_close(struct tfem_file *f);
+int tfem_f_publish(struct tfem_file *f, uint32_t checksum);
+int tfem_f_abort(struct tfem_file *f);
 int tfem_f_wait_space(struct tfem_header *h, uint32_t seen, int64_t timeout_ns);
 
 
