@@ -75,8 +75,9 @@ setup(
         "crc32c>=2.3",
     ],
     extras_require={
-        # matplotlib: the test of the benchmark harness draws its plots
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
+        # matplotlib: the test of the benchmark harness draws its plots;
+        # numpy: the zero-copy tests use views from numpy, as users will
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "numpy>=1.22"],
         # python -m bench (also needs redis-server on PATH)
         "bench": ["redis>=4.2", "matplotlib>=3.5"],
     },

@@ -14,11 +14,12 @@ Modules, one job each:
 - services: tfem instances, redis-server, temporary directories, clean-up
 - procs: forked worker processes driven over pipes
 - peers: tfem, tmpfs and local-disk files, shared_memory, Redis
-- workloads: handoff, pairs, stream, spill, pipeline, memory
+- workloads: handoff, putget, zerocopy, pairs, stream, spill, pipeline, memory
+- waits: tfem's wait modes, with nothing else running and under load
 - cbench and c/: the C programs and what they measure
 - stats: medians and spreads; report: JSON, Markdown, plots, targets
 
-A full run takes about 10-15 minutes on a quiet 2-CPU machine (Redis
+A full run takes about 12-18 minutes on a quiet 2-CPU machine (Redis
 moving 1 GiB values is most of it) and needs about 8 GiB of free memory,
 3.5 GiB of it in /dev/shm; --quick takes about 30 s. Run it when nothing
 else runs: other load shows up in every figure.

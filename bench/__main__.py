@@ -21,19 +21,23 @@ from . import procs, report, workloads
 from .cbench import c_workload
 from .plan import WORKLOADS, make_plan
 from .services import Services, redis_version
+from .waits import waits
 from .workloads import Context, broker_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNERS = {
     "handoff": workloads.handoff,
+    "putget": workloads.putget,
+    "zerocopy": workloads.zerocopy,
     "pairs": workloads.pairs,
     "stream": workloads.stream,
+    "waits": waits,
     "pipeline": workloads.pipeline,
     "c": c_workload,
     "memory": workloads.memory,
     "spill": workloads.spill,
 }
-NEEDS_TFEM = {"handoff", "pairs", "stream", "pipeline", "c", "memory"}
+NEEDS_TFEM = {"handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory"}
 NEEDS_REDIS = {"handoff", "pairs", "stream"}
 
 

@@ -4,8 +4,9 @@ The programs in bench/c/ are compiled with gcc and the flags of
 `tfem config --cflags --libs` into a temporary directory, and run against
 the benchmark's instance:
 
-- callcost: ns per call of tfem_lseek + 1-byte tfem_read on an open
-  reader, against lseek + read(2) on a /dev/shm file, in the same program.
+- callcost: ns per pair of calls, tfem_lseek + a 1-byte tfem_read on an
+  open reader, against lseek + read(2) on a /dev/shm file, in the same
+  program.
 - handoff: a C producer writes SIZE bytes with one tfem_write and a C
   consumer, already waiting in tfem_open, reads them with one tfem_read;
   against write(2)/read(2) of a /dev/shm file whose name goes down a pipe.
@@ -157,7 +158,7 @@ def c_workload(ctx: Context) -> dict[str, Any]:
             ctx.log(f"C handoff run {run + 1}/{plan.repeats}: {backend}, {size >> 20} MiB")
             lat[backend].append(median(_c_handoffs(programs, backend, size, plan.c_count, env, ctx.tmpfs_dir)))
     return {
-        "call_ns": {k: summary(v) for k, v in calls.items()},
+        "pair_ns": {k: summary(v) for k, v in calls.items()},
         "call_iterations": plan.call_iterations,
         "handoff_size": size,
         "handoff": {k: {"seconds": summary(v), "gbps": summary(size / t / 1e9 for t in v)} for k, v in lat.items()},

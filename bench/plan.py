@@ -11,7 +11,7 @@ import dataclasses
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 
-WORKLOADS = ("handoff", "pairs", "stream", "pipeline", "c", "memory", "spill")
+WORKLOADS = ("handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory", "spill")
 
 
 @dataclasses.dataclass
@@ -19,8 +19,13 @@ class Plan:
     quick: bool
     repeats: int
     handoff_counts: dict[int, int]  # size -> handoffs per run
+    putget_count: int  # put + get rounds per run, in one process
+    zerocopy_size: int
+    zerocopy_count: int  # zero-copy handoffs per run and variant
     pairs: list[int]
     seconds: float  # per pairs / stream measurement
+    waits_count: int  # acked handoffs per run, wait mode and load, unless waits_seconds end first
+    waits_seconds: float
     tfem_memory: int  # arena of the main instance
     spill_arena: int  # arena of the spill workload's instance; it writes 4x this
     spill_file: int
@@ -45,14 +50,16 @@ def make_plan(quick: bool, repeats: int | None = None, sizes: list[int] | None =
     if quick:
         plan = Plan(quick=True, repeats=2,
                     handoff_counts={4 * K: 150, 64 * K: 60, 1 * M: 30},
-                    pairs=[1, 2, 4], seconds=0.3, tfem_memory=256 * M,
+                    putget_count=2000, zerocopy_size=64 * M, zerocopy_count=3,
+                    pairs=[1, 2, 4], seconds=0.3, waits_count=300, waits_seconds=0.5, tfem_memory=256 * M,
                     spill_arena=16 * M, spill_file=1 * M,
                     pipeline_parts=32, pipeline_part_size=64 * K, pipeline_workers=2,
                     c_size=64 * M, c_count=2, call_iterations=20_000)
     else:
         plan = Plan(quick=False, repeats=3,
                     handoff_counts={4 * K: 1000, 64 * K: 400, 1 * M: 200, 16 * M: 30, 256 * M: 5, 1 * G: 3},
-                    pairs=[1, 2, 4, 8, 16], seconds=2.0, tfem_memory=2 * G,
+                    putget_count=50_000, zerocopy_size=1 * G, zerocopy_count=3,
+                    pairs=[1, 2, 4, 8, 16], seconds=2.0, waits_count=10_000, waits_seconds=3.0, tfem_memory=2 * G,
                     spill_arena=64 * M, spill_file=1 * M,
                     pipeline_parts=256, pipeline_part_size=256 * K, pipeline_workers=4,
                     c_size=1 * G, c_count=2, call_iterations=200_000)

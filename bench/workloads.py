@@ -4,12 +4,21 @@ Every workload runs each peer in the same run, peers interleaved (the order
 rotates from run to run), in long-lived producer and consumer processes
 driven over pipes. Times are time.perf_counter(), CLOCK_MONOTONIC on Linux,
 one clock for every process on the machine, so a time taken by the
-producer and one taken by the consumer can be subtracted.
+producer and one taken by the consumer can be subtracted (zerocopy takes
+time.monotonic_ns(), the same clock in whole nanoseconds).
 
 - handoff: one file at a time, producer and consumer in different
   processes, the consumer already waiting; latency from the producer's
   start of writing (its open) to the consumer's end of closing (and
   removing) the file. The same run measures memcpy into a touched buffer.
+- putget: the cost of the calls themselves: one process writes a 4 KiB
+  file and reads it back, over and over, through tfem and through
+  /dev/shm (write, read back, unlink); nobody waits for anybody.
+- zerocopy: a large file written in place through a writable view of
+  its shared memory (Client.create, getbuffer) and read in place by a
+  consumer already waiting: time from the producer's close to the
+  consumer holding its read-only view, with and without the checksum
+  passes; against a /dev/shm file mapped by both sides.
 - pairs: N producer/consumer pairs, 4 KiB files, each file acknowledged
   (one byte down a pipe) before the next: aggregate handoffs per second.
 - stream: one pair, 4 KiB files without per-file acknowledgement; the
@@ -29,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -87,7 +97,7 @@ PAIRS_PEERS = ["tfem", "tmpfs", "redis-unix"]
 _pair_ids = itertools.count()
 
 
-def _pair_id() -> str:
+def pair_id() -> str:
     return f"b{os.getpid()}-{next(_pair_ids)}"
 
 
@@ -203,7 +213,7 @@ def _handoff_consumer(conn: Any, peer: Peer, channel: Any) -> None:
 class HandoffPair:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self.id = _pair_id()
+        self.id = pair_id()
         self.channel = peer.channel(self.id)
         self.workers: list[Worker] = []
         try:
@@ -291,6 +301,230 @@ def handoff(ctx: Context) -> dict[str, Any]:
     }
 
 
+# ---- put + get in one process ----
+
+
+def _putget_side(conn: Any, kind: str, where: str, count: int) -> None:
+    """Rounds of a 4 KiB put then get in this process, through tfem (`where`
+    a key file) or files in the directory `where`; each ("run",) answers
+    the seconds per round, after count // 10 rounds not counted."""
+    client = None
+    if kind == "tfem":
+        import tfem
+
+        client = tfem.connect(where)
+    data = memoryview(make_payload(SMALL))
+    out = memoryview(touched(SMALL))
+    prefix = os.path.join(where, "pg-") if client is None else f"pg-{os.getpid()}-"
+    rounds = itertools.count()
+    conn.send("ready")
+    while conn.recv()[0] == "run":
+        warmup = count // 10
+        t0 = 0.0
+        bad = 0
+        for i in range(warmup + count):
+            if i == warmup:
+                t0 = time.perf_counter()
+            name = f"{prefix}{next(rounds)}"
+            if client is not None:
+                with client.open(name, "w") as f:
+                    f.write(data)
+                with client.open(name, "r") as f:
+                    n = f.readinto(out)
+            else:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.write(fd, data)
+                os.close(fd)
+                fd = os.open(name, os.O_RDONLY)
+                n = os.readv(fd, [out])
+                os.close(fd)
+                os.unlink(name)
+            bad += n != SMALL
+        seconds = (time.perf_counter() - t0) / count
+        if bad or out != data:
+            raise RuntimeError(f"{kind}: {bad} of {warmup + count} rounds read back the wrong bytes")
+        conn.send(seconds)
+    if client is not None:
+        client.close()
+
+
+def putget(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    assert ctx.tfem is not None
+    where = {"tfem": ctx.tfem.keyfile, "file": ctx.tmpfs_dir}
+    per_round: dict[str, list[float]] = {k: [] for k in where}
+    workers = {}
+    try:
+        for kind, w in where.items():
+            workers[kind] = Worker(f"{kind} put + get", _putget_side, kind, w, plan.putget_count)
+            workers[kind].recv(120)
+        for run in range(plan.repeats):
+            for kind in rotated(list(where), run):
+                ctx.log(f"putget run {run + 1}/{plan.repeats}: {kind}")
+                per_round[kind].append(workers[kind].call("run"))
+    finally:
+        for w in workers.values():
+            w.stop()
+    return {
+        "peers": {"tfem": "tfem", "file": "/dev/shm file (write, read back, unlink)"},
+        "file_size": SMALL,
+        "rounds": plan.putget_count,
+        "results": {k: {"us_per_putget": summary(t * 1e6 for t in v)} for k, v in per_round.items()},
+    }
+
+
+# ---- zero copy: the producer's close to the consumer's view ----
+
+ZEROCOPY_PEERS = {
+    "tfem-checked": "tfem, checked",
+    "tfem-unchecked": "tfem, unchecked (checksum=False)",
+    "mmap": "/dev/shm file, mmap on both sides",
+}
+FILL_CHUNK = 16 * M
+
+
+def _fill(view: memoryview, seq: int) -> None:
+    """The bytes make_payload(len(view)) would hold, stamped with `seq`,
+    copied in FILL_CHUNK at a time (no second buffer of the whole size)."""
+    chunk = memoryview(make_payload(min(len(view), FILL_CHUNK)))
+    for offset in range(0, len(view), len(chunk)):
+        n = min(len(chunk), len(view) - offset)
+        view[offset:offset + n] = chunk[:n]
+    view[:8] = seq.to_bytes(8, "little")
+
+
+def _zerocopy_producer(conn: Any, variant: str, where: str, published: tuple[int, int], size: int) -> None:
+    """("fill", name, seq): make the file and fill it in place (not timed);
+    then ("publish",): the time just before close, which publishes it."""
+    os.close(published[0])
+    client = None
+    if variant != "mmap":
+        import tfem
+
+        client = tfem.connect(where)
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        _, name, seq = msg
+        if client is not None:
+            f = client.create(name, size, checksum=variant == "tfem-checked")
+            view = f.getbuffer()
+            _fill(view, seq)
+            view.release()
+        else:
+            fd = os.open(os.path.join(where, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as mm:
+                with memoryview(mm) as view:
+                    _fill(view, seq)
+        conn.send("filled")
+        conn.recv()  # ("publish",)
+        t0 = time.monotonic_ns()
+        if client is not None:
+            f.close()
+        else:
+            os.close(fd)
+            os.write(published[1], b"p")
+        conn.send(t0)
+    if client is not None:
+        client.close()
+
+
+def _zerocopy_consumer(conn: Any, variant: str, where: str, published: tuple[int, int], size: int) -> None:
+    """("get", name, seq): answers "waiting", waits for the file, takes a
+    view of it, then answers the time it held the view and whether the
+    bytes are the producer's."""
+    os.close(published[1])
+    client = None
+    if variant != "mmap":
+        import tfem
+
+        client = tfem.connect(where)
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        _, name, seq = msg
+        conn.send("waiting")
+        if client is not None:
+            g = client.open(name, "r")
+            view = g.getbuffer()
+            t1 = time.monotonic_ns()
+        else:
+            if os.read(published[0], 1) != b"p":
+                raise RuntimeError("the producer closed its end of the pipe")
+            path = os.path.join(where, name)
+            fd = os.open(path, os.O_RDONLY)
+            mm = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+            view = memoryview(mm)
+            t1 = time.monotonic_ns()
+        ok = intact(view, size, seq)
+        view.release()
+        if client is not None:
+            g.close()
+        else:
+            mm.close()
+            os.close(fd)
+            os.unlink(path)
+        conn.send((t1, ok))
+    if client is not None:
+        client.close()
+
+
+def _zerocopy_run(ctx: Context, variant: str, size: int, count: int) -> list[float]:
+    """Milliseconds from the producer's close to the consumer's view, `count` times."""
+    assert ctx.tfem is not None
+    where = ctx.tmpfs_dir if variant == "mmap" else ctx.tfem.keyfile
+    published = os.pipe()
+    workers: list[Worker] = []
+    samples = []
+    try:
+        try:
+            for role, target in (("consumer", _zerocopy_consumer), ("producer", _zerocopy_producer)):
+                workers.append(Worker(f"{variant} zero-copy {role}", target, variant, where, published, size))
+        finally:
+            os.close(published[0])
+            os.close(published[1])
+        consumer, producer = workers
+        for w in workers:
+            w.recv(120)
+        for _ in range(count):
+            name = f"zc-{pair_id()}"
+            seq = len(samples) + 1
+            if producer.call("fill", name, seq) != "filled" or consumer.call("get", name, seq) != "waiting":
+                raise WorkerError(f"{variant}: zero-copy pair out of step")
+            time.sleep(0.001)  # let the consumer settle into its wait
+            producer.send("publish")
+            t1, ok = consumer.recv()
+            t0 = producer.recv()
+            if not ok:
+                raise WorkerError(f"{variant}: the consumer's view holds the wrong bytes (#{seq})")
+            samples.append((t1 - t0) / 1e6)
+    finally:
+        for w in workers:
+            w.stop()
+    return samples
+
+
+def zerocopy(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    size = plan.zerocopy_size
+    ms: dict[str, list[float]] = {k: [] for k in ZEROCOPY_PEERS}
+    for run in range(plan.repeats):
+        for variant in rotated(list(ZEROCOPY_PEERS), run):
+            ctx.log(f"zerocopy run {run + 1}/{plan.repeats}: {variant}, {size >> 20} MiB")
+            ms[variant].append(median(_zerocopy_run(ctx, variant, size, plan.zerocopy_count)))
+    return {
+        "peers": ZEROCOPY_PEERS,
+        "size": size,
+        "count": plan.zerocopy_count,
+        "results": {k: {"ms": summary(v)} for k, v in ms.items()},
+    }
+
+
 # ---- many small files: acknowledged pairs, and a stream ----
 
 
@@ -350,7 +584,7 @@ def flow(peer: Peer, pairs: int, seconds: float, window: int, batch: int) -> flo
     workers: list[Worker] = []
     try:
         for _ in range(pairs):
-            pid = _pair_id()
+            pid = pair_id()
             channel = peer.channel(pid)
             credit_fds = os.pipe()
             try:

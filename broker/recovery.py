@@ -27,7 +27,7 @@ from tfem._native import ffi, lib
 from tfem.states import State, generation_of, holder_of, pack_word, unpack_word
 from tfem.table import NAME_MAX, SlotTable, name_hash
 
-_KNOWN_FLAGS = lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_DOOMED
+_KNOWN_FLAGS = lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_DOOMED | lib.TFEM_SLOT_ARENA | lib.TFEM_SLOT_UNCHECKED
 log = logging.getLogger("tfem.broker")
 
 
@@ -82,8 +82,9 @@ def _slot_problem(table: SlotTable, s: int, claimed: bytearray) -> str | None:
             return unmark("extent overlaps another extent")
         claimed[start: start + count] = b"\1" * count
         marked.append((start, count))
-    blocks = sum(count for _, count in marked)
-    if not slot.flags & lib.TFEM_SLOT_SPILLED and slot.size > seg.buf_size + blocks * seg.block_size:
+    if slot.flags & lib.TFEM_SLOT_ARENA and slot.flags & lib.TFEM_SLOT_SPILLED:
+        return unmark("both made whole and spilled")
+    if not slot.flags & lib.TFEM_SLOT_SPILLED and slot.size > table.capacity(s):
         return unmark("size beyond what the file holds")
     return None
 

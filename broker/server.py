@@ -352,6 +352,10 @@ class Broker:
         pid = self.clients.get(identity)
         if pid is None:
             raise UnknownClient("this broker does not know you (it may have restarted): say hello")
+        if op is Op.ROOM:
+            if not 0 < args["blocks"] <= self.seg.block_count:
+                raise NoSpace(f"{args['blocks']} blocks is more than the arena's {self.seg.block_count}")
+            return Reply(rid, 0, {"room": self._evict_for_run(args["blocks"])})
         if op is Op.ALLOC:
             self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
             return Reply(rid, 0, {"spilled": self._alloc(args["slot"], args["generation"], pid, args["capacity"])})
@@ -413,12 +417,25 @@ class Broker:
                 raise InvalidArgument(f"slot {s} cannot grow: {os.strerror(rc)}")
             needed = -(-(capacity - self.table.capacity(s)) // seg.block_size)
             if not self._evict(needed):
+                if seg.slot(s).flags & lib.TFEM_SLOT_ARENA:  # made whole for views: it stays in memory
+                    raise NoSpace(f"the arena is full ({seg.block_count * seg.block_size >> 20} MiB) and a file "
+                                  "made for views is never spilled")
                 return self._spill_or_fail(s, "the arena is full")
 
     def _spill_or_fail(self, s: int, why: str) -> bool:
         if self.spill is None:
             raise NoSpace(f"{why} and spilling is off ({self.segment.block_count * self.segment.block_size >> 20} MiB arena)")
         self._move_to_spill(s)
+        return True
+
+    def _evict_for_run(self, blocks: int) -> bool:
+        """Spill least recently published files until the arena has a run
+        of `blocks` free blocks (a file made whole for views). False if it
+        cannot."""
+        seg = self.seg
+        while lib.tfem_blocks_longest_run(seg.bitmap, seg.block_count) < blocks:
+            if not self._evict(seg.block_count - seg.blocks_in_use() + 1):
+                return False
         return True
 
     def _evict(self, blocks_needed: int) -> bool:
@@ -430,7 +447,7 @@ class Broker:
         candidates = []
         for s in range(seg.slot_count):
             slot = seg.slot(s)
-            if slot.extent_count and not slot.flags & lib.TFEM_SLOT_SPILLED \
+            if slot.extent_count and not slot.flags & (lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_ARENA) \
                     and self.table.state_of(s)[0] is State.WAIT:
                 candidates.append((slot.waiting_ns, s))
         moved = False

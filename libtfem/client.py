@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import operator
 import os
 import threading
 import time
@@ -96,6 +97,7 @@ class Client:
         self._ids = itertools.count(1)
         self._socket_lock = threading.Lock()  # a ZeroMQ socket serves one thread at a time
         self.held: set[Any] = set()  # the cores of files open through this client
+        self.pinned: dict[Any, TfemFile] = {}  # ... of them, those with views out (getbuffer)
         self._connect()
 
     def _open_socket(self) -> Reply:
@@ -137,6 +139,7 @@ class Client:
             self._socket = self._context = None
             self._socket_lock = threading.Lock()  # another thread may have held it at fork
             self.held = set()
+            self.pinned = {}
             self._open_socket()
             assert self.segment is not None
             self.table = SlotTable(self.segment, self.pid)
@@ -247,6 +250,51 @@ class Client:
         self.held.add(core)
         return f
 
+    def create(self, name: str | bytes, size: int, *, timeout: float | None = None,
+               checksum: bool = True) -> TfemFile:
+        """A new file of `size` bytes (zeros), in one piece in memory, for
+        writing in place: `getbuffer()` gives a writable view of all of it
+        (for numpy and anything that takes the buffer protocol), and
+        close() publishes it. Its consumer's getbuffer() is a read-only
+        view of the same memory.
+
+        The file stays in memory (never spilled). When the arena has no
+        free run that long, the broker spills other files to make one;
+        NoSpace if it cannot, at once or after waiting up to `timeout`
+        seconds for room. `checksum=False` skips the producer's pass at
+        close and the consumer's before its view: damage then goes
+        unseen, the price of a handoff that costs no pass over the bytes."""
+        try:
+            size = operator.index(size)
+        except TypeError:
+            raise InvalidArgument(f"size must be an integer, not {type(size).__name__}") from None
+        if size < 0:
+            raise InvalidArgument(f"size must be at least 0, not {size}")
+        f = self.open(name, "w", timeout=timeout)
+        try:
+            self._reserve(f, size, timeout, checksum)
+        except BaseException:
+            f.abort()
+            raise
+        return f
+
+    def _reserve(self, f: TfemFile, size: int, timeout: float | None, checksum: bool) -> None:
+        deadline = Deadline(timeout)
+        blocks = -(-size // self.table.seg.block_size)
+        while True:
+            seen = self.room_seen()
+            rc = lib.tfem_f_reserve(f._f, size, checksum)
+            if rc == 0:
+                return
+            if rc != errno.ENOSPC:
+                raise from_errno(rc, f"{f.name!r}: {os.strerror(rc)}")
+            if self.call(Op.ROOM, {"blocks": blocks}).result["room"]:
+                continue
+            if not timeout:
+                raise NoSpace(f"the arena has no free run of {blocks} blocks for {f.name!r} ({size} bytes), "
+                              "and nothing more can be spilled")
+            self.wait_for_room(seen, deadline, f"no room for {f.name!r} was freed")
+
     def _open_again(self, rc: int, raw: bytes, kind: str, core: Any, wait: bool, deadline: Deadline | None,
                     room_timeout: float) -> None:
         """The open again after a signal (EINTR, once Python has run its
@@ -321,21 +369,28 @@ class Client:
             return
         if os.getpid() == self.pid:
             for core in list(self.held):  # producers' files are dropped, consumers' consumed
+                if core in self.pinned:
+                    try:
+                        self.pinned[core]._release_views()
+                    except BufferError:
+                        continue  # a view lives: the file stays held, and mapped, until it goes
+                self.held.discard(core)
                 lib.tfem_f_abort(core) if core.writing else lib.tfem_f_close(core)
                 if core.discard_id:
                     try:
                         self._call(Op.DISCARD, {"file_id": int(core.discard_id)})
                     except Exception:
                         pass  # the broker's sweep discards what no file owns
-            self.held.clear()
             try:
                 self._call(Op.BYE, {}, timeout_ms=int(BYE_TIMEOUT_S * 1000))
             except Exception:
                 pass  # the broker may be gone; nothing is lost by not saying goodbye
             self._socket.close()
             self._context.term()
+        else:
+            self.held, self.pinned = set(), {}  # the parent's files
         self._socket = self._context = None
-        if self.segment is not None:
+        if self.segment is not None and not self.held:  # the files still in view need the mapping
             self.segment.close()
         if self._registry is not None and os.getpid() == self.pid:
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import operator
 import os
 from typing import Any, Iterator, Protocol
@@ -29,6 +30,7 @@ from typing import Any, Iterator, Protocol
 from ._native import ffi, lib
 from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
 from .protocol import Op, Reply
+from .segment import Segment
 from .table import Deadline
 
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
@@ -55,10 +57,12 @@ class Owner(Protocol):
     and spilled bytes), and the set of files it must let go of when it
     closes."""
 
+    segment: Segment
     memory: memoryview  # the segment's mapping
     base: int  # its address
     pid: int
     held: set[Any]  # the cores of files open through it
+    pinned: dict[Any, TfemFile]  # ... of them, those with views (getbuffer)
 
     def call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply: ...
 
@@ -90,6 +94,7 @@ class TfemFile(io.RawIOBase):
     _pending_offset = 0
     _cache: Any = b""  # spill read-ahead
     _cache_offset = 0
+    _view_maps: list[mmap.mmap] | None = None  # the mappings behind getbuffer()'s views
 
     _room_timeout: float | None = 0  # how long a write may wait for memory
 
@@ -201,6 +206,8 @@ class TfemFile(io.RawIOBase):
         f = self._f
         if not f.held or self._epoch != fork_epoch and self._in_forked_child():
             return
+        if self._view_maps:
+            self._release_views()
         if self._pending:
             try:
                 self._flush_spill()  # sends with the handle, so before letting it go
@@ -225,6 +232,8 @@ class TfemFile(io.RawIOBase):
         f = self._f
         if not f.held or self._epoch != fork_epoch and self._in_forked_child():
             return
+        if self._view_maps:
+            self._release_views()
         rc = lib.tfem_f_abort(f)
         self._owner.held.discard(f)
         if rc or f.discard_id:
@@ -244,6 +253,46 @@ class TfemFile(io.RawIOBase):
                 self.abort() if self._writing else self.close()
         except Exception:
             pass
+
+    def getbuffer(self) -> memoryview:
+        """The file's bytes where they lie in the segment, without a copy:
+        writable for its producer, read-only for a consumer (checked
+        first, unless its producer chose no checksum). For a file in one
+        piece: made with Client.create, or within its inline buffer.
+
+        As with mmap, the memory is never reused while a view lives:
+        close() and abort() raise BufferError until every view, and every
+        view or array made from one, is released."""
+        self._check_open()
+        f = self._f
+        if f.size == 0:
+            return memoryview(bytearray() if self._writing else b"")
+        ptr = ffi.new("char **")
+        run = lib.tfem_f_view(f, 0, ptr)
+        if run < 0:
+            raise self._fail(-run)
+        if run < f.size:
+            raise BufferError(f"{self.name!r} is not one piece in memory: make it with Client.create for "
+                              "views, or read it (chunks() gives views piece by piece)")
+        offset = int(ffi.cast("uintptr_t", ptr[0])) - self._owner.base
+        mapping, start = self._owner.segment.map_range(offset, f.size, writable=bool(self._writing))
+        if self._view_maps is None:
+            self._view_maps = []
+            self._owner.pinned[f] = self
+        self._view_maps.append(mapping)
+        return memoryview(mapping)[start: start + f.size]
+
+    def _release_views(self) -> None:
+        """Let go of the mappings behind getbuffer()'s views; BufferError
+        while one is still in use (the file's memory must not be reused)."""
+        while self._view_maps:
+            try:
+                self._view_maps[-1].close()
+            except BufferError:
+                raise BufferError(f"{self.name!r}: a view from getbuffer() is still in use; release it "
+                                  "(and arrays made from it) before closing the file") from None
+            self._view_maps.pop()
+        self._owner.pinned.pop(self._f, None)
 
     @property
     def closed(self) -> bool:

@@ -41,6 +41,7 @@ class Op(str, enum.Enum):
     SPILL_READ = "spill_read"  # bytes at offset of a spilled file
     DISCARD = "discard"  # a spilled file's records may go
     CHECKSUM = "checksum"  # continue a crc32c over a spilled file's records
+    ROOM = "room"  # spill until the arena has a run of free blocks this long (zero copy)
     STATS = "stats"
     BYE = "bye"
 
@@ -53,6 +54,7 @@ _ARGS: dict[Op, dict[str, type]] = {
     Op.SPILL_READ: {"slot": int, "generation": int, "offset": int, "length": int},
     Op.DISCARD: {"file_id": int},
     Op.CHECKSUM: {"slot": int, "generation": int, "crc": int},
+    Op.ROOM: {"blocks": int},
     Op.STATS: {},
     Op.BYE: {},
 }

@@ -296,8 +296,9 @@ class SlotTable:
     def pieces(self, s: int) -> builtins_list[tuple[int, int, int]]:
         """(file offset, segment offset, length) of each memory piece."""
         seg, slot = self.seg, self.seg.slot(s)
-        out = [(0, seg.inline_data_offset(s), seg.buf_size)] if seg.buf_size else []
-        pos = seg.buf_size
+        inline = 0 if slot.flags & lib.TFEM_SLOT_ARENA else seg.buf_size
+        out = [(0, seg.inline_data_offset(s), inline)] if inline else []
+        pos = inline
         for i in range(slot.extent_count):
             extent = slot.extents[i]
             length = extent.count * seg.block_size

@@ -29,6 +29,7 @@ OP_ARGS = {
     Op.SPILL_READ: {"slot": 255, "generation": 0xFFFFFF, "offset": 1024, "length": 4 << 20},
     Op.DISCARD: {"file_id": 2**63 - 1},
     Op.CHECKSUM: {"slot": 9, "generation": 2, "crc": 0xFFFFFFFF},
+    Op.ROOM: {"blocks": 16384},
     Op.STATS: {},
     Op.BYE: {},
 }

@@ -1,9 +1,9 @@
-/* What one call into libtfem costs, against the same calls on a /dev/shm file.
+/* What calls into libtfem cost, against the same calls on a /dev/shm file.
  *
  * Writes a 4 KiB file NAME into tfem, opens it for reading, and times
- * ITERATIONS rounds of tfem_lseek + a 1-byte tfem_read; then the same with
+ * ITERATIONS pairs of tfem_lseek + a 1-byte tfem_read; then the same with
  * lseek + read(2) on a 4 KiB file at PATH. Prints one line per round:
- *     tfem NS_PER_CALL file NS_PER_CALL
+ *     tfem NS_PER_PAIR file NS_PER_PAIR
  *
  * usage: callcost ITERATIONS ROUNDS NAME PATH
  */
@@ -19,7 +19,7 @@
 
 #include "common.h"
 
-/* ns per call of `iterations` rounds of lseek + 1-byte read on fd. */
+/* ns per lseek + 1-byte read, over `iterations` of them on fd. */
 static double tfem_round(int fd, long iterations, unsigned *sum) {
     unsigned char c;
     double t0 = now();
@@ -28,7 +28,7 @@ static double tfem_round(int fd, long iterations, unsigned *sum) {
         if (tfem_read(fd, &c, 1) != 1) die("tfem_read");
         *sum += c;
     }
-    return (now() - t0) * 1e9 / (2.0 * iterations);
+    return (now() - t0) * 1e9 / iterations;
 }
 
 static double file_round(int fd, long iterations, unsigned *sum) {
@@ -39,7 +39,7 @@ static double file_round(int fd, long iterations, unsigned *sum) {
         if (read(fd, &c, 1) != 1) die("read");
         *sum += c;
     }
-    return (now() - t0) * 1e9 / (2.0 * iterations);
+    return (now() - t0) * 1e9 / iterations;
 }
 
 int main(int argc, char **argv) {

@@ -247,6 +247,19 @@ void tfem_blocks_mark(uint64_t *bm, uint32_t start, uint32_t count) {
     set_range(bm, start, count, 1);
 }
 
+/* The longest run of free blocks (what a whole file can get at once). */
+uint32_t tfem_blocks_longest_run(uint64_t *bm, uint32_t nblocks) {
+    uint32_t best = 0, run = 0;
+    for (uint32_t i = 0; i < nblocks; i++) {
+        if (bit_is_set(bm, i)) {
+            run = 0;
+        } else if (++run > best) {
+            best = run;
+        }
+    }
+    return best;
+}
+
 uint32_t tfem_blocks_in_use(uint64_t *bm, uint32_t nblocks) {
     uint32_t used = 0;
     for (uint32_t w = 0; w < (nblocks + 63) / 64; w++)

@@ -25,5 +25,6 @@ uint32_t tfem_blocks_claim(uint64_t *bm, uint32_t nblocks, uint32_t want, uint32
 void tfem_blocks_release(uint64_t *bm, uint32_t start, uint32_t count);
 void tfem_blocks_mark(uint64_t *bm, uint32_t start, uint32_t count);
 uint32_t tfem_blocks_in_use(uint64_t *bm, uint32_t nblocks);
+uint32_t tfem_blocks_longest_run(uint64_t *bm, uint32_t nblocks);
 
 #endif

@@ -163,7 +163,7 @@ static void start_file(struct tfem_header *h, const struct tfem_claim *claim, ui
     tfem_f_reload(f);
     f->crc = 0;
     f->crc_end = 0;
-    f->checked = !writing && f->size == 0 && f->slot->checksum == 0;
+    f->checked = !writing && ((f->size == 0 && f->slot->checksum == 0) || f->slot->flags & TFEM_SLOT_UNCHECKED);
 }
 
 int tfem_f_create(struct tfem_header *h, const char *name, uint32_t len, uint32_t pid,
@@ -210,7 +210,7 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
  * within the file's memory; NULL past it. */
 static char *locate(struct tfem_file *f, uint64_t pos, uint64_t *run) {
     struct tfem_header *h = f->h;
-    uint64_t start = h->buf_size;
+    uint64_t start = f->slot->flags & TFEM_SLOT_ARENA ? 0 : h->buf_size;
     if (pos < start) {
         *run = start - pos;
         return tfem_inline_data(f->slot) + pos;
@@ -276,6 +276,24 @@ uint32_t tfem_f_memory_crc(struct tfem_file *f) {
         pos += k;
     }
     return crc;
+}
+
+/* ---- zero copy ---- */
+
+/* Make a new, empty file `size` bytes of zeros in one contiguous extent,
+ * for a view over all of it (tfem_f_view). `checked` 0: no checksum is
+ * taken or compared (TFEM_SLOT_UNCHECKED). ENOSPC: no run of free blocks
+ * is that long; the caller asks the broker to make room, and tries again. */
+int tfem_f_reserve(struct tfem_file *f, uint64_t size, int checked) {
+    if (!f->held || !f->writing) return EBADF;
+    int rc = tfem_t_reserve(f->h, f->index, f->generation, f->pid, size, checked ? 0 : TFEM_SLOT_UNCHECKED);
+    if (rc) return rc;
+    tfem_f_reload(f);
+    transfer(f, ZERO_FILL, NULL, size, 0, NULL); /* no other file's bytes show through */
+    f->size = f->slot->size = size;
+    f->crc_end = checked ? CRC_NONE : size; /* written through views: checksummed at close */
+    f->crc = 0;
+    return 0;
 }
 
 /* ---- writing ---- */
@@ -443,6 +461,7 @@ int tfem_f_close(struct tfem_file *f) {
     f->discard_id = 0;
     if (!f->held) return EBADF;
     if (f->writing) {
+        if (f->slot->flags & TFEM_SLOT_UNCHECKED) return tfem_f_publish(f, 0);
         if (f->crc_end == f->size) return tfem_f_publish(f, f->crc);
         if (f->spilled) return EXDEV;
         return tfem_f_publish(f, tfem_f_memory_crc(f));

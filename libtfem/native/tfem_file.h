@@ -65,6 +65,7 @@ int64_t tfem_f_write(struct tfem_file *f, const void *buf, uint64_t n);
 int64_t tfem_f_pread(struct tfem_file *f, void *buf, uint64_t n, uint64_t pos);
 int64_t tfem_f_read(struct tfem_file *f, void *buf, uint64_t n);
 int64_t tfem_f_view(struct tfem_file *f, uint64_t pos, char **ptr);
+int tfem_f_reserve(struct tfem_file *f, uint64_t size, int checked);
 int64_t tfem_f_seek(struct tfem_file *f, int64_t offset, int whence);
 int tfem_f_verify(struct tfem_file *f);
 int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out);

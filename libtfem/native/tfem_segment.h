@@ -48,6 +48,9 @@
 /* Slot flags. */
 #define TFEM_SLOT_SPILLED 1u /* bytes past the inline buffer are in the spill store */
 #define TFEM_SLOT_DOOMED 2u  /* unlinked while held: the holder frees it at close */
+#define TFEM_SLOT_ARENA 4u   /* made whole (zero copy): its bytes start at its first extent, the
+                                inline buffer is unused, and it stays in memory (never spilled) */
+#define TFEM_SLOT_UNCHECKED 8u /* its producer chose no checksum (zero copy): none is compared */
 
 struct tfem_extent {
     uint32_t start; /* first arena block */

@@ -358,11 +358,45 @@ uint32_t tfem_name_hash(const char *name, uint32_t len) {
 
 /* ---- growing a file held for writing: no lock, the holder owns its extents ---- */
 
+static uint64_t inline_bytes(struct tfem_header *h, struct tfem_slot *slot) {
+    return slot->flags & TFEM_SLOT_ARENA ? 0 : h->buf_size;
+}
+
 uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t s) {
     struct tfem_slot *slot = slot_at(h, s);
     uint64_t blocks = 0;
-    for (uint32_t i = 0; i < slot->extent_count; i++) blocks += slot->extents[i].count;
-    return h->buf_size + blocks * h->block_size;
+    for (uint32_t i = 0; i < slot->extent_count && i < TFEM_MAX_EXTENTS; i++) blocks += slot->extents[i].count;
+    return inline_bytes(h, slot) + blocks * h->block_size;
+}
+
+/* Give a new, empty file held for writing one contiguous extent of `size`
+ * bytes, its bytes starting there (TFEM_SLOT_ARENA), for views over the
+ * whole file. ENOSPC when no run of free blocks is that long (the broker
+ * can make room). `flags` may add TFEM_SLOT_UNCHECKED. */
+int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t size,
+                   uint32_t flags) {
+    if (s >= h->slot_count || flags & ~TFEM_SLOT_UNCHECKED) return EINVAL;
+    struct tfem_slot *slot = slot_at(h, s);
+    if (!held_by(slot, generation, pid, TFEM_STATE_WRITE) || slot->extent_count || slot->size) return ESTALE;
+    uint64_t want = (size + h->block_size - 1) / h->block_size;
+    if (want > h->block_count) return ENOSPC;
+    uint32_t start = 0, got = want ? tfem_blocks_claim(bitmap_of(h), h->block_count, (uint32_t)want, &start) : 0;
+    if (got < want) {
+        if (got) tfem_blocks_release(bitmap_of(h), start, got);
+        return ENOSPC;
+    }
+    if (tfem_t_lock(h, pid)) {
+        if (got) tfem_blocks_release(bitmap_of(h), start, got);
+        return EBUSY;
+    }
+    if (got) {
+        slot->extents[0].start = start;
+        slot->extents[0].count = got;
+        __atomic_store_n(&slot->extent_count, 1, SC);
+    }
+    slot->flags |= (uint16_t)(TFEM_SLOT_ARENA | flags); /* under the lock: unlink sets flags too */
+    tfem_t_unlock(h);
+    return 0;
 }
 
 /* Add extents from the arena until the file holds `capacity` bytes. Each
@@ -377,7 +411,7 @@ int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t
     while (have < capacity) {
         if (slot->extent_count >= TFEM_MAX_EXTENTS) return E2BIG;
         uint64_t needed = (capacity - have + h->block_size - 1) / h->block_size;
-        uint64_t want = (have - h->buf_size) / h->block_size;
+        uint64_t want = (have - inline_bytes(h, slot)) / h->block_size;
         if (want < needed) want = needed;
         if (want > h->block_count) want = h->block_count;
         uint32_t start = 0;

@@ -55,6 +55,8 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
 int tfem_t_grow(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
                 uint64_t capacity);
 uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t slot);
+int tfem_t_reserve(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, uint64_t size,
+                   uint32_t flags);
 int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
                 struct tfem_fileinfo *out);
 int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct tfem_fileinfo *out,
