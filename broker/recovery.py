@@ -140,6 +140,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
             seg.bitmap[w] = 0
         next_id = max(spilled_ids, default=0) + 1
         hdr.free_top = 0
+        hdr.free_head = 0
         indexed: set[bytes] = set()
         for s in live:
             slot = seg.slot(s)
@@ -152,14 +153,18 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
                     report.dropped_corrupt += 1
                     continue
                 indexed.add(raw)
-                table.index_insert(s)
+                if not table.index_insert(s):  # more names of one stripe than it holds: damage
+                    slot.state = pack_word(State.INVALID, generation_of(slot.state), 0)
+                    slot.extent_count = slot.flags = slot.name_len = 0
+                    keep_spill.discard(slot.file_id)
+                    report.dropped_corrupt += 1
+                    continue
             for i in range(slot.extent_count):
                 table.mark_blocks(slot.extents[i].start, slot.extents[i].count)
             next_id = max(next_id, slot.file_id + 1)
         for s in reversed(range(seg.slot_count)):  # lowest slot numbers pop first
             if unpack_word(seg.slot(s).state)[0] is State.INVALID:
-                seg.free_stack[hdr.free_top] = s
-                hdr.free_top += 1
+                table.push_free(s)
         # Past 2^63 the header's counter is damage: it would wrap and reuse ids.
         hdr.next_file_id = next_id if hdr.next_file_id >= 2**63 else max(hdr.next_file_id, next_id)
     # Settle the files of holders that are gone (settle_holder takes the lock).

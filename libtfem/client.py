@@ -324,7 +324,8 @@ class Client:
                 return NoSpace(f"no slot was freed within {timeout} s")
             return NoSpace(f"the slot table is full: all {self.table.seg.slot_count} slots hold files")
         if rc == errno.EBUSY:
-            return Busy(f"the table lock has been held by pid {self._header.table_lock} for over 10 s")
+            return Busy(f"a lock of the slot table has been held by pid {lib.tfem_t_lock_holder(self._header)} "
+                        "for over 10 s")
         return from_errno(rc, f"{text!r}: {os.strerror(rc)}")
 
     # ---- what files need of their client (files.Broker) ----

@@ -61,7 +61,10 @@ class Layout:
             raise InvalidArgument("memory / block_size must be below 2^32 blocks")
         self.header_size = _round_up(ffi.sizeof("struct tfem_header"), CACHE_LINE)
         self.slot_size = _round_up(ffi.sizeof("struct tfem_slot") + buf_size, CACHE_LINE)
-        self.index_size = _next_power_of_two(2 * slots)
+        # A stripe of the index per wake bucket, each with room for four
+        # times its share of the names (tfem_table.c).
+        stripes = lib.TFEM_WAKE_BUCKETS
+        self.index_size = stripes * _next_power_of_two(max(8, 4 * -(-slots // stripes)))
         self.slots_offset = self.header_size
         self.index_offset = _round_up(self.slots_offset + slots * self.slot_size, CACHE_LINE)
         self.free_stack_offset = _round_up(self.index_offset + 4 * self.index_size, CACHE_LINE)
@@ -176,8 +179,9 @@ class Segment:
         h.instance_id = int.from_bytes(os.urandom(8), "little")
         h.next_file_id = 1
         segment = cls(name, mapping)
-        for i in range(layout.slot_count):  # lowest slot numbers pop first
-            segment.free_stack[i] = layout.slot_count - 1 - i
+        for i in range(layout.slot_count):  # a linked stack: slot i, then i + 1 (stored + 1; 0 ends it)
+            segment.free_stack[i] = i + 2 if i + 1 < layout.slot_count else 0
+        h.free_head = 1  # slot 0 on top
         h.free_top = layout.slot_count
         lib.tfem_store64(ffi.addressof(h, "magic"), lib.TFEM_SEGMENT_MAGIC)  # last: now valid
         return segment

@@ -171,7 +171,8 @@ class SlotTable:
         if rc == errno.ESTALE or rc == errno.EPERM:
             raise HandleInvalidated(f"{what or 'the file'} is no longer held by this process")
         if rc == errno.EBUSY:
-            raise Busy(f"the table lock has been held by pid {self._h.table_lock} for over 10 s")
+            raise Busy(f"a lock of the slot table has been held by pid {lib.tfem_t_lock_holder(self._h)} "
+                       "for over 10 s")
         if rc == errno.EEXIST:
             raise AlreadyExists(f"{what} already exists")
         if rc == errno.ENOSPC:
@@ -320,9 +321,14 @@ class SlotTable:
     def mark_blocks(self, start: int, count: int) -> None:
         lib.tfem_blocks_mark(self.seg.bitmap, start, count)
 
-    def index_insert(self, s: int) -> None:
-        """Enter slot s in the name index (rebuilding it, under the lock)."""
-        lib.tfem_t_index_insert(self._h, s)
+    def index_insert(self, s: int) -> bool:
+        """Enter slot s in the name index (rebuilding it, under the lock);
+        False if its stripe of the index is full."""
+        return lib.tfem_t_index_insert(self._h, s) == 0
+
+    def push_free(self, s: int) -> None:
+        """Put slot s on the free-slot stack (rebuilding it, under the lock)."""
+        lib.tfem_t_push_free(self._h, s)
 
     # ---- the dead and the restarted ----
 
@@ -349,6 +355,8 @@ class SlotTable:
                     returned += 1
         for bucket in buckets:
             lib.tfem_publish(self._wake_seq + bucket, self._wake_waiters + bucket)
+        if dropped:  # after the lock: no system call under it
+            lib.tfem_publish(self._space_seq, self._space_waiters)
         return Settled(dropped, returned, tuple(discard))
 
     def holders(self) -> set[int]:

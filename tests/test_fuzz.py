@@ -449,7 +449,7 @@ def alive(pid: int) -> bool:
 # Fields worth aiming at, with their sizes.
 _HEADER = dict(ffi.typeof("struct tfem_header").fields)
 _SLOT = dict(ffi.typeof("struct tfem_slot").fields)
-HEADER_FIELDS = [(f, ffi.sizeof(_HEADER[f].type)) for f in _HEADER if f not in ("wake_seq", "wake_waiters")]
+HEADER_FIELDS = [(f, ffi.sizeof(_HEADER[f].type)) for f in _HEADER if f not in ("wake_seq", "wake_waiters", "stripes")]
 SLOT_FIELDS = ["state", "size", "file_id", "name_hash", "name_len", "flags", "checksum", "extent_count"]
 INTERESTING = [0, 1, 2, 3, 0xFF, 0x100, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 2**63, 2**64 - 1]
 
@@ -518,7 +518,10 @@ def check_adopted(seg: Segment, table: SlotTable, what: str) -> None:
     h = seg.header
     live = [s for s in range(seg.slot_count) if unpack_word(seg.slot(s).state)[0] is not State.INVALID]
     assert h.free_top + len(live) == seg.slot_count, what
-    free = [seg.free_stack[i] for i in range(h.free_top)]
+    free, top = [], h.free_head & 0xFFFFFFFF  # the linked free-slot stack, from its head
+    while top and len(free) <= seg.slot_count:
+        free.append(top - 1)
+        top = seg.free_stack[top - 1]
     assert sorted(free) == sorted(set(range(seg.slot_count)) - set(live)), what
     blocks: set[int] = set()
     extent_total = 0
@@ -582,7 +585,7 @@ def test_fuzz_adopting_a_corrupted_segment():
             populated.restore()
             what = "; ".join(corrupt(r, populated.seg) for _ in range(r.choice([1, 1, 1, 2, 3])))
             what = f"seed {SEED + 2} case {case}: {what}"
-            lock = populated.seg.header.table_lock
+            lock = lib.tfem_t_lock_holder(populated.seg.header)
             if 0 < lock < 2**31 and alive(lock):
                 # A lock held by a live process is respected (10 s, then Busy): not worth the wait.
                 counts["lock held by a live process"] += 1

@@ -108,7 +108,7 @@ static int segment_from_keyfile(char *segment, size_t size) {
 static int header_sane(const struct tfem_header *h, uint64_t size) {
     if (h->magic != TFEM_SEGMENT_MAGIC || h->layout_version != TFEM_LAYOUT_VERSION) return 0;
     if (h->segment_size != size || h->slot_count == 0 || h->index_size == 0) return 0;
-    if (h->index_size & (h->index_size - 1) || h->block_size < 4096) return 0;
+    if (h->index_size & (h->index_size - 1) || h->index_size < TFEM_WAKE_BUCKETS || h->block_size < 4096) return 0;
     if (h->slot_size < sizeof(struct tfem_slot) + h->buf_size) return 0;
     if (h->slots_offset < sizeof *h || h->slots_offset + (uint64_t)h->slot_count * h->slot_size > h->index_offset)
         return 0;

@@ -13,8 +13,13 @@
  *   buf_size bytes that holds the first bytes of the file.
  * - The name index (the paper's map1) is an open-addressing table of slot
  *   numbers keyed by a crc32 of the name; the name kept in each slot is map2.
- * - The free-slot stack, the index and slot claims change only under the
- *   table lock (a pid in the header; a dead holder's lock is taken over).
+ *   It is cut into TFEM_WAKE_BUCKETS stripes by that crc32, each with a lock
+ *   of its own (a pid; a dead holder's lock is taken over): a name's claims,
+ *   look-ups and state changes take its stripe's lock only, so pairs of
+ *   processes on different names do not wait for each other.
+ * - The free-slot stack is a linked stack without a lock: free_stack[s] is
+ *   the next free slot + 1 (0 ends it), free_head the top, tagged against
+ *   ABA, changed by compare-and-swap.
  * - The block bitmap has a set bit per arena block in use. Writers claim
  *   runs themselves by compare-and-swap; the last holder of a file clears
  *   them.
@@ -34,7 +39,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 3
+#define TFEM_LAYOUT_VERSION 4
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -57,6 +62,15 @@ struct tfem_extent {
     uint32_t count; /* number of blocks */
 };
 
+/* The names whose crc32 % TFEM_WAKE_BUCKETS is i: their lock and waiters,
+ * a cache line each (their part of the name index is index_size /
+ * TFEM_WAKE_BUCKETS entries from i times that). */
+struct tfem_stripe {
+    uint32_t lock; /* pid of the holder, 0 when free */
+    uint32_t waiters;
+    uint32_t unused[14];
+};
+
 struct tfem_header {
     uint64_t magic;
     uint64_t instance_id;
@@ -75,11 +89,10 @@ struct tfem_header {
     uint64_t bitmap_offset;
     uint64_t arena_offset;
     int32_t broker_pid;
-    uint32_t table_lock;    /* pid of the holder, 0 when free */
-    uint32_t lock_waiters;
-    uint32_t free_top;      /* entries on the free-slot stack */
-    uint64_t next_file_id;  /* under the table lock */
-    uint64_t opened_write;  /* counters, under the table lock */
+    uint32_t free_top;      /* slots on the free-slot stack: a count, for statistics and checks */
+    uint64_t free_head;     /* the free-slot stack: (tag << 32) | (top slot + 1), 0 below when empty */
+    uint64_t next_file_id;  /* atomic counters */
+    uint64_t opened_write;
     uint64_t opened_read;
     uint64_t closed_write;
     uint64_t closed_read;
@@ -87,6 +100,7 @@ struct tfem_header {
     uint32_t space_waiters;
     uint32_t wake_seq[TFEM_WAKE_BUCKETS];
     uint32_t wake_waiters[TFEM_WAKE_BUCKETS];
+    struct tfem_stripe stripes[TFEM_WAKE_BUCKETS];
 };
 
 struct tfem_slot {

@@ -6,13 +6,27 @@
  * a /dev/shm file's open+write+close. Here each is one call of a few
  * hundred nanoseconds, and the same calls serve the C API.
  *
- * The rules are table.py's: every change to the name index, the free-slot
- * stack and the counters, and every claim or release of a slot, happens
- * under the table lock; each such change is a single store, so a holder
- * that dies mid-way leaves a consistent table. State words change only by
- * compare-and-swap, to the word the state machine gives: the transition
- * table is generated from states.py (tfem_states.h). The index is linear
- * probing with backward-shift deletion, never tombstones.
+ * Locks: a name belongs to one stripe (crc32 % TFEM_WAKE_BUCKETS). Every
+ * claim, look-up and state change of a name happens under its stripe's
+ * lock, and touches only that stripe's part of the name index: with one
+ * table lock, 16 pairs of processes on 2 CPUs queued behind whichever
+ * holder the scheduler had preempted. The broker's rarer paths (settling
+ * the dead, spilling, adoption, list) take every stripe, in order. Each
+ * change under a lock is a single store, so a holder that dies mid-way
+ * leaves a table the next holder (a dead holder's lock is taken over) or
+ * the broker's adoption can use. No system call happens under a lock:
+ * wake-ups are sent after it is released.
+ *
+ * The free-slot stack has no lock: a pop or push is one compare-and-swap on
+ * free_head, whose upper half is a tag bumped by every change (a stale
+ * head fails, the ABA case). A process killed between popping a slot and
+ * claiming it leaves that slot off the stack until the broker adopts the
+ * segment again; nothing else is lost.
+ *
+ * State words change only by compare-and-swap, to the word the state
+ * machine gives: the transition table is generated from states.py
+ * (tfem_states.h). Each stripe's index is linear probing with
+ * backward-shift deletion, never tombstones.
  */
 #include <errno.h>
 #include <string.h>
@@ -23,16 +37,46 @@
 
 #define SC __ATOMIC_SEQ_CST
 #define LOCK_TIMEOUT_NS (10LL * 1000000000LL)
+#define STRIPES TFEM_WAKE_BUCKETS
 
 #define slot_at tfem_slot_at
 #define bitmap_of tfem_bitmap_of
-static uint32_t *index_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->index_offset); }
 static uint32_t *free_stack_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->free_stack_offset); }
 
-int tfem_t_lock(struct tfem_header *h, uint32_t pid) {
-    return tfem_lock(&h->table_lock, &h->lock_waiters, pid, LOCK_TIMEOUT_NS) ? EBUSY : 0;
+static uint32_t stripe_of(uint32_t hash) { return hash % STRIPES; }
+
+static int lock_stripe(struct tfem_header *h, uint32_t stripe, uint32_t pid) {
+    struct tfem_stripe *st = &h->stripes[stripe];
+    return tfem_lock(&st->lock, &st->waiters, pid, LOCK_TIMEOUT_NS) ? EBUSY : 0;
 }
-void tfem_t_unlock(struct tfem_header *h) { tfem_unlock(&h->table_lock, &h->lock_waiters); }
+
+static void unlock_stripe(struct tfem_header *h, uint32_t stripe) {
+    tfem_unlock(&h->stripes[stripe].lock, &h->stripes[stripe].waiters);
+}
+
+/* Every stripe, in order: the whole table (the broker's rarer paths). */
+int tfem_t_lock(struct tfem_header *h, uint32_t pid) {
+    for (uint32_t i = 0; i < STRIPES; i++) {
+        if (lock_stripe(h, i, pid)) {
+            while (i--) unlock_stripe(h, i);
+            return EBUSY;
+        }
+    }
+    return 0;
+}
+
+void tfem_t_unlock(struct tfem_header *h) {
+    for (uint32_t i = STRIPES; i--;) unlock_stripe(h, i);
+}
+
+/* The pid holding some stripe's lock, or 0 (for error messages). */
+uint32_t tfem_t_lock_holder(struct tfem_header *h) {
+    for (uint32_t i = 0; i < STRIPES; i++) {
+        uint32_t pid = __atomic_load_n(&h->stripes[i].lock, SC);
+        if (pid) return pid;
+    }
+    return 0;
+}
 
 /* ---- state words ---- */
 
@@ -59,58 +103,107 @@ static int held_by(struct tfem_slot *slot, uint32_t generation, uint32_t pid, in
     return state_of(word) == state && generation_of(word) == generation && holder_of(word) == pid;
 }
 
-/* ---- the name index (under the lock) ---- */
+/* ---- the name index: a stripe each (under the stripe's lock) ---- */
+
+struct stripe_index {
+    uint32_t *entries; /* slot + 1, or TFEM_INDEX_EMPTY */
+    uint32_t mask;
+};
+
+static struct stripe_index index_for(struct tfem_header *h, uint32_t hash) {
+    uint32_t size = h->index_size / STRIPES;
+    uint32_t *index = (uint32_t *)((char *)h + h->index_offset);
+    return (struct stripe_index){index + (uint64_t)stripe_of(hash) * size, size - 1};
+}
+
+/* Where a hash starts probing within its stripe. */
+static uint32_t home_of(uint32_t hash, uint32_t mask) { return (hash / STRIPES) & mask; }
 
 static int64_t find(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash) {
-    uint32_t *index = index_of(h), mask = h->index_size - 1;
-    for (uint32_t i = hash & mask;; i = (i + 1) & mask) {
-        uint32_t entry = index[i];
+    struct stripe_index ix = index_for(h, hash);
+    for (uint32_t n = 0, i = home_of(hash, ix.mask); n <= ix.mask; n++, i = (i + 1) & ix.mask) {
+        uint32_t entry = ix.entries[i];
         if (entry == TFEM_INDEX_EMPTY) return -1;
+        if (entry > h->slot_count) continue; /* damaged: never followed */
         struct tfem_slot *slot = slot_at(h, entry - 1);
         if (slot->name_hash == hash && slot->name_len == len && memcmp(slot->name, name, len) == 0)
             return entry - 1;
     }
+    return -1;
 }
 
-void tfem_t_index_insert(struct tfem_header *h, uint32_t s) {
-    uint32_t *index = index_of(h), mask = h->index_size - 1;
-    uint32_t i = slot_at(h, s)->name_hash & mask;
-    while (index[i] != TFEM_INDEX_EMPTY) i = (i + 1) & mask;
-    index[i] = s + 1;
+/* Enter slot s under its name's hash; ENOSPC when its stripe is full. */
+int tfem_t_index_insert(struct tfem_header *h, uint32_t s) {
+    uint32_t hash = slot_at(h, s)->name_hash;
+    struct stripe_index ix = index_for(h, hash);
+    for (uint32_t n = 0, i = home_of(hash, ix.mask); n <= ix.mask; n++, i = (i + 1) & ix.mask) {
+        if (ix.entries[i] == TFEM_INDEX_EMPTY) {
+            ix.entries[i] = s + 1;
+            return 0;
+        }
+    }
+    return ENOSPC;
 }
 
 static void index_remove(struct tfem_header *h, uint32_t s) {
-    uint32_t *index = index_of(h), mask = h->index_size - 1;
-    uint32_t i = slot_at(h, s)->name_hash & mask;
-    while (index[i] != s + 1) {
-        if (index[i] == TFEM_INDEX_EMPTY) return; /* not indexed: unlinked while held */
-        i = (i + 1) & mask;
+    uint32_t hash = slot_at(h, s)->name_hash;
+    struct stripe_index ix = index_for(h, hash);
+    uint32_t i = home_of(hash, ix.mask), n = 0;
+    while (ix.entries[i] != s + 1) {
+        if (ix.entries[i] == TFEM_INDEX_EMPTY || ++n > ix.mask) return; /* not indexed: unlinked while held */
+        i = (i + 1) & ix.mask;
     }
     /* Backward shift: pull later entries of the probe run into the hole,
      * unless an entry's home lies cyclically in (hole, j]. */
     uint32_t hole = i;
-    for (uint32_t j = (i + 1) & mask; index[j] != TFEM_INDEX_EMPTY; j = (j + 1) & mask) {
-        uint32_t home = slot_at(h, index[j] - 1)->name_hash & mask;
+    for (uint32_t j = (i + 1) & ix.mask; ix.entries[j] != TFEM_INDEX_EMPTY && j != i; j = (j + 1) & ix.mask) {
+        uint32_t home = home_of(slot_at(h, ix.entries[j] - 1)->name_hash, ix.mask);
         int stays = hole < j ? (hole < home && home <= j) : (home > hole || home <= j);
         if (stays) continue;
-        index[hole] = index[j];
+        ix.entries[hole] = ix.entries[j];
         hole = j;
     }
-    index[hole] = TFEM_INDEX_EMPTY;
+    ix.entries[hole] = TFEM_INDEX_EMPTY;
 }
 
-/* ---- claiming and freeing (under the lock) ---- */
+/* ---- the free-slot stack, without a lock ---- */
+
+static int64_t pop_free(struct tfem_header *h) {
+    uint32_t *next = free_stack_of(h);
+    uint64_t head = __atomic_load_n(&h->free_head, SC);
+    for (;;) {
+        uint32_t top = (uint32_t)head;
+        if (top == 0 || top > h->slot_count) return -1;
+        uint32_t below = __atomic_load_n(&next[top - 1], SC);
+        uint64_t desired = ((head >> 32) + 1) << 32 | below;
+        if (__atomic_compare_exchange_n(&h->free_head, &head, desired, 0, SC, SC)) {
+            __atomic_fetch_sub(&h->free_top, 1, SC);
+            return top - 1;
+        }
+    }
+}
+
+void tfem_t_push_free(struct tfem_header *h, uint32_t s) {
+    uint32_t *next = free_stack_of(h);
+    uint64_t head = __atomic_load_n(&h->free_head, SC);
+    do {
+        __atomic_store_n(&next[s], (uint32_t)head, SC);
+    } while (!__atomic_compare_exchange_n(&h->free_head, &head, ((head >> 32) + 1) << 32 | (s + 1), 0, SC, SC));
+    __atomic_fetch_add(&h->free_top, 1, SC);
+}
+
+/* ---- claiming and freeing (under the stripe's lock) ---- */
 
 static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
                  uint64_t now_ns, struct tfem_claim *out) {
-    if (h->free_top == 0) return ENOSPC;
-    uint32_t s = free_stack_of(h)[h->free_top - 1];
+    int64_t popped = pop_free(h);
+    if (popped < 0) return ENOSPC;
+    uint32_t s = (uint32_t)popped;
     struct tfem_slot *slot = slot_at(h, s);
     int rc = transition(slot, TFEM_EVENT_OPEN_WRITE, -1, pid);
-    if (rc) return rc;
-    h->free_top--;
+    if (rc) return rc; /* not free after all (damage): left off the stack for adoption to judge */
     slot->size = 0;
-    slot->file_id = h->next_file_id++;
+    slot->file_id = __atomic_fetch_add(&h->next_file_id, 1, SC);
     slot->created_ns = now_ns;
     slot->waiting_ns = 0;
     slot->name_hash = hash;
@@ -120,8 +213,13 @@ static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t
     slot->extent_count = 0;
     memcpy(slot->name, name, len);
     slot->name[len] = 0;
-    tfem_t_index_insert(h, s);
-    h->opened_write++;
+    if (tfem_t_index_insert(h, s)) { /* this stripe of the index is full */
+        slot->name_len = 0;
+        transition(slot, TFEM_EVENT_ABORT_WRITE, -1, 0);
+        tfem_t_push_free(h, s);
+        return ENOSPC;
+    }
+    __atomic_fetch_add(&h->opened_write, 1, SC);
     out->slot = s;
     out->generation = generation_of(__atomic_load_n(&slot->state, SC));
     out->file_id = slot->file_id;
@@ -130,14 +228,13 @@ static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t
 }
 
 static void release_extents(struct tfem_header *h, struct tfem_slot *slot) {
-    if (!slot->extent_count) return;
-    for (uint32_t i = 0; i < slot->extent_count; i++)
+    for (uint32_t i = 0; i < slot->extent_count && i < TFEM_MAX_EXTENTS; i++)
         tfem_blocks_release(bitmap_of(h), slot->extents[i].start, slot->extents[i].count);
     slot->extent_count = 0;
-    tfem_publish(&h->space_seq, &h->space_waiters);
 }
 
-/* Free slot s by `event`; out->discard_id names spill records to drop. */
+/* Free slot s by `event`; out->discard_id names spill records to drop.
+ * The caller wakes the waiters for room after its lock is released. */
 static int free_slot(struct tfem_header *h, uint32_t s, int event, uint32_t generation,
                      struct tfem_claim *out) {
     struct tfem_slot *slot = slot_at(h, s);
@@ -150,11 +247,12 @@ static int free_slot(struct tfem_header *h, uint32_t s, int event, uint32_t gene
     slot->name_len = 0;
     int rc = transition(slot, event, generation, 0);
     if (rc) return rc;
-    if (event == TFEM_EVENT_CLOSE_READ) h->closed_read++;
-    free_stack_of(h)[h->free_top++] = s;
-    tfem_publish(&h->space_seq, &h->space_waiters);
+    if (event == TFEM_EVENT_CLOSE_READ) __atomic_fetch_add(&h->closed_read, 1, SC);
+    tfem_t_push_free(h, s);
     return 0;
 }
+
+static void publish_space(struct tfem_header *h) { tfem_publish(&h->space_seq, &h->space_waiters); }
 
 static void publish_bucket(struct tfem_header *h, uint32_t hash) {
     uint32_t b = hash % TFEM_WAKE_BUCKETS;
@@ -166,16 +264,16 @@ static void publish_bucket(struct tfem_header *h, uint32_t hash) {
 int tfem_t_create(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, uint64_t now_ns, struct tfem_claim *out) {
     memset(out, 0, sizeof *out);
-    if (tfem_t_lock(h, pid)) return EBUSY;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc = find(h, name, len, hash) >= 0 ? EEXIST : claim(h, name, len, hash, pid, now_ns, out);
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe_of(hash));
     return rc;
 }
 
 int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                 uint32_t holder, int create, uint64_t now_ns, struct tfem_claim *out) {
     memset(out, 0, sizeof *out);
-    if (tfem_t_lock(h, holder)) return EBUSY;
+    if (lock_stripe(h, stripe_of(hash), holder)) return EBUSY;
     int rc;
     int64_t s = find(h, name, len, hash);
     if (s < 0) {
@@ -187,13 +285,13 @@ int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
         if (state_of(word) != TFEM_STATE_WAIT) {
             rc = EAGAIN;
         } else if ((rc = transition(slot, TFEM_EVENT_OPEN_READ, generation_of(word), holder)) == 0) {
-            h->opened_read++;
+            __atomic_fetch_add(&h->opened_read, 1, SC);
             out->slot = (uint32_t)s;
             out->generation = generation_of(word);
             out->file_id = slot->file_id;
         }
     }
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe_of(hash));
     return rc;
 }
 
@@ -202,7 +300,8 @@ int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     memset(out, 0, sizeof *out);
     if (s >= h->slot_count) return ESTALE;
     struct tfem_slot *slot = slot_at(h, s);
-    if (tfem_t_lock(h, pid)) return EBUSY;
+    uint32_t hash = slot->name_hash; /* fixed while the file is held */
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc;
     if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) {
         rc = ESTALE;
@@ -214,10 +313,10 @@ int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
         slot->checksum = checksum;
         slot->waiting_ns = now_ns;
         rc = transition(slot, TFEM_EVENT_CLOSE_WRITE, generation, 0);
-        if (rc == 0) h->closed_write++;
+        if (rc == 0) __atomic_fetch_add(&h->closed_write, 1, SC);
     }
-    tfem_t_unlock(h);
-    if (rc == 0 && out->for_write == 0) publish_bucket(h, slot->name_hash);
+    unlock_stripe(h, stripe_of(hash));
+    if (rc == 0) out->for_write == 0 ? publish_bucket(h, hash) : publish_space(h);
     return rc;
 }
 
@@ -225,9 +324,11 @@ static int drop_held(struct tfem_header *h, uint32_t s, uint32_t generation, uin
                      int event, struct tfem_claim *out) {
     memset(out, 0, sizeof *out);
     if (s >= h->slot_count) return ESTALE;
-    if (tfem_t_lock(h, pid)) return EBUSY;
+    uint32_t hash = slot_at(h, s)->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc = held_by(slot_at(h, s), generation, pid, state) ? free_slot(h, s, event, generation, out) : ESTALE;
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe_of(hash));
+    if (rc == 0) publish_space(h);
     return rc;
 }
 
@@ -246,7 +347,8 @@ int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     memset(out, 0, sizeof *out);
     if (s >= h->slot_count) return ESTALE;
     struct tfem_slot *slot = slot_at(h, s);
-    if (tfem_t_lock(h, pid)) return EBUSY;
+    uint32_t hash = slot->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc;
     if (!held_by(slot, generation, pid, TFEM_STATE_READ)) {
         rc = ESTALE;
@@ -256,16 +358,16 @@ int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     } else {
         rc = transition(slot, TFEM_EVENT_RELEASE_READ, generation, 0);
     }
-    tfem_t_unlock(h);
-    if (rc == 0 && out->for_write == 0) publish_bucket(h, slot->name_hash);
+    unlock_stripe(h, stripe_of(hash));
+    if (rc == 0) out->for_write == 0 ? publish_bucket(h, hash) : publish_space(h);
     return rc;
 }
 
 int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out) {
     memset(out, 0, sizeof *out);
-    if (tfem_t_lock(h, pid)) return EBUSY;
-    int rc = 0;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
+    int rc = 0, freed = 0;
     int64_t s = find(h, name, len, hash);
     if (s < 0) {
         rc = ENOENT;
@@ -274,19 +376,21 @@ int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_
         uint64_t word = __atomic_load_n(&slot->state, SC);
         if (state_of(word) == TFEM_STATE_WAIT) {
             rc = free_slot(h, (uint32_t)s, TFEM_EVENT_UNLINK, generation_of(word), out);
+            freed = rc == 0;
         } else { /* held: the name goes now, the holder frees the file */
             index_remove(h, (uint32_t)s);
             slot->flags |= TFEM_SLOT_DOOMED;
         }
     }
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe_of(hash));
+    if (freed) publish_space(h);
     return rc;
 }
 
 int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out) {
     memset(out, 0, sizeof *out);
-    if (tfem_t_lock(h, pid)) return EBUSY;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int64_t s = find(h, name, len, hash);
     if (s >= 0) {
         uint64_t word = __atomic_load_n(&slot_at(h, (uint32_t)s)->state, SC);
@@ -295,7 +399,7 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
         out->state = state_of(word);
         out->file_id = slot_at(h, (uint32_t)s)->file_id;
     }
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe_of(hash));
     return s >= 0 ? 0 : ENOENT;
 }
 
@@ -317,10 +421,10 @@ void tfem_t_info(struct tfem_header *h, uint32_t s, struct tfem_fileinfo *out) {
 
 int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
                 struct tfem_fileinfo *out) {
-    if (tfem_t_lock(h, pid)) return EBUSY;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int64_t s = find(h, name, len, hash);
     if (s >= 0) tfem_t_info(h, (uint32_t)s, out);
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe_of(hash));
     return s >= 0 ? 0 : ENOENT;
 }
 
@@ -385,7 +489,8 @@ int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
         if (got) tfem_blocks_release(bitmap_of(h), start, got);
         return ENOSPC;
     }
-    if (tfem_t_lock(h, pid)) {
+    uint32_t stripe = stripe_of(slot->name_hash);
+    if (lock_stripe(h, stripe, pid)) {
         if (got) tfem_blocks_release(bitmap_of(h), start, got);
         return EBUSY;
     }
@@ -395,7 +500,7 @@ int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
         __atomic_store_n(&slot->extent_count, 1, SC);
     }
     slot->flags |= (uint16_t)(TFEM_SLOT_ARENA | flags); /* under the lock: unlink sets flags too */
-    tfem_t_unlock(h);
+    unlock_stripe(h, stripe);
     return 0;
 }
 

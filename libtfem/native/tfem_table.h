@@ -64,8 +64,11 @@ int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct 
 void tfem_t_info(struct tfem_header *h, uint32_t slot, struct tfem_fileinfo *out);
 /* crc32 of a name (zlib's): keys the name index and the wake buckets. */
 uint32_t tfem_name_hash(const char *name, uint32_t len);
-void tfem_t_index_insert(struct tfem_header *h, uint32_t slot);
-/* The caller holds the table lock (tfem_t_lock). `event` numbers are the
+int tfem_t_index_insert(struct tfem_header *h, uint32_t slot);
+void tfem_t_push_free(struct tfem_header *h, uint32_t slot);
+uint32_t tfem_t_lock_holder(struct tfem_header *h);
+/* The caller holds the whole table (tfem_t_lock: every stripe, for the
+ * broker's rarer paths). `event` numbers are the
  * order of states.Event; generation < 0 matches any. */
 int tfem_t_transition_locked(struct tfem_header *h, uint32_t slot, int event, int64_t generation,
                              uint32_t holder);
