@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import errno
 import io
-import mmap
 import operator
 import os
+import pickle
 from typing import Any, Iterator, Protocol
 
 from ._native import ffi, lib
 from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
 from .protocol import Op, Reply
-from .segment import Segment
 from .table import Deadline
 
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
@@ -57,7 +56,6 @@ class Owner(Protocol):
     and spilled bytes), and the set of files it must let go of when it
     closes."""
 
-    segment: Segment
     memory: memoryview  # the segment's mapping
     base: int  # its address
     pid: int
@@ -94,7 +92,7 @@ class TfemFile(io.RawIOBase):
     _pending_offset = 0
     _cache: Any = b""  # spill read-ahead
     _cache_offset = 0
-    _view_maps: list[mmap.mmap] | None = None  # the mappings behind getbuffer()'s views
+    _view_bases: list[memoryview] | None = None  # what getbuffer()'s views hold exports of
 
     _room_timeout: float | None = 0  # how long a write may wait for memory
 
@@ -206,7 +204,7 @@ class TfemFile(io.RawIOBase):
         f = self._f
         if not f.held or self._epoch != fork_epoch and self._in_forked_child():
             return
-        if self._view_maps:
+        if self._view_bases:
             self._release_views()
         if self._pending:
             try:
@@ -232,7 +230,7 @@ class TfemFile(io.RawIOBase):
         f = self._f
         if not f.held or self._epoch != fork_epoch and self._in_forked_child():
             return
-        if self._view_maps:
+        if self._view_bases:
             self._release_views()
         rc = lib.tfem_f_abort(f)
         self._owner.held.discard(f)
@@ -275,23 +273,32 @@ class TfemFile(io.RawIOBase):
             raise BufferError(f"{self.name!r} is not one piece in memory: make it with Client.create for "
                               "views, or read it (chunks() gives views piece by piece)")
         offset = int(ffi.cast("uintptr_t", ptr[0])) - self._owner.base
-        mapping, start = self._owner.segment.map_range(offset, f.size, writable=bool(self._writing))
-        if self._view_maps is None:
-            self._view_maps = []
+        base = self._owner.memory[offset: offset + f.size]
+        if not self._writing:
+            base = base.toreadonly()
+        # The view is taken through a PickleBuffer so that it, every slice
+        # of it and every array made from it hold an export of `base`:
+        # base.release() then refuses while any of them lives, as
+        # mmap.close() does, with no mapping of its own to undo.
+        holder = pickle.PickleBuffer(base)
+        view = memoryview(holder)
+        holder.release()
+        if self._view_bases is None:
+            self._view_bases = []
             self._owner.pinned[f] = self
-        self._view_maps.append(mapping)
-        return memoryview(mapping)[start: start + f.size]
+        self._view_bases.append(base)
+        return view
 
     def _release_views(self) -> None:
-        """Let go of the mappings behind getbuffer()'s views; BufferError
-        while one is still in use (the file's memory must not be reused)."""
-        while self._view_maps:
+        """Let go of what getbuffer() handed out; BufferError while a view
+        is still in use (the file's memory must not be reused under it)."""
+        while self._view_bases:
             try:
-                self._view_maps[-1].close()
+                self._view_bases[-1].release()
             except BufferError:
                 raise BufferError(f"{self.name!r}: a view from getbuffer() is still in use; release it "
                                   "(and arrays made from it) before closing the file") from None
-            self._view_maps.pop()
+            self._view_bases.pop()
         self._owner.pinned.pop(self._f, None)
 
     @property

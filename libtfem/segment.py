@@ -206,20 +206,6 @@ class Segment:
             raise SegmentCorrupt(f"segment {name} cannot be used: {problem}")
         return cls(name, mapping)
 
-    def map_range(self, offset: int, length: int, writable: bool) -> tuple[mmap.mmap, int]:
-        """A mapping of its own over [offset, offset + length) of the
-        segment, and where the range starts in it. Its own, so that its
-        exports can be counted: mmap.close() refuses while a view of it
-        lives (zero copy)."""
-        start = offset - offset % PAGE
-        shm = posix_ipc.SharedMemory(self.name, read_only=not writable)
-        try:
-            mapping = mmap.mmap(shm.fd, offset + length - start, offset=start,
-                                access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-        finally:
-            shm.close_fd()
-        return mapping, offset - start
-
     def close(self) -> None:
         """Detach. Idempotent; the segment stays for the other processes."""
         if self._mmap is None:

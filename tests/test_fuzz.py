@@ -23,7 +23,7 @@ import random
 import subprocess
 import time
 import uuid
-import zlib
+from typing import Any
 
 import msgpack
 import pytest
@@ -392,42 +392,47 @@ F_SLOTS, F_BUF, F_BLOCK, F_BLOCKS = 24, 256, 4096, 32
 OFFSETS: dict[str, int] = {}  # of the derived structures, in the populated segment
 
 
+def core_file(seg: Segment, raw: bytes, pid: int, mode: str) -> Any:
+    """A file opened through the native core as process `pid`, live or dead."""
+    f = ffi.new("struct tfem_file *")
+    if mode == "w":
+        rc = lib.tfem_f_create(seg.header, raw, len(raw), pid, 0, f)
+    else:
+        rc = lib.tfem_f_open(seg.header, raw, len(raw), pid, lib.TFEM_OPEN_READ, 0, 0, f, ffi.new("int32_t *"))
+    if rc == errno.ENOSPC:
+        raise tfem.NoSpace("the slot table is full")
+    assert rc == 0, os.strerror(rc)
+    return f
+
+
 class Populated:
-    """A segment with real files in every state, made through SlotTables of
-    a live process (this one) and of a dead one."""
+    """A segment with real files in every state, made through the native
+    core as a live process (this one) and as a dead one."""
 
     def __init__(self) -> None:
         self.name = f"/tfem-fuzz-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.seg = Segment.create(self.name, Layout(F_SLOTS, F_BUF, F_BLOCK, F_BLOCKS * F_BLOCK))
         self.alive, self.dead = os.getpid(), dead_pid()
         self.spilled_ids: set[int] = set()
-        mine, theirs = SlotTable(self.seg, self.alive), SlotTable(self.seg, self.dead)
+        mine = SlotTable(self.seg, self.alive)
         r = random.Random(7)
         for i in range(16):
-            table = mine if i % 3 else theirs
+            pid = self.alive if i % 3 else self.dead
             raw = f"fz/{i}/{'n' * (i * 13 % 90)}".encode()
-            h = table.create(raw)
+            f = core_file(self.seg, raw, pid, "w")
             size = r.choice([0, 100, F_BUF, F_BUF + 1, 3 * F_BLOCK, 5 * F_BLOCK + 7])
-            if size > F_BUF:
-                assert table.grow(h, size) == 0
-            data = content(raw.decode(), size)
-            done = 0
-            for _, offset, length in table.pieces(h.slot):
-                n = min(length, size - done)
-                self.seg.view[offset: offset + n] = data[done: done + n]
-                done += n
+            assert lib.tfem_f_write(f, content(raw.decode(), size), size) == size
             if i in (4, 9, 12, 14):  # left being written (9 and 12 by the dead process)
-                self.seg.slot(h.slot).size = size
                 continue
-            table.publish(h, size, zlib.crc32(data))
+            assert lib.tfem_f_close(f) == 0
             if i in (5, 6, 10, 15):  # being read (6 and 15 by the dead process)
-                table.take(raw)
+                core_file(self.seg, raw, pid, "r")
             if i in (10, 15):  # and unlinked meanwhile
-                table.unlink(raw)
+                mine.unlink(raw)
             if i == 7:  # moved to the spill store
-                mine.set_flag(h.slot, lib.TFEM_SLOT_SPILLED)
-                mine.release_extents(h.slot)
-                self.spilled_ids.add(h.file_id)
+                mine.set_flag(f.index, lib.TFEM_SLOT_SPILLED)
+                mine.release_extents(f.index)
+                self.spilled_ids.add(f.file_id)
         self.spilled_ids.add(10**6)  # records of a file that is gone
         self.pristine = bytes(self.seg.view)
         OFFSETS.update({region: getattr(self.seg.header, f"{region}_offset")
@@ -552,16 +557,15 @@ def check_adopted(seg: Segment, table: SlotTable, what: str) -> None:
     for pid in table.holders():  # the broker's sweep asks about every holder
         lib.tfem_pid_alive(pid)
     # It works: every free slot can be claimed, published and consumed.
+    me, size = os.getpid(), F_BUF + F_BLOCK
     for i in range(len(free)):
-        raw = f"new/{i}".encode()
-        handle = table.create(raw)
-        assert table.grow(handle, F_BUF + F_BLOCK) in (0, errno.ENOSPC), what
-        table.publish(handle, 10)
+        f = core_file(seg, f"new/{i}".encode(), me, "w")
+        assert lib.tfem_f_write(f, bytes(size), size) in (0, size), what  # 0: the arena is full
+        assert lib.tfem_f_close(f) == 0, what
     with pytest.raises(tfem.NoSpace):
-        table.create(b"one too many")
+        core_file(seg, b"one too many", me, "w")
     for i in range(len(free)):
-        handle = table.take(f"new/{i}".encode())
-        table.consume(handle)
+        assert lib.tfem_f_close(core_file(seg, f"new/{i}".encode(), me, "r")) == 0, what
     assert h.free_top == len(free), what
 
 

@@ -12,8 +12,13 @@
  *   ssize_t got = tfem_read(fd, buf, n);
  *   tfem_close(fd);                      consumes the file (READ -> freed)
  *
- * The instance is found as in Python: TFEM_BROKER names a broker endpoint,
- * else TFEM_KEYFILE (else the per-user default key file) names a registry.
+ * The instance is found as in Python: TFEM_KEYFILE (else the per-user
+ * default key file) names the registry, whose key file names the shared
+ * segment; the library maps it and works on it in plain C. Only a broker
+ * endpoint in TFEM_BROKER, without a key file, asks the broker instead.
+ * Calls on files in memory never start an interpreter; the few that need
+ * the broker's protocol (a full arena, a spilled file) start the embedded
+ * Python runtime on first use.
  * Build with:  gcc prog.c $(tfem config --cflags --libs)
  *
  * errno values: ENOENT no such name (TFEM_NONBLOCK, stat, unlink); EEXIST
@@ -22,11 +27,12 @@
  * write descriptor and the reverse; EINVAL bad flags, whence or offset;
  * ENAMETOOLONG name over TFEM_NAME_MAX bytes; ENOSPC slot table, memory or
  * spill store full; ECONNREFUSED no registry or broker; EFAULT NULL
- * pointer; ENOSYS the embedded Python could not start (see stderr).
+ * pointer; EBADMSG the file's bytes do not match its checksum (tfem_read;
+ * closing gives the file back); ENOSYS a call that needs the broker's
+ * protocol, and the embedded Python could not start (see stderr).
  *
- * Descriptors are tfem's own, not the operating system's. A forked child
- * gets a connection of its own on its first call; descriptors opened by the
- * parent are the parent's.
+ * Descriptors are tfem's own, not the operating system's. In a forked
+ * child, descriptors opened by the parent are the parent's (EBADF).
  */
 #ifndef TFEM_H
 #define TFEM_H
