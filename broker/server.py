@@ -38,9 +38,10 @@ import zmq
 from tfem import discovery, protocol
 from tfem._native import lib
 from tfem.config import Instance
-from tfem.errors import InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient
+from tfem.errors import (InvalidArgument, NoSpace, ProtocolError, SegmentCorrupt, SegmentExists, TfemError,
+                         UnknownClient, errno_of)
 from tfem.protocol import Op, Reply
-from tfem.segment import Layout, Segment, SegmentCorrupt, SegmentExists
+from tfem.segment import Layout, Segment
 from tfem.states import State
 from tfem.table import SlotTable
 
@@ -322,7 +323,7 @@ class Broker:
             reply = self._handle(identity, request)
         except TfemError as exc:
             self.errors += 1
-            reply = Reply(request.request_id, exc.errno or 5, str(exc))
+            reply = Reply(request.request_id, errno_of(exc), str(exc))
         except Exception as exc:  # a bug must not take the broker down
             self.errors += 1
             log.exception("error serving %s", request.op.value)

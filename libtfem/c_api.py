@@ -11,21 +11,12 @@ cffi would turn it into a silent 0.
 
 from __future__ import annotations
 
-import errno
 from typing import Any
 
 from . import posix
-from .errors import TfemError
+from .errors import TfemError, errno_of
 from .files import SPILL_IO_CHUNK
 from .protocol import Op
-
-
-def errno_of(exc: BaseException) -> int:
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    if isinstance(exc, (ValueError, TypeError, OverflowError)):
-        return errno.EINVAL
-    return errno.EIO
 
 
 def install(ffi: Any) -> None:

@@ -31,14 +31,14 @@ import zmq
 from . import discovery, protocol
 from ._native import ffi, lib
 from .config import ENV_BROKER, Instance
-from .errors import (AlreadyExists, BrokerUnavailable, Busy, InvalidArgument, NoSpace, NotFound, ProtocolError,
-                     TfemError, Timeout, WouldBlock, from_errno)
+from .errors import (BrokerUnavailable, InvalidArgument, NoSpace, ProtocolError, TfemError, Timeout, WouldBlock,
+                     from_errno)
 from . import files
 from .files import TfemFile
 from .protocol import Op, Reply, Request
 from .segment import Segment
 from .states import State
-from .table import NAME_MAX, Deadline, FileStat, SlotTable, encode_name
+from .table import NAME_MAX, Deadline, FileStat, SlotTable, encode_name, table_error
 
 REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
 CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
@@ -311,24 +311,15 @@ class Client:
 
     def _open_error(self, rc: int, raw: bytes, kind: str, timeout: float | None) -> TfemError:
         text = raw.decode()
-        if rc == errno.ENOENT:
-            return NotFound(f"no file named {text!r}")
         if rc == errno.EAGAIN:
             return WouldBlock(f"{text!r} is {State(self._state_found[0]).name}, not ready to read")
         if rc == errno.ETIMEDOUT:
             return Timeout(f"{text!r} was not ready to read within {timeout} s")
-        if rc == errno.EEXIST:
-            return AlreadyExists(f"{text!r} already exists")
-        if rc == errno.ENOSPC:
-            if kind == "w" and timeout:
-                return NoSpace(f"no slot was freed within {timeout} s")
-            return NoSpace(f"the slot table is full: all {self.table.seg.slot_count} slots hold files")
-        if rc == errno.EBUSY:
-            return Busy(f"a lock of the slot table has been held by pid {lib.tfem_t_lock_holder(self._header)} "
-                        "for over 10 s")
-        return from_errno(rc, f"{text!r}: {os.strerror(rc)}")
+        if rc == errno.ENOSPC and kind == "w" and timeout:
+            return NoSpace(f"no slot was freed within {timeout} s")
+        return table_error(rc, repr(text), self._header)
 
-    # ---- what files need of their client (files.Broker) ----
+    # ---- what files need of their client (files.Owner) ----
 
     def room_seen(self) -> int:
         return self.table.space_seen()

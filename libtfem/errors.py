@@ -2,8 +2,9 @@
 
 Every error is an OSError with the errno a C programmer would expect, and
 also the built-in exception a Python programmer would catch
-(FileNotFoundError, TimeoutError, ...). Broker replies carry an errno;
-`from_errno` is the one place that turns it back into an exception.
+(FileNotFoundError, TimeoutError, ...). Broker replies, the native core and
+C callers carry errno values: `from_errno` is the one place that turns one
+into an exception, `errno_of` the one place that turns an exception into one.
 """
 
 from __future__ import annotations
@@ -82,6 +83,22 @@ class ChecksumMismatch(TfemError):
     errno_value = _errno.EBADMSG
 
 
+class HandleInvalidated(TfemError):
+    """The slot behind a handle was freed or taken over by someone else."""
+
+    errno_value = _errno.ESTALE
+
+
+class SegmentCorrupt(TfemError):
+    """The segment does not carry a header this version understands."""
+
+
+class SegmentExists(TfemError):
+    """A segment of that name exists already (a broker runs, or crashed)."""
+
+    errno_value = _errno.EEXIST
+
+
 # ---- the other side ----
 
 
@@ -107,8 +124,8 @@ _BY_ERRNO: dict[int, type[TfemError]] = {
     cls.errno_value: cls
     for cls in (
         InvalidArgument, NameTooLong, BadDescriptor, AlreadyExists, NotFound,
-        WouldBlock, Timeout, NoSpace, Busy, ChecksumMismatch, BrokerUnavailable, UnknownClient,
-        ProtocolError,
+        WouldBlock, Timeout, NoSpace, Busy, ChecksumMismatch, HandleInvalidated, BrokerUnavailable,
+        UnknownClient, ProtocolError,
     )
 }
 
@@ -121,3 +138,13 @@ def from_errno(code: int, message: str) -> TfemError:
         error.errno = code
         return error
     return cls(message)
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno value an exception stands for, for a reply or a C caller:
+    the other direction of `from_errno`."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, (ValueError, TypeError, OverflowError)):
+        return _errno.EINVAL
+    return _errno.EIO

@@ -20,7 +20,7 @@ from typing import Any
 import posix_ipc
 
 from ._native import ffi, lib
-from .errors import InvalidArgument, NoSpace, NotFound, TfemError
+from .errors import InvalidArgument, NoSpace, NotFound, SegmentCorrupt, SegmentExists
 
 PAGE = mmap.PAGESIZE
 CACHE_LINE = 64
@@ -33,14 +33,6 @@ def _round_up(n: int, to: int) -> int:
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-class SegmentCorrupt(TfemError):
-    """The segment does not carry a header this version understands."""
-
-
-class SegmentExists(TfemError):
-    """A segment of that name exists already (a broker runs, or crashed)."""
 
 
 class Layout:

@@ -28,17 +28,13 @@ import zlib
 from typing import Any, Iterator, NamedTuple
 
 from ._native import ffi, lib
-from .errors import AlreadyExists, Busy, InvalidArgument, NameTooLong, NoSpace, NotFound, TfemError, Timeout, WouldBlock
+from .errors import InvalidArgument, NameTooLong, NoSpace, TfemError, Timeout, from_errno
 from .segment import Segment
 from .states import EVENT_NUMBER, Event, State, unpack_word
 
 WAKE_BUCKETS = lib.TFEM_WAKE_BUCKETS
 LIST_BATCH = 256
 NAME_MAX = lib.TFEM_NAME_MAX
-
-
-class HandleInvalidated(TfemError):
-    """The slot behind a handle was freed or taken over by someone else."""
 
 
 def encode_name(name: str | bytes) -> bytes:
@@ -122,6 +118,20 @@ class FileStat:
     slot: int
 
 
+def table_error(rc: int, what: str, header: Any) -> TfemError:
+    """The error for a table operation's errno value, said of `what`: the
+    messages are here, the classes are errors.py's."""
+    if rc in (errno.ESTALE, errno.EPERM):
+        return from_errno(errno.ESTALE, f"{what or 'the file'} is no longer held by this process")
+    message = {
+        errno.EBUSY: f"a lock of the slot table has been held by pid {lib.tfem_t_lock_holder(header)} for over 10 s",
+        errno.EEXIST: f"{what} already exists",
+        errno.ENOSPC: f"the slot table is full: all {header.slot_count} slots hold files",
+        errno.ENOENT: f"no file named {what}",
+    }.get(rc, f"{what}: {os.strerror(rc)}")
+    return from_errno(rc, message)
+
+
 def file_stat(info: Any) -> FileStat:
     """A FileStat from the core's struct tfem_fileinfo."""
     return FileStat(
@@ -166,20 +176,8 @@ class SlotTable:
 
     def _check(self, rc: int, what: str = "") -> None:
         """Raise the error for a C operation's return code."""
-        if rc == 0:
-            return
-        if rc == errno.ESTALE or rc == errno.EPERM:
-            raise HandleInvalidated(f"{what or 'the file'} is no longer held by this process")
-        if rc == errno.EBUSY:
-            raise Busy(f"a lock of the slot table has been held by pid {lib.tfem_t_lock_holder(self._h)} "
-                       "for over 10 s")
-        if rc == errno.EEXIST:
-            raise AlreadyExists(f"{what} already exists")
-        if rc == errno.ENOSPC:
-            raise NoSpace(f"the slot table is full: all {self.seg.slot_count} slots hold files")
-        if rc == errno.ENOENT:
-            raise NotFound(f"no file named {what}")
-        raise TfemError(f"{what}: {os.strerror(rc)}")
+        if rc:
+            raise table_error(rc, what, self._h)
 
     @staticmethod
     def _discard(claim: Any) -> int | None:
@@ -189,14 +187,6 @@ class SlotTable:
         return unpack_word(lib.tfem_load64(ffi.addressof(self.seg.slot(s), "state")))
 
     # ---- producers ----
-
-    def create(self, raw: bytes) -> Handle:
-        """Claim a new name for writing (the broker's tests and tools; files
-        are opened through the native core, tfem_file.c)."""
-        h = name_hash(raw)
-        claim = self._claim_struct()
-        self._check(lib.tfem_t_create(self._h, raw, len(raw), h, self.pid, time.time_ns(), claim), repr(raw.decode()))
-        return Handle(claim.slot, claim.generation, claim.file_id, h % WAKE_BUCKETS)
 
     def space_seen(self) -> int:
         """The space sequence, read before looking for room."""
@@ -209,48 +199,6 @@ class SlotTable:
         except Timeout as exc:
             raise NoSpace(str(exc)) from None
         lib.tfem_f_wait_space(self._h, seen, left)
-
-    def publish(self, handle: Handle, size: int, checksum: int = 0) -> int | None:
-        """A producer's close: WRITE -> WAIT and wake the waiters. If the
-        name was unlinked meanwhile the file is freed instead; then the
-        returned file id, if not None, has spill records to discard."""
-        claim = self._claim_struct()
-        self._check(lib.tfem_t_publish(self._h, handle.slot, handle.generation, self.pid, size, checksum,
-                                       time.monotonic_ns(), claim))
-        return self._discard(claim)
-
-    def grow(self, handle: Handle, capacity: int) -> int:
-        """Add arena blocks until the file holds `capacity` bytes: 0, or
-        ENOSPC (the arena is full) or E2BIG (extent limit), which only the
-        broker can resolve, by spilling."""
-        rc = lib.tfem_t_grow(self._h, handle.slot, handle.generation, self.pid, capacity)
-        if rc not in (0, errno.ENOSPC, errno.E2BIG):
-            self._check(rc)
-        return rc
-
-    def abort(self, handle: Handle) -> int | None:
-        """A producer gives up: the file is dropped."""
-        claim = self._claim_struct()
-        self._check(lib.tfem_t_abort(self._h, handle.slot, handle.generation, self.pid, claim))
-        return self._discard(claim)
-
-    # ---- consumers ----
-
-    def take(self, raw: bytes) -> Handle:
-        """Take `raw` for reading if it is in WAIT, without waiting."""
-        h = name_hash(raw)
-        claim = self._claim_struct()
-        rc = lib.tfem_t_take(self._h, raw, len(raw), h, self.pid, 0, time.time_ns(), claim)
-        if rc == errno.EAGAIN:
-            raise WouldBlock(f"{raw.decode()!r} is {State(claim.state).name}, not ready to read")
-        self._check(rc, repr(raw.decode()))
-        return Handle(claim.slot, claim.generation, claim.file_id, h % WAKE_BUCKETS)
-
-    def consume(self, handle: Handle) -> int | None:
-        """A consumer's close: READ -> INVALID, the slot is freed."""
-        claim = self._claim_struct()
-        self._check(lib.tfem_t_consume(self._h, handle.slot, handle.generation, self.pid, claim))
-        return self._discard(claim)
 
     def release(self, handle: Handle) -> int | None:
         """Give a file back unread: READ -> WAIT, and wake the waiters. If

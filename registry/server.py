@@ -28,7 +28,7 @@ from tfem import protocol
 from tfem._native import lib
 from tfem.config import Instance, resolve_keyfile
 from tfem.discovery import KEYFILE_HEADER, largest_message, queue_key, registry_pid
-from tfem.errors import AlreadyExists, BrokerUnavailable, ProtocolError, TfemError
+from tfem.errors import AlreadyExists, BrokerUnavailable, ProtocolError, TfemError, errno_of
 from tfem.protocol import Action, Reply
 
 log = logging.getLogger("tfem.registry")
@@ -96,7 +96,7 @@ class Registry:
         try:
             reply = Reply(request.request_id, 0, self._handle(request))
         except TfemError as exc:
-            reply = Reply(request.request_id, exc.errno or 5, str(exc))
+            reply = Reply(request.request_id, errno_of(exc), str(exc))
         body = protocol.encode_registry_reply(reply)
         if len(body) > self.max_message:  # sysv_ipc would raise ValueError
             body = protocol.encode_registry_reply(Reply(

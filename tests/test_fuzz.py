@@ -35,10 +35,10 @@ from tfem import discovery, protocol
 from tfem._native import ffi, lib
 from tfem.broker.recovery import adopt
 from tfem.discovery import queue_key
-from tfem.errors import TfemError
+from tfem.errors import SegmentCorrupt, TfemError
 from tfem.protocol import VERSION, Action, Op
 from tfem.registry.server import registry_pid
-from tfem.segment import Layout, Segment, SegmentCorrupt
+from tfem.segment import Layout, Segment
 from tfem.states import State, unpack_word
 from tfem.table import SlotTable, name_hash
 
