@@ -33,7 +33,7 @@ from ._native import ffi, lib
 from .config import ENV_BROKER, Instance
 from .errors import (BrokerUnavailable, InvalidArgument, NoSpace, ProtocolError, TfemError, Timeout, WouldBlock,
                      from_errno)
-from . import files
+from . import forks
 from .files import TfemFile
 from .protocol import Op, Reply, Request
 from .segment import Segment
@@ -103,7 +103,7 @@ class Client:
     def _open_socket(self) -> Reply:
         """A socket of this process's own, and the broker's HELLO reply."""
         self.pid = os.getpid()
-        self._epoch = files.fork_epoch
+        self._epoch = forks.epoch
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -222,7 +222,7 @@ class Client:
         off, gets NoSpace at once; with a `timeout` it waits that long for
         consumers to free room first (back-pressure).
         """
-        if self._epoch != files.fork_epoch:
+        if self._epoch != forks.epoch:
             self._check_fork()
         try:  # the common name: short, plain text
             raw = name.encode() if type(name) is str else None  # type: ignore[union-attr]

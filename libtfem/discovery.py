@@ -18,7 +18,7 @@ from typing import Any
 
 import sysv_ipc
 
-from . import protocol
+from . import forks, protocol
 from ._native import lib
 from .config import FTOK_PROJECT_ID
 from .errors import BrokerUnavailable, ProtocolError, Timeout, from_errno
@@ -28,12 +28,12 @@ KEYFILE_HEADER = "tfem registry key file; pid "  # what a registry writes into i
 _lock = threading.Lock()
 
 
-def _after_fork_in_child() -> None:
+@forks.in_child
+def _renew_lock() -> None:
     global _lock
     _lock = threading.Lock()  # a thread of the parent may have held it
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
 _ids = itertools.count(random.randrange(1 << 30))
 
 

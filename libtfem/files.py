@@ -27,6 +27,7 @@ import os
 import pickle
 from typing import Any, Iterator, Protocol
 
+from . import forks
 from ._native import ffi, lib
 from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
 from .protocol import Op, Reply
@@ -36,20 +37,6 @@ SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
 BIG_READ = 1 << 20  # read() this large copies once from views; smaller, through readinto
 CRC_NONE = 2**64 - 1  # the core's mark for "no running checksum"
 _ZEROS = bytes(1 << 20)
-
-# Bumped in every forked child: a file opened before the fork is the parent's,
-# and a client made before it needs a connection of its own. (Cheaper than
-# asking for the pid on every call; the one fork hook of the client side.)
-fork_epoch = 0
-
-
-def _after_fork_in_child() -> None:
-    global fork_epoch
-    fork_epoch += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 class Owner(Protocol):
     """What a file needs of its client: the mapping, the broker (for room
@@ -100,7 +87,7 @@ class TfemFile(io.RawIOBase):
         self._f = core  # struct tfem_file *, this object's alone
         self._owner = owner
         self.name = name
-        self._epoch = fork_epoch
+        self._epoch = forks.epoch
         self._writing = writing = core.writing
         if writing:
             if room_timeout:
@@ -143,7 +130,7 @@ class TfemFile(io.RawIOBase):
         return int(pos)
 
     def readinto(self, buffer: Any) -> int:
-        if self._epoch != fork_epoch or self._writing:
+        if self._epoch != forks.epoch or self._writing:
             self._check_mode(reading=True)
         out, n = _target(buffer)
         f = self._f
@@ -153,7 +140,7 @@ class TfemFile(io.RawIOBase):
         return int(got)
 
     def read(self, size: int | None = -1) -> bytes:
-        if self._epoch != fork_epoch or self._writing:
+        if self._epoch != forks.epoch or self._writing:
             self._check_mode(reading=True)
         f = self._f
         left = max(0, f.size - f.pos) if f.held else 0
@@ -190,7 +177,7 @@ class TfemFile(io.RawIOBase):
             yield chunk
 
     def write(self, data: Any) -> int:
-        if self._epoch != fork_epoch or not self._writing:
+        if self._epoch != forks.epoch or not self._writing:
             self._check_mode(reading=False)
         buf, n = _source(data)
         done = lib.tfem_f_write(self._f, buf, n)
@@ -202,7 +189,7 @@ class TfemFile(io.RawIOBase):
         """Producer: publish the file. Consumer: free it (or give it back,
         if its bytes were found damaged). Idempotent."""
         f = self._f
-        if not f.held or self._epoch != fork_epoch and self._in_forked_child():
+        if not f.held or self._epoch != forks.epoch and self._in_forked_child():
             return
         if self._view_bases:
             self._release_views()
@@ -228,7 +215,7 @@ class TfemFile(io.RawIOBase):
         """Producer: drop the file instead of publishing it. Consumer: give
         it back unread (READ -> WAIT), for another consumer to take."""
         f = self._f
-        if not f.held or self._epoch != fork_epoch and self._in_forked_child():
+        if not f.held or self._epoch != forks.epoch and self._in_forked_child():
             return
         if self._view_bases:
             self._release_views()
@@ -329,7 +316,7 @@ class TfemFile(io.RawIOBase):
         return True
 
     def _check_open(self) -> None:
-        if self._epoch != fork_epoch:  # in a forked child: never touch the parent's file
+        if self._epoch != forks.epoch:  # in a forked child: never touch the parent's file
             self._f.held = 0
             raise BadDescriptor(f"{self.name!r} was opened by process {self._owner.pid} before it forked: "
                                 "it stays that process's file")

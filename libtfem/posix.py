@@ -12,6 +12,7 @@ import os
 import threading
 from typing import Any
 
+from . import forks
 from .client import Client, connect
 from .errors import BadDescriptor, InvalidArgument
 from .files import TfemFile
@@ -29,15 +30,14 @@ _files: dict[int, TfemFile] = {}
 _next_fd = 3
 
 
-def _after_fork_in_child() -> None:
+@forks.in_child
+def _renew() -> None:
     # A thread of the parent may have held the lock; the parent's
     # descriptors are the parent's (their files are held by its pid).
     global _lock
     _lock = threading.Lock()
     _files.clear()
 
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_client() -> Client:
