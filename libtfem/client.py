@@ -237,15 +237,18 @@ class Client:
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
         room_timeout = 0 if timeout is None or not wait else timeout
         deadline = None if timeout is None else Deadline(timeout)
-        left = -1 if deadline is None else deadline.remaining_ns()
         core = ffi.new(_FILE)
-        if kind == "w":
-            rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
-        else:
-            rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
-                                 self._state_found)
+        while True:  # again after a signal (EINTR), once Python has run its handlers
+            left = -1 if deadline is None else deadline.remaining_ns()
+            if kind == "w":
+                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
+            else:
+                rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
+                                     self._state_found)
+            if rc != errno.EINTR:
+                break
         if rc:
-            self._open_again(rc, raw, kind, core, wait, deadline, room_timeout)
+            raise self._open_error(rc, raw, kind, timeout)
         f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
         self.held.add(core)
         return f
@@ -294,20 +297,6 @@ class Client:
                 raise NoSpace(f"the arena has no free run of {blocks} blocks for {f.name!r} ({size} bytes), "
                               "and nothing more can be spilled")
             self.wait_for_room(seen, deadline, f"no room for {f.name!r} was freed")
-
-    def _open_again(self, rc: int, raw: bytes, kind: str, core: Any, wait: bool, deadline: Deadline | None,
-                    room_timeout: float) -> None:
-        """The open again after a signal (EINTR, once Python has run its
-        handlers), or its error."""
-        while rc == errno.EINTR:
-            left = -1 if deadline is None else deadline.remaining_ns()
-            if kind == "w":
-                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
-            else:
-                rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
-                                     self._state_found)
-        if rc:
-            raise self._open_error(rc, raw, kind, None if deadline is None else deadline.timeout)
 
     def _open_error(self, rc: int, raw: bytes, kind: str, timeout: float | None) -> TfemError:
         text = raw.decode()
