@@ -86,6 +86,7 @@ class Client:
 
     _socket: Any = None
     _context: Any = None
+    _broker_pid = 0  # the broker of the last HELLO
     segment: Segment | None = None
 
     def __init__(self, endpoint: str, *, registry: Instance | None = None,
@@ -121,6 +122,7 @@ class Client:
     def _connect(self) -> None:
         hello = self._open_socket()
         self._instance_id = hello.result["instance_id"]
+        self._broker_pid = hello.result["broker_pid"]
         try:
             self.segment = Segment.attach(hello.result["segment"])
         except BaseException:
@@ -140,7 +142,7 @@ class Client:
             self._socket_lock = threading.Lock()  # another thread may have held it at fork
             self.held = set()
             self.pinned = {}
-            self._open_socket()
+            self._broker_pid = self._open_socket().result["broker_pid"]
             assert self.segment is not None
             self.table = SlotTable(self.segment, self.pid)
 
@@ -154,6 +156,8 @@ class Client:
     def _call(self, op: Op, args: dict[str, Any], data: Any = None, timeout_ms: int | None = None) -> Reply:
         wait_ms = self._reply_timeout_ms if timeout_ms is None else timeout_ms
         with self._socket_lock:
+            if op not in (Op.HELLO, Op.BYE) and self._broker_replaced():
+                self._rejoin()  # before asking: a new broker may answer for a new segment
             reply = self._exchange(Request(next(self._ids), op, args, data), wait_ms)
             if op not in (Op.HELLO, Op.BYE) and (reply is None or reply.errno == errno.ENOTCONN):
                 self._rejoin()  # the broker restarted: introduce ourselves, ask again
@@ -189,6 +193,14 @@ class Client:
             if reply.request_id == request.request_id:
                 return reply
 
+    def _broker_replaced(self) -> bool:
+        """Whether the broker this client said hello to is gone: the segment
+        names another, or it died. (Not only a missing reply shows it: a
+        new broker on a new segment would answer a request it needs no
+        hello for, and the client would be misled.)"""
+        known = self._broker_pid
+        return bool(known) and (self._header.broker_pid != known or not lib.tfem_pid_alive(known))
+
     def _rejoin(self) -> None:
         """Say hello to the broker that took over, once there is one."""
         timeout = _reconnect_timeout()
@@ -203,6 +215,7 @@ class Client:
             if hello.result.get("instance_id") != self._instance_id:
                 raise BrokerUnavailable("the broker restarted with a new, empty segment (the old one was "
                                         "damaged): files this process had open are lost; connect again")
+            self._broker_pid = hello.result["broker_pid"]
             return
         raise BrokerUnavailable(f"the broker at {self.endpoint} died and none took over within {timeout:g} s")
 
