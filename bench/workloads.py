@@ -393,15 +393,21 @@ def _fill(view: memoryview, seq: int) -> None:
     view[:8] = seq.to_bytes(8, "little")
 
 
+def _zerocopy_client(variant: str, where: str) -> Any:
+    """A tfem client for the tfem variants (`where` is the key file), None
+    for the mmap peer (`where` is its directory)."""
+    if variant == "mmap":
+        return None
+    import tfem
+
+    return tfem.connect(where)
+
+
 def _zerocopy_producer(conn: Any, variant: str, where: str, published: tuple[int, int], size: int) -> None:
     """("fill", name, seq): make the file and fill it in place (not timed);
     then ("publish",): the time just before close, which publishes it."""
     os.close(published[0])
-    client = None
-    if variant != "mmap":
-        import tfem
-
-        client = tfem.connect(where)
+    client = _zerocopy_client(variant, where)
     conn.send("ready")
     while True:
         msg = conn.recv()
@@ -437,11 +443,7 @@ def _zerocopy_consumer(conn: Any, variant: str, where: str, published: tuple[int
     view of it, then answers the time it held the view and whether the
     bytes are the producer's."""
     os.close(published[1])
-    client = None
-    if variant != "mmap":
-        import tfem
-
-        client = tfem.connect(where)
+    client = _zerocopy_client(variant, where)
     conn.send("ready")
     while True:
         msg = conn.recv()
