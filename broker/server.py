@@ -46,11 +46,13 @@ from tfem.states import State
 from tfem.table import SlotTable
 
 from .recovery import Recovery, adopt
+from .relocation import OwnWrites, Relocation
 from .spill import SpillStore
 
 log = logging.getLogger("tfem.broker")
 
-SWEEP_INTERVAL_S = 2.0  # how often holders nobody introduced are checked
+SWEEP_INTERVAL_S = 2.0  # how often holders nobody introduced, and the segment's and socket's names, are checked
+MOVE_INTERVAL_S = 0.05  # while a replaced segment has files: how often they are moved
 
 
 @dataclasses.dataclass
@@ -87,6 +89,10 @@ class Broker:
         self.settled_clients = 0
         self._poller: Any = None
         self._next_sweep = 0.0
+        self._socket_inode = 0  # of the ipc:// socket file, to notice its removal
+        self.relocations: list[Relocation] = []  # replaced segments with files still in them
+        self.segments_replaced = 0
+        self._next_move = 0.0
 
     # ---- life cycle ----
 
@@ -119,9 +125,7 @@ class Broker:
             if self.endpoint.startswith("ipc://"):
                 stale = pathlib.Path(self.endpoint[len("ipc://"):])
                 stale.unlink(missing_ok=True)  # the segment was free, so no broker owns it
-            self._socket.bind(self.endpoint)
-            if self.endpoint.startswith("ipc://"):
-                os.chmod(self.endpoint[len("ipc://"):], 0o600)
+            self._bind()
             self._announce()
             self.instance.write_state({"broker_pid": os.getpid(), "spill_dir": str(self.spill_dir),
                                        "segment": self.segment.name, "endpoint": self.endpoint})
@@ -132,6 +136,13 @@ class Broker:
         log.info("broker %d serving %s: segment %s, %d slots, %d MiB arena, spill %s",
                  os.getpid(), self.endpoint, self.segment.name, c.slots, c.memory >> 20,
                  self.spill.path if self.spill else "off")
+
+    def _bind(self) -> None:
+        self._socket.bind(self.endpoint)
+        if self.endpoint.startswith("ipc://"):
+            path = self.endpoint[len("ipc://"):]
+            os.chmod(path, 0o600)
+            self._socket_inode = os.stat(path).st_ino
 
     @property
     def seg(self) -> Segment:
@@ -203,6 +214,9 @@ class Broker:
             for pid, fd in list(self._pidfds.items()):
                 if fd in events:
                     self._client_exited(pid)
+            if self.relocations and time.monotonic() >= self._next_move:
+                self._next_move = time.monotonic() + MOVE_INTERVAL_S
+                self._move_files()
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
                 self._sweep()
@@ -232,22 +246,28 @@ class Broker:
             del self.clients[identity]
         self._settle(pid)
 
+    def _tables(self) -> list[SlotTable]:
+        """The segment's table, and those of replaced segments still in use."""
+        return [self.table, *(r.table for r in self.relocations)]
+
     def _settle(self, pid: int) -> None:
-        settled = self.table.settle_holder(pid)
-        for file_id in settled.discard_file_ids:
-            if self.spill:
-                self.spill.discard(file_id)
-        if settled.dropped or settled.returned:
-            self.settled_clients += 1
-            log.info("client %d died: dropped %d file(s) it was writing, returned %d it was reading",
-                     pid, settled.dropped, settled.returned)
+        for table in self._tables():
+            settled = table.settle_holder(pid)
+            for file_id in settled.discard_file_ids:
+                if self.spill:
+                    self.spill.discard(file_id)
+            if settled.dropped or settled.returned:
+                self.settled_clients += 1
+                log.info("client %d died: dropped %d file(s) it was writing, returned %d it was reading",
+                         pid, settled.dropped, settled.returned)
 
     def _sweep(self) -> None:
         """Settle holders that died unwatched (clients of an earlier broker,
         or of a kernel without pidfds); discard spill records no file owns
         any more; announce again, in case the registry was restarted and
         forgot this broker."""
-        for pid in self.table.holders():
+        self._check_names()
+        for pid in set().union(*(table.holders() for table in self._tables())):
             if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
                 self._settle(pid)
         if self.spill is not None and self.spill.file_ids():
@@ -265,11 +285,59 @@ class Broker:
         run found 160 KB after 85 kills). Every record the broker wrote
         belongs to a slot flagged SPILLED and held or waiting, and the broker
         does its moves between sweeps, so any other record is an orphan."""
-        seg, spilled = self.seg, lib.TFEM_SLOT_SPILLED
-        owned = {seg.slot(s).file_id for s in range(seg.slot_count)
-                 if seg.slot(s).flags & spilled and self.table.state_of(s)[0] is not State.INVALID}
+        spilled = lib.TFEM_SLOT_SPILLED
+        owned = {table.seg.slot(s).file_id for table in self._tables() for s in range(table.seg.slot_count)
+                 if table.seg.slot(s).flags & spilled and table.state_of(s)[0] is not State.INVALID}
         for file_id in self.spill.file_ids() - owned:
             self.spill.discard(file_id)
+
+    # ---- names removed under a running broker ----
+
+    def _check_names(self) -> None:
+        """Make the socket and the segment again if their names were removed
+        (systemd's RemoveIPC at the end of a user's last session, a cleaner
+        of /run or /dev/shm): old clients keep what they have, new clients
+        must find them."""
+        if self.endpoint.startswith("ipc://"):
+            try:
+                bound = os.stat(self.endpoint[len("ipc://"):]).st_ino == self._socket_inode
+            except FileNotFoundError:
+                bound = False
+            if not bound:
+                log.warning("the socket %s was removed: binding it again", self.endpoint)
+                try:
+                    self._socket.unbind(self.endpoint)
+                except zmq.ZMQError:
+                    pass
+                self._bind()
+        if not self.seg.name_is_ours():
+            self._replace_segment()
+
+    def _replace_segment(self) -> None:
+        old, h = self.seg, self.seg.header
+        layout = Layout(h.slot_count, h.buf_size, h.block_size, h.block_count * h.block_size)
+        try:
+            new = Segment.create(old.name, layout, replacing=old)
+        except TfemError as exc:
+            log.error("the segment %s was removed and cannot be made again: %s", old.name, exc)
+            return
+        self.segment, self.table = new, SlotTable(new, os.getpid())
+        self.relocations.append(Relocation(old))
+        self.segments_replaced += 1
+        log.warning("the segment %s was removed: made it again, moving its files there", old.name)
+        self._move_files()
+
+    def _move_files(self) -> None:
+        into = OwnWrites(self.seg, self._ask_self)
+        for relocation in list(self.relocations):
+            relocation.move_published(into, self.spill)
+            if relocation.finished():
+                log.info("moved %d file(s) out of the replaced segment", relocation.moved)
+                relocation.old.close()
+                self.relocations.remove(relocation)
+
+    def _ask_self(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
+        return self._serve_client(os.getpid(), protocol.Request(0, op, args, data))
 
     def close(self) -> None:
         """Withdraw, stop listening, and unless `keep`, destroy the segment
@@ -297,6 +365,9 @@ class Broker:
             if destroy:
                 self.spill.remove()
             self.spill = None
+        for relocation in self.relocations:
+            relocation.old.close()
+        self.relocations.clear()
         if self.segment is not None:
             name = self.segment.name
             self.segment.close()
@@ -353,6 +424,10 @@ class Broker:
         pid = self.clients.get(identity)
         if pid is None:
             raise UnknownClient("this broker does not know you (it may have restarted): say hello")
+        return self._serve_client(pid, request)
+
+    def _serve_client(self, pid: int, request: protocol.Request) -> Reply:
+        op, args, rid = request.op, request.args, request.request_id
         if op is Op.ROOM:
             if not 0 < args["blocks"] <= self.seg.block_count:
                 raise NoSpace(f"{args['blocks']} blocks is more than the arena's {self.seg.block_count}")
@@ -375,7 +450,7 @@ class Broker:
             self._discard(args["file_id"])
             return Reply(rid, 0, {})
         if op is Op.CHECKSUM:
-            slot = self._check_holder(args["slot"], args["generation"], pid, State.WRITE, State.READ)
+            slot = self._check_holder(args["slot"], args["generation"], pid, State.WRITE, State.READ, anywhere=True)
             if not slot.flags & lib.TFEM_SLOT_SPILLED or self.spill is None:
                 raise InvalidArgument(f"slot {args['slot']} is not spilled")
             crc = self.spill.checksum(slot.file_id, max(0, slot.size - self.segment.buf_size),
@@ -383,16 +458,20 @@ class Broker:
             return Reply(rid, 0, {"crc": crc})
         raise ProtocolError(f"unhandled op {op.value}")
 
-    def _check_holder(self, s: int, generation: int, pid: int, *states: State) -> Any:
+    def _check_holder(self, s: int, generation: int, pid: int, *states: State, anywhere: bool = False) -> Any:
+        """Slot s, held by `pid` in one of `states`: in the segment, or with
+        `anywhere` in a replaced one too (whose files live on until their
+        holders let go; their spilled bytes are in the same store)."""
         if s >= self.segment.slot_count:
             raise InvalidArgument(f"no slot {s}")
-        actual, gen, holder = self.table.state_of(s)
-        if actual not in states or gen != generation or holder != pid:
-            raise InvalidArgument(f"slot {s} is not held in {'/'.join(s.name for s in states)} by pid {pid}")
-        return self.segment.slot(s)
+        for table in self._tables() if anywhere else [self.table]:
+            actual, gen, holder = table.state_of(s)
+            if actual in states and gen == generation and holder == pid:
+                return table.seg.slot(s)
+        raise InvalidArgument(f"slot {s} is not held in {'/'.join(s.name for s in states)} by pid {pid}")
 
     def _check_spilled(self, args: dict[str, int], pid: int, state: State) -> Any:
-        slot = self._check_holder(args["slot"], args["generation"], pid, state)
+        slot = self._check_holder(args["slot"], args["generation"], pid, state, anywhere=True)
         if not slot.flags & lib.TFEM_SLOT_SPILLED or self.spill is None:
             raise InvalidArgument(f"slot {args['slot']} is not spilled")
         if args["offset"] < self.segment.buf_size:
@@ -533,6 +612,7 @@ class Broker:
             "requests_served": dict(self.served),
             "request_errors": self.errors,
             "dead_clients_settled": self.settled_clients,
+            "segments_replaced": self.segments_replaced,
             "recovery": {k: v for k, v in dataclasses.asdict(self.recovery).items()
                          if k != "discard_file_ids"} if self.recovery else None,
             "opened_for_write": h.opened_write,

@@ -99,6 +99,7 @@ class Client:
         self._socket_lock = threading.Lock()  # a ZeroMQ socket serves one thread at a time
         self.held: set[Any] = set()  # the cores of files open through this client
         self.pinned: dict[Any, TfemFile] = {}  # ... of them, those with views out (getbuffer)
+        self._replaced: list[Segment] = []  # segments the broker replaced, kept for files still open on them
         self._connect()
 
     def _open_socket(self) -> Reply:
@@ -124,15 +125,33 @@ class Client:
         self._instance_id = hello.result["instance_id"]
         self._broker_pid = hello.result["broker_pid"]
         try:
-            self.segment = Segment.attach(hello.result["segment"])
+            self._use(Segment.attach(hello.result["segment"]))
         except BaseException:
             self.close()
             raise
-        self.table = SlotTable(self.segment, self.pid)
-        self._header = self.segment.header
-        self.memory = self.segment.view
-        self.base = int(ffi.cast("uintptr_t", self._header))
         self._state_found = ffi.new("int32_t *")
+
+    def _use(self, segment: Segment) -> None:
+        self.segment = segment
+        self.table = SlotTable(segment, self.pid)
+        self._header = segment.header
+        self.memory = segment.view
+        self.base = int(ffi.cast("uintptr_t", self._header))
+
+    def _follow_move(self) -> None:
+        """The broker replaced the segment (its name was removed under it,
+        see broker/relocation.py) and moves the files into the new one: map
+        that. Files open on the old one keep it until this client closes."""
+        hello = self.call(Op.HELLO, {"pid": self.pid})
+        segment = Segment.attach(hello.result["segment"])
+        assert self.segment is not None
+        self._replaced.append(self.segment)
+        self._use(segment)
+
+    def _check_current(self) -> None:
+        self._check_fork()
+        if self._header.moved:
+            self._follow_move()
 
     def _check_fork(self) -> None:
         if os.getpid() != self.pid:
@@ -258,7 +277,9 @@ class Client:
             else:
                 rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
                                      self._state_found)
-            if rc != errno.EINTR:
+            if rc == errno.EIDRM:
+                self._follow_move()
+            elif rc != errno.EINTR:
                 break
         if rc:
             raise self._open_error(rc, raw, kind, timeout)
@@ -330,24 +351,24 @@ class Client:
         self.table.wait_for_space(seen, deadline, what)
 
     def stat(self, name: str | bytes) -> FileStat:
-        self._check_fork()
+        self._check_current()
         return self.table.stat(encode_name(name))
 
     def unlink(self, name: str | bytes) -> None:
         """Remove a name. A file being written or read is freed when its
         holder closes it; its name is free at once."""
-        self._check_fork()
+        self._check_current()
         discard = self.table.unlink(encode_name(name))
         if discard is not None:
             self.call(Op.DISCARD, {"file_id": discard})
 
     def list(self) -> list[str]:
         """The names held, in any state."""
-        self._check_fork()
+        self._check_current()
         return [f.name for f in self.table.list()]
 
     def list_stats(self) -> list[FileStat]:
-        self._check_fork()
+        self._check_current()
         return self.table.list()
 
     def stats(self) -> dict[str, Any]:
@@ -384,8 +405,10 @@ class Client:
         else:
             self.held, self.pinned = set(), {}  # the parent's files
         self._socket = self._context = None
-        if self.segment is not None and not self.held:  # the files still in view need the mapping
-            self.segment.close()
+        if not self.held:  # the files still in view need the mappings
+            for segment in [*self._replaced, self.segment]:
+                if segment is not None:
+                    segment.close()
         if self._registry is not None and os.getpid() == self.pid:
             try:
                 discovery.ask_registry(self._registry.keyfile, protocol.Action.UNREGISTER, timeout=1.0)

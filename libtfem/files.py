@@ -86,6 +86,9 @@ class TfemFile(io.RawIOBase):
     def __init__(self, core: Any, name: str, owner: Owner, room_timeout: float | None = 0) -> None:
         self._f = core  # struct tfem_file *, this object's alone
         self._owner = owner
+        # The mapping the file lives in: its client may map a new segment
+        # while it is open (the broker replaced a removed one).
+        self._memory, self._base = owner.memory, owner.base
         self.name = name
         self._epoch = forks.epoch
         self._writing = writing = core.writing
@@ -259,8 +262,8 @@ class TfemFile(io.RawIOBase):
         if run < f.size:
             raise BufferError(f"{self.name!r} is not one piece in memory: make it with Client.create for "
                               "views, or read it (chunks() gives views piece by piece)")
-        offset = int(ffi.cast("uintptr_t", ptr[0])) - self._owner.base
-        base = self._owner.memory[offset: offset + f.size]
+        offset = int(ffi.cast("uintptr_t", ptr[0])) - self._base
+        base = self._memory[offset: offset + f.size]
         if not self._writing:
             base = base.toreadonly()
         # The view is taken through a PickleBuffer so that it, every slice
@@ -368,8 +371,8 @@ class TfemFile(io.RawIOBase):
             if run == 0:
                 break
             run = min(run, end - pos)
-            offset = int(ffi.cast("uintptr_t", ptr[0])) - self._owner.base
-            views.append(self._owner.memory[offset: offset + run])
+            offset = int(ffi.cast("uintptr_t", ptr[0])) - self._base
+            views.append(self._memory[offset: offset + run])
             pos += run
         return views
 

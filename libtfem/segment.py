@@ -24,6 +24,7 @@ from .errors import InvalidArgument, NoSpace, NotFound, SegmentCorrupt, SegmentE
 
 PAGE = mmap.PAGESIZE
 CACHE_LINE = 64
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory by name
 _MADV_POPULATE_WRITE = 23  # linux/mman.h; not in Python's mmap module yet
 
 
@@ -101,8 +102,9 @@ class Segment:
     _base: Any = None
     view: memoryview | None = None
 
-    def __init__(self, name: str, mapping: mmap.mmap) -> None:
+    def __init__(self, name: str, mapping: mmap.mmap, inode: int) -> None:
         self.name = name
+        self.inode = inode  # of the shared-memory file the name led to when mapped
         self._mmap = mapping
         self.view = memoryview(mapping)
         self._base = ffi.from_buffer(mapping)
@@ -124,11 +126,13 @@ class Segment:
     # ---- life cycle ----
 
     @classmethod
-    def create(cls, name: str, layout: Layout) -> Segment:
-        """Create, reserve and initialise a segment (the broker's job)."""
-        shm_dir = "/dev/shm"
-        if os.path.isdir(shm_dir):
-            vfs = os.statvfs(shm_dir)
+    def create(cls, name: str, layout: Layout, replacing: Segment | None = None) -> Segment:
+        """Create, reserve and initialise a segment (the broker's job). One
+        `replacing` a segment whose name was removed keeps its instance id,
+        and its file ids go on from the old one's, so the spill store's
+        records of both never mix."""
+        if os.path.isdir(SHM_DIR):
+            vfs = os.statvfs(SHM_DIR)
             free = vfs.f_bavail * vfs.f_frsize
             if free < layout.size:
                 raise NoSpace(
@@ -146,6 +150,7 @@ class Segment:
             except OSError as exc:
                 raise NoSpace(f"cannot reserve {layout.size >> 20} MiB in /dev/shm: {exc.strerror}") from None
             mapping = mmap.mmap(shm.fd, layout.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            inode = os.fstat(shm.fd).st_ino
         except BaseException:
             shm.close_fd()
             shm.unlink()
@@ -168,9 +173,13 @@ class Segment:
         h.bitmap_offset = layout.bitmap_offset
         h.arena_offset = layout.arena_offset
         h.broker_pid = os.getpid()
-        h.instance_id = int.from_bytes(os.urandom(8), "little")
-        h.next_file_id = 1
-        segment = cls(name, mapping)
+        if replacing is None:
+            h.instance_id = int.from_bytes(os.urandom(8), "little")
+            h.next_file_id = 1
+        else:  # past any id an old writer may still take before it sees `moved`
+            h.instance_id = replacing.header.instance_id
+            h.next_file_id = replacing.header.next_file_id + (1 << 32)
+        segment = cls(name, mapping, inode)
         for i in range(layout.slot_count):  # a linked stack: slot i, then i + 1 (stored + 1; 0 ends it)
             segment.free_stack[i] = i + 2 if i + 1 < layout.slot_count else 0
         h.free_head = 1  # slot 0 on top
@@ -186,17 +195,17 @@ class Segment:
         except posix_ipc.ExistentialError:
             raise NotFound(f"no tfem segment {name}: is the broker running?") from None
         try:
-            size = os.fstat(shm.fd).st_size
-            if size < ffi.sizeof("struct tfem_header"):
+            info = os.fstat(shm.fd)
+            if info.st_size < ffi.sizeof("struct tfem_header"):
                 raise SegmentCorrupt(f"segment {name} is too small to be a tfem segment")
-            mapping = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED)
+            mapping = mmap.mmap(shm.fd, info.st_size, flags=mmap.MAP_SHARED)
         finally:
             shm.close_fd()
-        problem = _header_problem(ffi.cast("struct tfem_header *", ffi.from_buffer(mapping)), size)
+        problem = _header_problem(ffi.cast("struct tfem_header *", ffi.from_buffer(mapping)), info.st_size)
         if problem:
             mapping.close()
             raise SegmentCorrupt(f"segment {name} cannot be used: {problem}")
-        return cls(name, mapping)
+        return cls(name, mapping, info.st_ino)
 
     def close(self) -> None:
         """Detach. Idempotent; the segment stays for the other processes."""
@@ -211,6 +220,15 @@ class Segment:
         self._mmap = None
         self.view = None
         self._base = None
+
+    def name_is_ours(self) -> bool:
+        """Whether the name still leads to this mapping: systemd's RemoveIPC
+        (at the end of a user's last session) or an rm in /dev/shm can
+        remove it while every process keeps its mapping."""
+        try:
+            return os.stat(SHM_DIR + self.name).st_ino == self.inode
+        except FileNotFoundError:
+            return False
 
     @staticmethod
     def unlink(name: str) -> bool:

@@ -3,6 +3,7 @@ against a live instance, handing files to and from Python."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shlex
 import subprocess
@@ -183,3 +184,30 @@ def test_memory_files_need_no_interpreter(instance, programs, client):
     # The producer exited holding the file: the broker's sweep drops it.
     wait_until(lambda: client.list() == [], timeout=10, what="the dead producer's file dropped")
     assert client.stats()["arena_bytes_used"] == 0
+
+
+def test_a_waiting_c_consumer_follows_a_replaced_segment(instance, programs, client):
+    """The segment's name removed under a C program waiting for a file: it
+    maps the segment the broker made again and reads the file there."""
+    first = "mv/0"
+    with client.open(first, "w") as f:
+        f.write(expected(first, 3000))
+    consumer = subprocess.Popen([str(programs["consumer"]), "2", "3000", "mv"],
+                                env={"PATH": "/usr/bin:/bin", "TFEM_KEYFILE": str(instance.keyfile)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        header = client.segment.header
+        wait_until(lambda: not client.list() and any(header.wake_waiters), 10, "the consumer to wait for mv/1")
+        path = "/dev/shm" + instance.names.segment
+        before = os.stat(path).st_ino
+        os.unlink(path)
+        wait_until(lambda: os.path.exists(path) and os.stat(path).st_ino != before, 10, "a new segment")
+        with instance.connect() as new:
+            with new.open("mv/1", "w") as f:
+                f.write(expected("mv/1", 3000))
+        out, err = consumer.communicate(timeout=60)
+    finally:
+        consumer.kill()
+        consumer.wait()
+    assert consumer.returncode == 0, err
+    assert "read 2 files, 0 with wrong bytes" in out

@@ -86,3 +86,30 @@ def test_a_removed_segment_is_made_again_with_every_file(instance: RunningInstan
             read_all(new, files)
             assert new.list() == []
             assert new.stats()["spilled_files"] == 0, "a moved spilled file left its records"
+
+
+def test_waiting_consumers_and_views_follow_a_replaced_segment(instance: RunningInstance) -> None:
+    import threading
+
+    path = "/dev/shm" + instance.names.segment
+    got: list[bytes] = []
+    with instance.connect() as old:
+        with old.create("seg/whole", 8 * KIB) as f:  # made whole for views: whole again after the move
+            f.getbuffer()[:] = content("seg/whole", 8 * KIB)
+        waiter = threading.Thread(target=lambda: got.append(old.open("seg/later", "r", timeout=30).read()))
+        waiter.start()
+        header = old.segment.header
+        wait_until(lambda: any(header.wake_waiters), 5, "the consumer to sleep")
+        before = inode(path)
+        os.unlink(path)
+        wait_until(lambda: inode(path) not in (None, before), NOTICE_S, "a new segment")
+        with instance.connect() as new:
+            with new.open("seg/later", "w") as f:
+                f.write(b"published in the new segment")
+            waiter.join(30)
+            assert got == [b"published in the new segment"]
+            with new.open("seg/whole", "r", timeout=10) as f:
+                view = f.getbuffer()
+                assert view == content("seg/whole", 8 * KIB)
+                view.release()
+        assert old.list() == []

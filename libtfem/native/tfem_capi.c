@@ -140,11 +140,14 @@ static int map_segment(const char *name) {
     return 0;
 }
 
-/* The mapped segment, connecting on first use. */
+/* The mapped segment, connecting on first use, and again when the broker
+ * replaced it (its name was removed; the broker made a new one and moves
+ * the files there). A replaced mapping stays for the descriptors open on it. */
 static struct tfem_header *connected(void) {
     struct tfem_header *h = __atomic_load_n(&header, __ATOMIC_ACQUIRE);
-    if (h) return h;
+    if (h && !__atomic_load_n(&h->moved, __ATOMIC_ACQUIRE)) return h;
     pthread_mutex_lock(&table_mutex);
+    if (header && __atomic_load_n(&header->moved, __ATOMIC_ACQUIRE)) __atomic_store_n(&header, NULL, __ATOMIC_RELEASE);
     int rc = 0;
     if (!header) {
         char segment[256];
@@ -153,10 +156,8 @@ static struct tfem_header *connected(void) {
         else
             rc = segment_from_keyfile(segment, sizeof segment);
         if (!rc) rc = map_segment(segment);
-        if (!rc) {
-            my_pid = getpid();
-            pthread_atfork(NULL, NULL, after_fork_in_child);
-        }
+        if (!rc && !my_pid) pthread_atfork(NULL, NULL, after_fork_in_child);
+        if (!rc) my_pid = getpid();
     }
     pthread_mutex_unlock(&table_mutex);
     errno = rc;
@@ -270,13 +271,15 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
     int64_t timeout_ns = timeout_seconds < 0 ? -1 : (int64_t)(timeout_seconds * 1e9);
     d->room_timeout_ns = timeout_ns < 0 || !wait ? 0 : timeout_ns;
     int32_t state = 0;
-    do {
+    for (;;) {
         if (access == TFEM_WRONLY)
             rc = tfem_f_create(h, name, len, (uint32_t)my_pid, d->room_timeout_ns, &d->f);
         else
             rc = tfem_f_open(h, name, len, (uint32_t)my_pid, access == TFEM_AUTO ? TFEM_OPEN_AUTO : TFEM_OPEN_READ, wait,
                              timeout_ns, &d->f, &state);
-    } while (rc == EINTR);
+        if (rc == EIDRM && (h = connected()) == NULL) rc = errno;
+        else if (rc != EINTR && rc != EIDRM) break;
+    }
     if (rc == 0 && !d->f.writing && d->f.spilled && (rc = verify_spilled(&d->f)) != 0) {
         tfem_f_abort(&d->f); /* given back, left in place */
     }

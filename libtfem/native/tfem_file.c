@@ -172,6 +172,7 @@ int tfem_f_create(struct tfem_header *h, const char *name, uint32_t len, uint32_
     int64_t deadline = deadline_of(room_timeout_ns);
     struct tfem_claim claim;
     for (;;) {
+        if (__atomic_load_n(&h->moved, SC)) return EIDRM;
         uint32_t seen = __atomic_load_n(&h->space_seq, SC);
         int rc = tfem_t_create(h, name, len, hash, pid, real_ns(), &claim);
         if (rc == 0) {
@@ -191,6 +192,7 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
     int64_t deadline = deadline_of(timeout_ns);
     struct tfem_claim claim;
     for (;;) {
+        if (__atomic_load_n(&h->moved, SC)) return EIDRM;
         uint32_t seen = __atomic_load_n(&h->wake_seq[bucket], SC);
         int rc = tfem_t_take(h, name, len, hash, pid, mode == TFEM_OPEN_AUTO, real_ns(), &claim);
         *state_found = claim.state;

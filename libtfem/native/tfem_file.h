@@ -5,7 +5,8 @@
  * over these calls.
  *
  * Calls return 0 (or a byte count) or an errno value (negative for the
- * calls that return counts). What only the broker can do (spill) is left to
+ * calls that return counts). Create and open return EIDRM once the segment
+ * was replaced (its `moved` flag): the caller maps the new one and asks again. What only the broker can do (spill) is left to
  * the caller: a transfer that stops short says why in `need`.
  */
 #ifndef TFEM_FILE_H

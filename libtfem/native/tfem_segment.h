@@ -28,7 +28,9 @@
  *   Producers waiting for room sleep on space_seq, bumped whenever a slot
  *   or arena blocks are freed.
  * - instance_id is drawn at creation: a client that reconnects to a broker
- *   learns from it whether the segment it maps is still the live one.
+ *   learns from it whether the segment it maps is still the live one. A
+ *   segment made again after its name was removed keeps the instance_id
+ *   and file ids of the one it replaces, whose files the broker moves in.
  *
  * Everything here is 8-byte aligned and fixed-width, so the layout is the
  * same in every process that maps the segment.
@@ -39,7 +41,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 4
+#define TFEM_LAYOUT_VERSION 5
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -98,6 +100,8 @@ struct tfem_header {
     uint64_t closed_read;
     uint32_t space_seq;     /* bumped when slots or blocks are freed */
     uint32_t space_waiters;
+    uint32_t moved;         /* set when the broker made a new segment because this one's name was
+                               removed: opens fail with EIDRM, and the caller maps the new one */
     uint32_t wake_seq[TFEM_WAKE_BUCKETS];
     uint32_t wake_waiters[TFEM_WAKE_BUCKETS];
     struct tfem_stripe stripes[TFEM_WAKE_BUCKETS];
