@@ -21,6 +21,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -201,18 +202,19 @@ def start_server(args: list[str], env: dict[str, str] | None = None, timeout: fl
     """`python -m tfem ARGS --ready-fd N`; returns once it has said ready.
     Raises AssertionError (with its stderr) if it exits or stays silent."""
     read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "tfem", *args, "--ready-fd", str(write_end)],
-                            pass_fds=(write_end,), env=env, stderr=subprocess.PIPE)
-    os.close(write_end)
-    try:
-        ready, _, _ = select.select([read_end], [], [], timeout)
-        line = os.read(read_end, 64) if ready else b""
-    finally:
-        os.close(read_end)
-    if line.strip() != b"ready":
-        stop_server(proc)
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise AssertionError(f"tfem {' '.join(args)} did not start: {err}")
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: nobody must read it for the server to go on
+        proc = subprocess.Popen([sys.executable, "-m", "tfem", *args, "--ready-fd", str(write_end)],
+                                pass_fds=(write_end,), env=env, stderr=log)
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], timeout)
+            line = os.read(read_end, 64) if ready else b""
+        finally:
+            os.close(read_end)
+        if line.strip() != b"ready":
+            stop_server(proc)
+            log.seek(0)
+            raise AssertionError(f"tfem {' '.join(args)} did not start: {log.read().decode(errors='replace')}")
     return proc
 
 

@@ -75,11 +75,13 @@ def start_instance(tmp_path: pathlib.Path, *options: str) -> RunningInstance:
     """`tfem up` with a key file in tmp_path; returns once it serves."""
     keyfile = tmp_path / "tfem.key"
     spill_dir = tmp_path / "spill"
+    log_path = tmp_path / "tfem-up.log"  # a file, not a pipe: nobody must read it for the servers to go on
     read_end, write_end = os.pipe()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tfem", "up", "--keyfile", str(keyfile), "--spill-dir", str(spill_dir),
-         "--ready-fd", str(write_end), *options],
-        pass_fds=(write_end,), stderr=subprocess.PIPE)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tfem", "up", "--keyfile", str(keyfile), "--spill-dir", str(spill_dir),
+             "--ready-fd", str(write_end), *options],
+            pass_fds=(write_end,), stderr=log)
     os.close(write_end)
     ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
     line = os.read(read_end, 64) if ready else b""
@@ -87,7 +89,7 @@ def start_instance(tmp_path: pathlib.Path, *options: str) -> RunningInstance:
     instance = RunningInstance(keyfile, Instance.for_keyfile(keyfile), spill_dir, process)
     if line.strip() != b"ready":
         stop_instance(instance)
-        raise RuntimeError(f"tfem up did not start: {process.stderr.read().decode() if process.stderr else ''}")
+        raise RuntimeError(f"tfem up did not start: {log_path.read_text(errors='replace')}")
     return instance
 
 
@@ -101,8 +103,6 @@ def stop_instance(instance: RunningInstance) -> list[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    if process.stderr:
-        process.stderr.close()
     left = leftovers(instance.names)
     if left or instance.spill_dir.exists():
         subprocess.run([sys.executable, "-m", "tfem", "clean", "--keyfile", str(instance.keyfile)],
