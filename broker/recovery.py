@@ -96,6 +96,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
     `discard_file_ids` from the spill store."""
     seg, report = table.seg, Recovery()
     hdr = seg.header
+    hdr.moved = 0  # a replaced segment has lost its name: one found under the name is no such thing
     claimed = bytearray(seg.block_count)
     keep_spill: set[int] = set()
     with table.locked():
