@@ -2,7 +2,7 @@
 socket, the registry's SysV queue, and the segment a broker adopts.
 
 Each channel runs TFEM_FUZZ_CASES cases (default 10,000, small enough for
-CI; set more for a longer run) from TFEM_FUZZ_SEED (default fixed, so a run
+CI; bench/fuzz.py runs each at 10^6) from TFEM_FUZZ_SEED (default fixed, so a run
 is reproducible; a failure names its seed and case). What must hold:
 - the broker and the registry survive (same pid), answer every message
   that carries a request id with a clean error (never an internal "broker
