@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import errno
+import threading
+import time
 
 import pytest
 
@@ -32,6 +34,7 @@ except ImportError:
 
 CHUNK = 1 << 20  # the spill store's record (broker/spill.py)
 FILE = 3 * MIB  # through SMALL's 1 MiB arena: spilled; six of them fill the 20 MiB disk
+TIB = 1 << 40
 
 
 @pytest.fixture
@@ -104,4 +107,98 @@ def test_a_full_disk_is_enospc_for_c_callers(up, programs):  # noqa: F811
         for n in range(stored):
             assert read_all(c, f"c/{n}") == pattern(n, FILE), n
         assert c.list() == []
+    no_traceback(up)
+
+
+# ---- holes ----
+
+
+def test_a_write_at_1_tib_is_efbig_at_once_while_others_are_served(up):
+    with up.connect() as c, up.connect() as other:
+        took: list[float] = []
+        stop = threading.Event()
+
+        def serve_other() -> None:  # another client's handoffs, through the broker (spilled)
+            while not stop.is_set():
+                start = time.monotonic()
+                with other.open("o/file", "w") as f:
+                    f.write(content("o/file", 2 * MIB))
+                assert read_all(other, "o/file") == content("o/file", 2 * MIB)
+                took.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=serve_other)
+        thread.start()
+        try:
+            f = c.open("h/hole", "w")
+            f.write(b"head")
+            f.seek(TIB)
+            start = time.monotonic()
+            with pytest.raises(OSError) as caught:
+                f.write(b"x")
+            elapsed = time.monotonic() - start
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            thread.join(60)
+        error = caught.value
+        assert error.errno == errno.EFBIG, repr(error)
+        assert type(error).__name__ == "FileTooLarge" and isinstance(error, tfem.NoSpace)
+        assert "h/hole" in str(error) and "limit" in str(error)
+        assert elapsed < 0.05, f"refused after {elapsed:.3f} s"
+        assert took and max(took) < 2.0, took
+        # Refused whole: the file is as it was, and the writer may go on.
+        assert (f.tell(), c.stat("h/hole").size) == (TIB, 4)
+        f.seek(4)
+        f.write(b"tail")
+        f.close()
+        assert read_all(c, "h/hole") == b"headtail"
+        assert c.stats()["spilled_bytes"] == 0
+    no_traceback(up)
+
+
+def test_a_write_at_1_tib_is_efbig_for_c_callers(up, programs):  # noqa: F811
+    result = run(programs["space"], "hole", "c/hole", env=up.env)
+    said = result.stdout.split()
+    assert said[:2] == ["hole", "EFBIG"], result.stdout + result.stderr
+    assert int(said[2]) < 50_000, f"refused after {said[2]} us"
+    assert result.returncode == 0, result.stderr
+    with up.connect() as c:
+        assert read_all(c, "c/hole") == b"ok"
+    no_traceback(up)
+
+
+GAP = 4 << 30  # far below the limit (64 GiB of spill), far above the 20 MiB disk
+
+
+def test_a_gap_in_a_spilled_file_is_not_stored(up, programs):  # noqa: F811
+    head = content("g/py", 2 * MIB)
+    size = len(head) + GAP + 1
+    with up.connect() as c:
+        start = time.monotonic()
+        with c.open("g/py", "w") as f:
+            f.write(head)  # past the 1 MiB arena: spilled
+            f.seek(len(head) + GAP)
+            f.write(b"!")
+        wrote = time.monotonic() - start
+        st = c.stat("g/py")
+        assert (st.size, st.spilled) == (size, True)
+        stored = c.stats()["spilled_bytes"]
+        assert stored <= len(head) + CHUNK, f"{stored} bytes stored for {len(head)} bytes and one"
+        assert wrote < 5.0
+
+        result = run(programs["space"], "gap", "g/c", str(2 * MIB), str(GAP), env=up.env)
+        assert result.stdout.strip() == "gap OK", result.stdout + result.stderr
+        assert c.stats()["spilled_bytes"] <= 2 * stored
+
+        for name, first in (("g/py", head), ("g/c", pattern(0, 2 * MIB))):
+            start = time.monotonic()
+            with c.open(name, "r", wait=False) as f:  # checked at open: the gap's zeros too
+                assert f.read(len(first)) == first
+                f.seek(len(first) + GAP // 2)
+                assert f.read(MIB) == bytes(MIB)
+                f.seek(size - MIB - 1)
+                assert f.read() == bytes(MIB) + b"!"
+            assert time.monotonic() - start < 5.0
+        stats = c.stats()
+        assert (stats["slots_used"], stats["spilled_bytes"]) == (0, 0)
     no_traceback(up)
