@@ -29,6 +29,10 @@
  *   or arena blocks are freed.
  * - instance_id is drawn at creation: a client that reconnects to a broker
  *   learns from it whether the segment it maps is still the live one.
+ * - max_file_size bounds every file: a write past it is EFBIG, refused by
+ *   the writer's own core before a byte moves (a hole at 1 TiB costs
+ *   nothing). The broker sets it at creation (--max-file-size; by default
+ *   all the instance can hold).
  *
  * Everything here is 8-byte aligned and fixed-width, so the layout is the
  * same in every process that maps the segment.
@@ -39,7 +43,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 4
+#define TFEM_LAYOUT_VERSION 5
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -88,6 +92,7 @@ struct tfem_header {
     uint64_t free_stack_offset;
     uint64_t bitmap_offset;
     uint64_t arena_offset;
+    uint64_t max_file_size; /* bytes a file may reach */
     int32_t broker_pid;
     uint32_t free_top;      /* slots on the free-slot stack: a count, for statistics and checks */
     uint64_t free_head;     /* the free-slot stack: (tag << 32) | (top slot + 1), 0 below when empty */
