@@ -18,7 +18,8 @@ Theory of operation:
   sends can stop the broker.
 - It settles the files of clients that die: it watches each client's
   process through a pidfd (the kernel says when it exits, no polling), and
-  sweeps the table every few seconds for holders nobody introduced.
+  sweeps the table every few seconds for holders nobody introduced and for
+  arena blocks a writer claimed but died before recording.
 - Started on a segment a crashed broker left, it adopts it (recovery.py)
   and its spill store: published files survive a broker crash.
 """
@@ -36,7 +37,7 @@ from typing import Any, Callable
 import zmq
 
 from tfem import discovery, protocol
-from tfem._native import lib
+from tfem._native import ffi, lib
 from tfem.config import Instance
 from tfem.errors import (FileTooLarge, InvalidArgument, NoSpace, ProtocolError, SegmentCorrupt, SegmentExists,
                          TfemError, UnknownClient, errno_of)
@@ -103,6 +104,9 @@ class Broker:
             self.segment = self._attach_left_segment(layout)
         try:
             self.table = SlotTable(self.segment, os.getpid())
+            # Scratch for the sweep's look at the arena (tfem_t_reclaim_blocks).
+            self._unowned = ffi.new("uint64_t[]", max(1, (self.segment.block_count + 63) // 64))
+            self._claims = ffi.new("uint32_t[]", self.segment.slot_count)
             if c.spill:
                 self.spill = SpillStore(self.spill_dir, c.spill_size)
             if not self._owns_segment:
@@ -254,6 +258,9 @@ class Broker:
         for pid in self.table.holders():
             if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
                 self._settle(pid)
+        freed = lib.tfem_t_reclaim_blocks(self.seg.header, os.getpid(), self._unowned, self._claims)
+        if freed > 0:
+            log.info("freed %d arena block(s) a writer claimed and died before recording", freed)
         if self.spill is not None and self.spill.file_ids():
             self._discard_orphans()
         if self._announced:
