@@ -174,7 +174,7 @@ class Broker:
         return segment
 
     def _adopt(self) -> None:
-        spilled = self.spill.file_ids() if self.spill else set()
+        spilled = {file_id: self.spill.stored_end(file_id) for file_id in self.spill.file_ids()} if self.spill else {}
         self.recovery = adopt(self.table, lambda pid: bool(lib.tfem_pid_alive(pid)), spilled)
         for file_id in self.recovery.discard_file_ids:
             if self.spill:

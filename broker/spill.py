@@ -168,6 +168,17 @@ class SpillStore:
             return
         self.bytes_by_file.pop(file_id, None)
 
+    def stored_end(self, file_id: int) -> int:
+        """Where the file's records end (offset past the inline buffer):
+        no byte past it was ever written."""
+        with self.env.begin(buffers=True) as txn:
+            cursor = txn.cursor()
+            found = cursor.prev() if cursor.set_range(_KEY.pack(file_id + 1, 0)) else cursor.last()
+            if not found:
+                return 0
+            owner, chunk = _KEY.unpack(cursor.key())
+            return chunk * CHUNK + len(cursor.value()) if owner == file_id else 0
+
     def file_ids(self) -> set[int]:
         return set(self.bytes_by_file)
 
