@@ -14,14 +14,18 @@ not need the broker to finish a small file.
 A move to the spill store that the crash interrupted is finished or undone:
 a slot flagged SPILLED has all its bytes in the store (the flag is set after
 the copy), so its extents are freed; spill records of a file that is not
-flagged are partial and are discarded.
+flagged are partial and are discarded. A spilled file's size has no extents
+to be checked against: it is bounded by the segment's largest file and by
+where the file's records end, so a garbage size can neither be read past
+nor make the broker checksum terabytes of zeros (the checksum then tells
+the consumer the file is damaged).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 from tfem._native import ffi, lib
 from tfem.states import State, generation_of, holder_of, pack_word, unpack_word
@@ -40,6 +44,7 @@ class Recovery:
     dropped_writing: int = 0  # WRITE by a dead producer
     dropped_corrupt: int = 0  # slots that did not make sense
     spill_finished: int = 0  # interrupted moves to the spill store
+    sizes_bounded: int = 0  # spilled files whose size was past what they can hold
     discard_file_ids: list[int] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
@@ -89,11 +94,25 @@ def _slot_problem(table: SlotTable, s: int, claimed: bytearray) -> str | None:
     return None
 
 
-def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int]) -> Recovery:
+def _bound_spilled_size(table: SlotTable, s: int, stored_end: int) -> bool:
+    """Bound the size of spilled slot s (published or being read: a live
+    writer's size is its own until it publishes) by the largest file and by
+    where its records end. True if it was past them."""
+    seg, slot = table.seg, table.seg.slot(s)
+    bound = min(seg.header.max_file_size, seg.buf_size + stored_end)
+    if slot.size <= bound:
+        return False
+    log.warning("slot %d: spilled size %d bounded to %d at adoption (what its records hold)", s, slot.size, bound)
+    slot.size = bound
+    return True
+
+
+def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, int]) -> Recovery:
     """Check and rebuild the table of an adopted segment. `alive(pid)` says
-    whether a holder still runs; `spilled_ids` are the file ids the spill
-    store holds records for. Returns what was done; the caller discards
-    `discard_file_ids` from the spill store."""
+    whether a holder still runs; `spilled` maps the file ids the spill store
+    holds records for to where their records end (bytes past the inline
+    buffer). Returns what was done; the caller discards `discard_file_ids`
+    from the spill store."""
     seg, report = table.seg, Recovery()
     hdr = seg.header
     hdr.moved = 0  # a replaced segment has lost its name: one found under the name is no such thing
@@ -133,13 +152,15 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
                     slot.extent_count = 0
                     report.spill_finished += 1
                 keep_spill.add(slot.file_id)
+                if state is not State.WRITE and _bound_spilled_size(table, s, spilled.get(slot.file_id, 0)):
+                    report.sizes_bounded += 1
             live.append(s)
         # The derived structures, from scratch.
         for i in range(hdr.index_size):
             seg.index[i] = 0
         for w in range((seg.block_count + 63) // 64):
             seg.bitmap[w] = 0
-        next_id = max(spilled_ids, default=0) + 1
+        next_id = max(spilled, default=0) + 1
         hdr.free_top = 0
         hdr.free_head = 0
         indexed: set[bytes] = set()
@@ -177,6 +198,6 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled_ids: set[int])
             report.discard_file_ids += settled.discard_file_ids
     report.kept = sum(1 for s in range(seg.slot_count)
                       if unpack_word(seg.slot(s).state)[0] is not State.INVALID) - report.returned_to_wait
-    report.discard_file_ids += sorted(spilled_ids - keep_spill)
+    report.discard_file_ids += sorted(set(spilled) - keep_spill)
     table.wake_all()
     return report

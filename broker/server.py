@@ -18,7 +18,8 @@ Theory of operation:
   sends can stop the broker.
 - It settles the files of clients that die: it watches each client's
   process through a pidfd (the kernel says when it exits, no polling), and
-  sweeps the table every few seconds for holders nobody introduced.
+  sweeps the table every few seconds for holders nobody introduced and for
+  arena blocks a writer claimed but died before recording.
 - Started on a segment a crashed broker left, it adopts it (recovery.py)
   and its spill store: published files survive a broker crash.
 """
@@ -36,10 +37,10 @@ from typing import Any, Callable
 import zmq
 
 from tfem import discovery, protocol
-from tfem._native import lib
+from tfem._native import ffi, lib
 from tfem.config import Instance
-from tfem.errors import (InvalidArgument, NoSpace, ProtocolError, SegmentCorrupt, SegmentExists, TfemError,
-                         UnknownClient, errno_of)
+from tfem.errors import (FileTooLarge, InvalidArgument, NoSpace, ProtocolError, SegmentCorrupt, SegmentExists,
+                         TfemError, UnknownClient, errno_of)
 from tfem.protocol import Op, Reply
 from tfem.segment import Layout, Segment
 from tfem.states import State
@@ -65,6 +66,7 @@ class BrokerConfig:
     spill_dir: pathlib.Path | None = None  # None: the instance's default
     spill: bool = True
     spill_size: int = 64 << 30  # LMDB map size: address space, not disk
+    max_file_size: int | None = None  # None: all the instance holds (inline + memory + spill)
     endpoint: str | None = None  # default: ipc:// socket of the instance
     keep: bool = False  # leave segment and spill files on stop
 
@@ -98,7 +100,9 @@ class Broker:
 
     def start(self) -> None:
         c = self.config
-        layout = Layout(c.slots, c.buf_size, c.block_size, c.memory)
+        layout = Layout(c.slots, c.buf_size, c.block_size, c.memory)  # checks the geometry first
+        held = layout.max_file_size + (c.spill_size if c.spill else 0)  # all the instance holds
+        layout = Layout(c.slots, c.buf_size, c.block_size, c.memory, held if c.max_file_size is None else c.max_file_size)
         try:
             self.segment = Segment.create(self.instance.segment, layout)
             self._owns_segment = True
@@ -106,6 +110,9 @@ class Broker:
             self.segment = self._attach_left_segment(layout)
         try:
             self.table = SlotTable(self.segment, os.getpid())
+            # Scratch for the sweep's look at the arena (tfem_t_reclaim_blocks).
+            self._unowned = ffi.new("uint64_t[]", max(1, (self.segment.block_count + 63) // 64))
+            self._claims = ffi.new("uint32_t[]", self.segment.slot_count)
             if c.spill:
                 self.spill = SpillStore(self.spill_dir, c.spill_size)
             if not self._owns_segment:
@@ -170,14 +177,15 @@ class Broker:
             segment.close()
             raise TfemError(f"a broker (pid {other}) already serves {self.instance.keyfile}")
         h = segment.header
-        if (h.slot_count, h.buf_size, h.block_size, h.block_count) != \
-                (layout.slot_count, layout.buf_size, layout.block_size, layout.block_count):
-            log.warning("adopting the segment as it was made (%d slots, %d B inline, %d B blocks, %d blocks), "
-                        "not as the options ask", h.slot_count, h.buf_size, h.block_size, h.block_count)
+        if (h.slot_count, h.buf_size, h.block_size, h.block_count, h.max_file_size) != \
+                (layout.slot_count, layout.buf_size, layout.block_size, layout.block_count, layout.max_file_size):
+            log.warning("adopting the segment as it was made (%d slots, %d B inline, %d B blocks, %d blocks, "
+                        "files up to %d B), not as the options ask",
+                        h.slot_count, h.buf_size, h.block_size, h.block_count, h.max_file_size)
         return segment
 
     def _adopt(self) -> None:
-        spilled = self.spill.file_ids() if self.spill else set()
+        spilled = {file_id: self.spill.stored_end(file_id) for file_id in self.spill.file_ids()} if self.spill else {}
         self.recovery = adopt(self.table, lambda pid: bool(lib.tfem_pid_alive(pid)), spilled)
         for file_id in self.recovery.discard_file_ids:
             if self.spill:
@@ -270,6 +278,9 @@ class Broker:
         for pid in set().union(*(table.holders() for table in self._tables())):
             if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
                 self._settle(pid)
+        freed = lib.tfem_t_reclaim_blocks(self.seg.header, os.getpid(), self._unowned, self._claims)
+        if freed > 0:
+            log.info("freed %d arena block(s) a writer claimed and died before recording", freed)
         if self.spill is not None and self.spill.file_ids():
             self._discard_orphans()
         if self._announced:
@@ -315,7 +326,7 @@ class Broker:
 
     def _replace_segment(self) -> None:
         old, h = self.seg, self.seg.header
-        layout = Layout(h.slot_count, h.buf_size, h.block_size, h.block_count * h.block_size)
+        layout = Layout(h.slot_count, h.buf_size, h.block_size, h.block_count * h.block_size, h.max_file_size)
         try:
             new = Segment.create(old.name, layout, replacing=old)
         except TfemError as exc:
@@ -434,10 +445,12 @@ class Broker:
             return Reply(rid, 0, {"room": self._evict_for_run(args["blocks"])})
         if op is Op.ALLOC:
             self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
+            self._check_size(args["capacity"])
             return Reply(rid, 0, {"spilled": self._alloc(args["slot"], args["generation"], pid, args["capacity"])})
         if op is Op.SPILL_WRITE:
             slot = self._check_spilled(args, pid, State.WRITE)
             assert self.spill is not None and request.data is not None
+            self._check_size(args["offset"] + len(request.data))
             self.spill.write(slot.file_id, args["offset"] - self.segment.buf_size, memoryview(request.data))
             return Reply(rid, 0, {})
         if op is Op.SPILL_READ:
@@ -470,6 +483,12 @@ class Broker:
                 return table.seg.slot(s)
         raise InvalidArgument(f"slot {s} is not held in {'/'.join(s.name for s in states)} by pid {pid}")
 
+    def _check_size(self, end: int) -> None:
+        """The clients' cores refuse writes past the limit themselves; this
+        is for a request that did not come through one."""
+        if end > self.seg.header.max_file_size:
+            raise FileTooLarge(f"{end} bytes is past the largest file, {self.seg.header.max_file_size} bytes")
+
     def _check_spilled(self, args: dict[str, int], pid: int, state: State) -> Any:
         slot = self._check_holder(args["slot"], args["generation"], pid, state, anywhere=True)
         if not slot.flags & lib.TFEM_SLOT_SPILLED or self.spill is None:
@@ -496,7 +515,8 @@ class Broker:
             if rc != errno.ENOSPC:
                 raise InvalidArgument(f"slot {s} cannot grow: {os.strerror(rc)}")
             needed = -(-(capacity - self.table.capacity(s)) // seg.block_size)
-            if not self._evict(needed):
+            # More than the whole arena: spilling others would not help.
+            if needed > seg.block_count or not self._evict(needed):
                 if seg.slot(s).flags & lib.TFEM_SLOT_ARENA:  # made whole for views: it stays in memory
                     raise NoSpace(f"the arena is full ({seg.block_count * seg.block_size >> 20} MiB) and a file "
                                   "made for views is never spilled")
@@ -605,6 +625,7 @@ class Broker:
             "arena_bytes_total": seg.block_count * seg.block_size,
             "arena_bytes_used": used_blocks * seg.block_size,
             "arena_bytes_free": (seg.block_count - used_blocks) * seg.block_size,
+            "max_file_size": h.max_file_size,
             "spill": str(self.spill.path) if self.spill else None,
             "spilled_bytes": self.spill.bytes_used if self.spill else 0,
             "spilled_files": len(self.spill.file_ids()) if self.spill else 0,

@@ -4,7 +4,8 @@ Opened by the broker alone. Keys are (file id, chunk number), big-endian so
 one file's chunks sort together; a chunk holds CHUNK bytes of the file past
 its inline buffer. Transactions commit on a clean exit and abort on an
 exception (py-lmdb's context managers), so a failed write leaves nothing
-half-done; a full map is NoSpace to the caller, and what was stored stays.
+half-done; a full store is NoSpace to the caller, and what was stored stays.
+A full disk under the store is a full store too: see `_write_failed`.
 Durability is not the point of a temp-file cache, so LMDB runs with sync
 off: a crash of the machine loses spilled data, a crash of the broker not.
 No writemap: a write through a mapping onto a full disk is a SIGBUS, a
@@ -13,6 +14,7 @@ write() is an error we can report.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import struct
@@ -20,10 +22,15 @@ import struct
 import crc32c
 import lmdb
 
-from tfem.errors import NoSpace
+from tfem._native import lib
+from tfem.errors import NoSpace, TfemError
 
 CHUNK = 1 << 20
 _KEY = struct.Struct(">QQ")
+# Pages LMDB writes in a commit besides the values: branch pages, the free
+# list, the meta page. Generous: a few per MiB of values are enough.
+COMMIT_SLACK = 2 * CHUNK
+log = logging.getLogger("tfem.broker")
 
 
 def delete_reserve(map_size: int) -> int:
@@ -80,9 +87,35 @@ class SpillStore:
                     raise NoSpace(f"the spill store {self.path} is full ({self.limit >> 20} MiB)")  # aborts
         except lmdb.MapFullError:
             raise NoSpace(f"the spill store {self.path} is full") from None
-        except lmdb.DiskError as exc:
-            raise NoSpace(f"the spill store {self.path} cannot write: {exc}") from None
+        except lmdb.Error as exc:
+            raise self._write_failed(exc, len(data)) from None
         self.bytes_by_file[file_id] = self.bytes_by_file.get(file_id, 0) + added
+
+    def _write_failed(self, exc: lmdb.Error, size: int) -> TfemError:
+        """What a failed write transaction of `size` bytes means to the writer.
+
+        A full disk is NoSpace however LMDB says it: ENOSPC when a write
+        found no room at all (DiskError), and EIO when the file system wrote
+        only part of a commit's pages (mdb_page_flush calls any short write
+        EIO). EIO is also what a failing device says, so the disk decides:
+        with less room left than the commit needed (its values plus
+        COMMIT_SLACK), the disk is full; with more, the room was there and
+        the error is a real one, passed on as EIO and logged. (Room freed
+        by someone else between the failure and the look would make a full
+        disk pass for an I/O error: the writer gets EIO, never a false
+        promise of room.)"""
+        if isinstance(exc, lmdb.DiskError):
+            full = True
+        else:
+            try:
+                vfs = os.statvfs(self.path)
+                full = vfs.f_bavail * vfs.f_frsize < size + COMMIT_SLACK
+            except OSError:
+                full = False
+        if full:
+            return NoSpace(f"the spill store {self.path} is full: its disk has no room left")
+        log.error("the spill store %s cannot write: %s", self.path, exc)
+        return TfemError(f"the spill store {self.path} cannot write: {exc}")
 
     def read(self, file_id: int, offset: int, length: int) -> bytearray:
         """`length` bytes at `offset`; never-written bytes read as zeros."""
@@ -100,26 +133,51 @@ class SpillStore:
         return out
 
     def checksum(self, file_id: int, length: int, crc: int) -> int:
-        """Continue crc32c `crc` over the first `length` spilled bytes."""
+        """Continue crc32c `crc` over the first `length` spilled bytes. The
+        file's records are visited in order; the zeros between them (bytes
+        never written) are checksummed without being made, so a gap of any
+        size costs next to nothing."""
+        done = 0
         with self.env.begin(buffers=True) as txn:
-            for chunk in range((length + CHUNK - 1) // CHUNK):
-                n = min(CHUNK, length - chunk * CHUNK)
-                value = txn.get(_KEY.pack(file_id, chunk))
-                have = 0 if value is None else min(n, len(value))
-                if have:
-                    crc = crc32c.crc32c(value[:have], crc)
-                if have < n:  # never written: zeros
-                    crc = crc32c.crc32c(bytes(n - have), crc)
-        return crc
-
-    def discard(self, file_id: int) -> None:
-        with self.env.begin(write=True) as txn:
             cursor = txn.cursor()
             if cursor.set_range(_KEY.pack(file_id, 0)):
-                while cursor.key()[:8] == _KEY.pack(file_id, 0)[:8]:
-                    if not cursor.delete():
+                for key, value in cursor:
+                    owner, chunk = _KEY.unpack(key)
+                    start = chunk * CHUNK
+                    if owner != file_id or start >= length:
                         break
+                    crc = lib.tfem_crc32c_zeros(crc, start - done)
+                    have = min(len(value), length - start)
+                    crc = crc32c.crc32c(value[:have], crc)
+                    done = start + have
+        return lib.tfem_crc32c_zeros(crc, length - done)
+
+    def discard(self, file_id: int) -> None:
+        """Delete a file's records. If the disk cannot take even that (a
+        delete writes pages too), they stay, still counted: the broker's
+        sweep discards records no file owns, and tries again."""
+        try:
+            with self.env.begin(write=True) as txn:
+                cursor = txn.cursor()
+                if cursor.set_range(_KEY.pack(file_id, 0)):
+                    while cursor.key()[:8] == _KEY.pack(file_id, 0)[:8]:
+                        if not cursor.delete():
+                            break
+        except lmdb.Error as exc:
+            log.warning("records of file %d stay in the spill store for now: %s", file_id, exc)
+            return
         self.bytes_by_file.pop(file_id, None)
+
+    def stored_end(self, file_id: int) -> int:
+        """Where the file's records end (offset past the inline buffer):
+        no byte past it was ever written."""
+        with self.env.begin(buffers=True) as txn:
+            cursor = txn.cursor()
+            found = cursor.prev() if cursor.set_range(_KEY.pack(file_id + 1, 0)) else cursor.last()
+            if not found:
+                return 0
+            owner, chunk = _KEY.unpack(cursor.key())
+            return chunk * CHUNK + len(cursor.value()) if owner == file_id else 0
 
     def file_ids(self) -> set[int]:
         return set(self.bytes_by_file)

@@ -11,7 +11,7 @@
 from .client import Client, connect, set_wait_mode
 from .errors import (
     AlreadyExists, BadDescriptor, BrokerUnavailable, Busy, ChecksumMismatch, InvalidArgument, NameTooLong,
-    NoSpace, NotFound, ProtocolError, TfemError, Timeout, WouldBlock, WrongMode,
+    FileTooLarge, NoSpace, NotFound, ProtocolError, TfemError, Timeout, WouldBlock, WrongMode,
 )
 from .files import TfemFile
 from .posix import (
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Client", "connect", "set_wait_mode", "TfemFile", "FileStat", "State",
     "TfemError", "AlreadyExists", "BadDescriptor", "BrokerUnavailable", "Busy", "ChecksumMismatch",
-    "InvalidArgument",
+    "InvalidArgument", "FileTooLarge",
     "NameTooLong", "NoSpace", "NotFound", "ProtocolError", "Timeout", "WouldBlock", "WrongMode",
     "TFEM_RDONLY", "TFEM_WRONLY", "TFEM_AUTO", "TFEM_NONBLOCK",
     "tfem_open", "tfem_write", "tfem_read", "tfem_lseek", "tfem_stat", "tfem_fstat",

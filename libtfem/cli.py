@@ -52,6 +52,9 @@ def _add_broker_options(p: argparse.ArgumentParser) -> None:
                    help="largest size of the spill store (default 64G)")
     g.add_argument("--no-spill", action="store_true",
                    help="never spill: a full arena is an error (ENOSPC)")
+    g.add_argument("--max-file-size", type=_size, metavar="SIZE",
+                   help="largest file: a write past it is EFBIG at once "
+                        "(default: all the instance holds, inline buffer + memory + spill size)")
     g.add_argument("--keep", action="store_true",
                    help="on stop, leave the segment and spill store in place")
 
@@ -194,7 +197,7 @@ def _broker_config(args: argparse.Namespace) -> Any:
 
     return BrokerConfig(keyfile=args.keyfile, slots=args.slots, buf_size=args.buf_size,
                         block_size=args.block_size, memory=args.memory, spill_dir=args.spill_dir,
-                        spill=not args.no_spill, spill_size=args.spill_size,
+                        spill=not args.no_spill, spill_size=args.spill_size, max_file_size=args.max_file_size,
                         endpoint=getattr(args, "endpoint", None), keep=args.keep)
 
 
@@ -267,6 +270,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         broker_argv += ["--spill-dir", str(args.spill_dir)]
     if args.no_spill:
         broker_argv.append("--no-spill")
+    if args.max_file_size is not None:
+        broker_argv += ["--max-file-size", str(args.max_file_size)]
     if args.keep:
         broker_argv.append("--keep")
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

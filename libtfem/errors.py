@@ -73,6 +73,13 @@ class NoSpace(TfemError):
     errno_value = _errno.ENOSPC
 
 
+class FileTooLarge(NoSpace):
+    """A write past the per-file limit (the broker's --max-file-size). A
+    NoSpace, so that handlers of a full store catch it too."""
+
+    errno_value = _errno.EFBIG
+
+
 class Busy(TfemError):
     errno_value = _errno.EBUSY
 
@@ -124,7 +131,7 @@ _BY_ERRNO: dict[int, type[TfemError]] = {
     cls.errno_value: cls
     for cls in (
         InvalidArgument, NameTooLong, BadDescriptor, AlreadyExists, NotFound,
-        WouldBlock, Timeout, NoSpace, Busy, ChecksumMismatch, HandleInvalidated, BrokerUnavailable,
+        WouldBlock, Timeout, NoSpace, FileTooLarge, Busy, ChecksumMismatch, HandleInvalidated, BrokerUnavailable,
         UnknownClient, ProtocolError,
     )
 }

@@ -36,7 +36,6 @@ from .table import Deadline
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
 BIG_READ = 1 << 20  # read() this large copies once from views; smaller, through readinto
 CRC_NONE = 2**64 - 1  # the core's mark for "no running checksum"
-_ZEROS = bytes(1 << 20)
 
 class Owner(Protocol):
     """What a file needs of its client: the mapping, the broker (for room
@@ -343,6 +342,9 @@ class TfemFile(io.RawIOBase):
                 "were damaged; closing gives it back, left in place (`tfem rm` removes it)")
         if rc == errno.ESTALE:
             return from_errno(rc, f"{self.name!r} is no longer held by this process")
+        if rc == errno.EFBIG:
+            return from_errno(rc, f"{self.name!r}: refused, it would take the file past the per-file limit of "
+                                  f"{self._f.max_size} bytes (the broker's --max-file-size)")
         return from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
 
     def _after_release(self, rc: int) -> None:
@@ -397,8 +399,7 @@ class TfemFile(io.RawIOBase):
             if f.need == lib.TFEM_NEED_ROOM:
                 self._make_room(f.want)
             else:  # TFEM_NEED_SPILL: the rest goes to the spill store
-                if f.pos > f.size:  # a gap reads back as zeros
-                    self._spill_zeros(f.size, f.pos)
+                # A gap before it is not sent: the store reads bytes never written as zeros.
                 view = memoryview(buf)[done:] if isinstance(buf, bytes) else memoryview(ffi.buffer(buf + done, n - done))
                 self._write_spilled(f.pos, view)
                 f.pos += n - done
@@ -409,13 +410,6 @@ class TfemFile(io.RawIOBase):
             rest = buf[done:] if isinstance(buf, bytes) else buf + done
             more = lib.tfem_f_write(f, rest, n - done)
             done = done + more if more >= 0 else more
-
-    def _spill_zeros(self, start: int, end: int) -> None:
-        while start < end:
-            k = min(end - start, len(_ZEROS))
-            self._write_spilled(start, memoryview(_ZEROS)[:k])
-            start += k
-        self._f.size = self._f.slot.size = end
 
     def _make_room(self, capacity: int) -> None:
         """Ask the broker for room up to `capacity`. A full arena (spill

@@ -37,9 +37,11 @@ def _next_power_of_two(n: int) -> int:
 
 
 class Layout:
-    """Offsets and sizes of a segment for given parameters."""
+    """Offsets and sizes of a segment for given parameters, and the largest
+    file it allows (default: what the inline buffer and the arena hold)."""
 
-    def __init__(self, slots: int, buf_size: int, block_size: int, memory: int) -> None:
+    def __init__(self, slots: int, buf_size: int, block_size: int, memory: int,
+                 max_file_size: int | None = None) -> None:
         if not 1 <= slots < 2**31:
             raise InvalidArgument("slots must be between 1 and 2^31")
         if buf_size < 0 or buf_size >= 2**31:
@@ -65,6 +67,9 @@ class Layout:
         bitmap_bytes = 8 * ((self.block_count + 63) // 64)
         self.arena_offset = _round_up(self.bitmap_offset + bitmap_bytes, PAGE)
         self.size = self.arena_offset + self.block_count * block_size
+        self.max_file_size = buf_size + self.block_count * block_size if max_file_size is None else max_file_size
+        if not 0 < self.max_file_size < 2**63:
+            raise InvalidArgument("the largest file must be between 1 byte and 2^63")
 
 
 def _header_problem(h: Any, size: int) -> str | None:
@@ -91,6 +96,8 @@ def _header_problem(h: Any, size: int) -> str | None:
             return f"header field {field} is {getattr(h, field)}, the layout says {value}"
     if h.free_top > h.slot_count:
         return "free-slot stack deeper than the table"
+    if not 0 < h.max_file_size < 2**63:
+        return f"largest file size {h.max_file_size}"
     return None
 
 
@@ -172,6 +179,7 @@ class Segment:
         h.free_stack_offset = layout.free_stack_offset
         h.bitmap_offset = layout.bitmap_offset
         h.arena_offset = layout.arena_offset
+        h.max_file_size = layout.max_file_size
         h.broker_pid = os.getpid()
         if replacing is None:
             h.instance_id = int.from_bytes(os.urandom(8), "little")

@@ -449,13 +449,13 @@ class UpInstance:
 
 @pytest.fixture
 def up_factory(tmp_path: pathlib.Path) -> Iterator[Callable[..., UpInstance]]:
-    """start(*options, subdir="") -> a running UpInstance. At teardown each
+    """start(*options, subdir="", spill_dir=None) -> a running UpInstance. At teardown each
     is stopped as a user would, must leave nothing behind, and whatever it
     left is removed anyway."""
     started: list[UpInstance] = []
 
-    def start(*options: str, subdir: str = "") -> UpInstance:
-        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options)
+    def start(*options: str, subdir: str = "", spill_dir: pathlib.Path | None = None) -> UpInstance:
+        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options, spill_dir=spill_dir)
         started.append(inst)
         return inst.start()
 
@@ -468,3 +468,23 @@ def up_factory(tmp_path: pathlib.Path) -> Iterator[Callable[..., UpInstance]]:
             left.append((str(inst.keyfile), found, inst.log()[-2000:]))
             inst.clean()
     assert not left, f"left behind: {left}"
+
+
+# ---- a small disk of its own ----
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 20 MiB tmpfs mounted under tmp_path (a real file system that fills
+    up), for a spill store: pass `small_disk / "spill"` as its directory.
+    Request it before `up_factory` so the instance is stopped before the
+    unmount; unmounted at teardown even when the test failed."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(where)], capture_output=True)  # a process still in it
+            pytest.fail(f"{where} was still in use at teardown")

@@ -4,6 +4,7 @@
     python tests/_tfem_worker.py consume  INDEX COUNT TOTAL
     python tests/_tfem_worker.py read     NAME [--mode r|a] [--timeout S] [--hold]
     python tests/_tfem_worker.py churn    NAME...
+    python tests/_tfem_worker.py claim    NAME BLOCKS
 
 The instance comes from the environment (TFEM_KEYFILE or TFEM_BROKER), as
 for any client. Each worker reports on stdout, one JSON object per line,
@@ -175,6 +176,26 @@ def cmd_churn(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- a writer stopped between claiming blocks and recording them ----
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    """Open NAME for writing and take the first half of growing it, as
+    tfem_t_grow does (tfem_t_claim_blocks: the claim marked under way, the
+    bits set), then stop short of recording the blocks: report, and wait
+    on stdin, to be killed there."""
+    import tfem
+    from tfem._native import ffi, lib
+
+    with tfem.connect() as client:
+        f = client.open(args.name, "w")
+        start = ffi.new("uint32_t *")
+        got = lib.tfem_t_claim_blocks(f._f.h, f._f.index, args.blocks, start)
+        emit(event="claimed", pid=os.getpid(), start=start[0], count=got)
+        sys.stdin.readline()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,8 +212,12 @@ def main() -> int:
     p.add_argument("--hold", action="store_true")
     p = sub.add_parser("churn")
     p.add_argument("names", nargs="+")
+    p = sub.add_parser("claim")
+    p.add_argument("name")
+    p.add_argument("blocks", type=int)
     args = parser.parse_args()
-    return {"produce": cmd_produce, "consume": cmd_consume, "read": cmd_read, "churn": cmd_churn}[args.command](args)
+    return {"produce": cmd_produce, "consume": cmd_consume, "read": cmd_read, "churn": cmd_churn,
+            "claim": cmd_claim}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ SOURCES = {
     "errno_cases": ROOT / "tests" / "c" / "errno_cases.c",
     "threads": ROOT / "tests" / "c" / "threads.c",
     "fork": ROOT / "tests" / "c" / "fork.c",
+    "space": ROOT / "tests" / "c" / "space.c",
 }
 
 

@@ -11,6 +11,7 @@ every 2 s, and only for holders nobody introduced).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -183,3 +184,41 @@ def test_a_thousand_killed_clients_leak_nothing(up_factory):  # noqa: F811
         stats = client.stats()
         assert (stats["slots_used"], stats["arena_bytes_used"], stats["spilled_bytes"]) == (0, 0, 0)
         print(f"\n{WRITERS + READERS} clients forked, connected, killed and settled in {done['seconds']:.1f} s")
+
+
+SWEEP_S = 2.0  # the broker's sweep interval (broker/server.py SWEEP_INTERVAL_S)
+
+
+def test_blocks_claimed_by_a_writer_killed_before_recording_them_are_freed(up_factory, workers):  # noqa: F811
+    """Growing a file is two steps: set the blocks' bits, then record them
+    in the slot. A writer killed between the two leaked them until the next
+    adoption. The helper takes the real first step (tfem_t_claim_blocks) and
+    stops there. While it lives, even stopped (SIGSTOP), the sweeps leave
+    its blocks alone; once it is killed, a sweep frees them."""
+    instance = up_factory(*SMALL)
+    with instance.connect() as c:
+        helper = workers(instance.env, "claim", "leak/file", "40")
+        assert helper.expect("claimed")["count"] == 40
+        assert c.stats()["arena_bytes_used"] == 40 * BLOCK
+        os.kill(helper.pid, signal.SIGSTOP)
+        put_and_check = [("leak/other", 50_000)]  # others are served meanwhile
+        deadline = time.monotonic() + 2 * SWEEP_S + 0.5  # two sweeps at least
+        while time.monotonic() < deadline:
+            for name, size in put_and_check:
+                with c.open(name, "w") as f:
+                    f.write(content(name, size))
+                with c.open(name, "r", wait=False) as f:
+                    assert sha256(f.read()) == sha256(content(name, size))
+            time.sleep(0.1)
+        assert c.stats()["arena_bytes_used"] == 40 * BLOCK, "the sweep freed blocks of a live (stopped) writer"
+
+        helper.kill()  # SIGKILL, mid-claim: its slot is settled at once, its blocks by the next sweep
+        wait_until(lambda: c.stats()["arena_bytes_used"] == 0, 2 * SWEEP_S + 1, "the leaked blocks freed")
+        assert c.stats()["slots_used"] == 0
+        size = BUF + 256 * BLOCK  # the whole arena again: in memory, not spilled
+        with c.open("leak/all", "w") as f:
+            f.write(content("leak/all", size))
+        assert not c.stat("leak/all").spilled
+        with c.open("leak/all", "r", wait=False) as f:
+            assert sha256(f.read()) == sha256(content("leak/all", size))
+    assert "freed 40 arena block(s)" in instance.log()

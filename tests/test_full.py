@@ -46,6 +46,12 @@ def usage(client: tfem.Client) -> tuple[int, int, int, int]:
 
 def no_space(exc_info) -> None:
     assert exc_info.value.errno == errno.ENOSPC and isinstance(exc_info.value, tfem.NoSpace)
+    assert not isinstance(exc_info.value, tfem.FileTooLarge)
+
+
+def too_large(exc_info) -> None:
+    """Past the per-file limit (all the instance holds): EFBIG, a NoSpace."""
+    assert exc_info.value.errno == errno.EFBIG and isinstance(exc_info.value, tfem.FileTooLarge)
 
 
 def asleep_waiting(worker) -> None:
@@ -148,10 +154,14 @@ def test_a_full_arena_without_spill(up_factory):  # noqa: F811
         before = usage(c)
 
         # The write that cannot get blocks fails; the file keeps what it had.
+        # Past the 65 KiB the instance holds, it is refused before it asks.
         f = c.open("a/big", "w")
         f.write(content("a/big", 5000))
         with pytest.raises(tfem.NoSpace) as caught:
             f.write(content("a/big", 100_000)[5000:])
+        too_large(caught)
+        with pytest.raises(tfem.NoSpace) as caught:
+            f.write(content("a/big", 60_000)[5000:])
         no_space(caught)
         assert "arena is full" in str(caught.value) and "spilling is off" in str(caught.value)
         assert f.tell() == 5000 and c.stat("a/big").size == 5000
@@ -160,8 +170,9 @@ def test_a_full_arena_without_spill(up_factory):  # noqa: F811
         assert usage(c) == before
 
         held.write(content("a/held", 20_000)[10_000:])  # what is left still serves
-        with pytest.raises(tfem.NoSpace):
-            held.write(content("a/held", 80_000)[20_000:])
+        with pytest.raises(tfem.NoSpace) as caught:
+            held.write(content("a/held", 60_000)[20_000:])
+        no_space(caught)
         held.close()
         check(c, "a/waiting", 40_000)  # frees 10 blocks: service resumes
         put(c, "a/fits-now", 40_000)
@@ -241,11 +252,12 @@ def test_a_full_spill_store(up_factory):  # noqa: F811
         full = usage(c)
         assert full[3] == len(stored) and full[2] == sum(s - KIB for s in stored.values())
 
-        # A write of 4 MiB or more is stored at once: the write itself fails.
+        # A file larger than the whole store (1 MiB + 64 KiB + 1 KiB) is
+        # refused at its write, before anything is sent.
         f = c.open("s/huge", "w")
         with pytest.raises(tfem.NoSpace) as caught:
             f.write(content("s/huge", 5 * MIB))
-        no_space(caught)
+        too_large(caught)
         f.abort()
         assert usage(c) == full
 

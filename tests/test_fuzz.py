@@ -413,7 +413,7 @@ class Populated:
         self.name = f"/tfem-fuzz-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.seg = Segment.create(self.name, Layout(F_SLOTS, F_BUF, F_BLOCK, F_BLOCKS * F_BLOCK))
         self.alive, self.dead = os.getpid(), dead_pid()
-        self.spilled_ids: set[int] = set()
+        self.spilled: dict[int, int] = {}  # file id -> where its spill records would end
         mine = SlotTable(self.seg, self.alive)
         r = random.Random(7)
         for i in range(16):
@@ -432,8 +432,8 @@ class Populated:
             if i == 7:  # moved to the spill store
                 mine.set_flag(f.index, lib.TFEM_SLOT_SPILLED)
                 mine.release_extents(f.index)
-                self.spilled_ids.add(f.file_id)
-        self.spilled_ids.add(10**6)  # records of a file that is gone
+                self.spilled[f.file_id] = max(0, size - F_BUF)
+        self.spilled[10**6] = F_BLOCK  # records of a file that is gone
         self.pristine = bytes(self.seg.view)
         OFFSETS.update({region: getattr(self.seg.header, f"{region}_offset")
                         for region in ("index", "free_stack", "bitmap")})
@@ -560,7 +560,9 @@ def check_adopted(seg: Segment, table: SlotTable, what: str) -> None:
     me, size = os.getpid(), F_BUF + F_BLOCK
     for i in range(len(free)):
         f = core_file(seg, f"new/{i}".encode(), me, "w")
-        assert lib.tfem_f_write(f, bytes(size), size) in (0, size), what  # 0: the arena is full
+        # 0: the arena is full; EFBIG: the limit in the header was damaged to
+        # a smaller one (any size is a setting someone could have chosen).
+        assert lib.tfem_f_write(f, bytes(size), size) in (0, size, -errno.EFBIG), what
         assert lib.tfem_f_close(f) == 0, what
     with pytest.raises(tfem.NoSpace):
         core_file(seg, b"one too many", me, "w")
@@ -577,7 +579,7 @@ def test_fuzz_adopting_a_corrupted_segment():
         populated.restore()
         seg = Segment.attach(populated.name)
         try:
-            report = adopt(SlotTable(seg, os.getpid()), alive, set(populated.spilled_ids))
+            report = adopt(SlotTable(seg, os.getpid()), alive, populated.spilled)
             check_adopted(seg, SlotTable(seg, os.getpid()), "pristine")
         finally:
             seg.close()
@@ -602,7 +604,7 @@ def test_fuzz_adopting_a_corrupted_segment():
             try:
                 table = SlotTable(seg, os.getpid())
                 try:
-                    adopt(table, alive, set(populated.spilled_ids))
+                    adopt(table, alive, populated.spilled)
                 except TfemError:
                     counts["other TfemError"] += 1
                     continue

@@ -387,6 +387,41 @@ def test_corrupted_slots_are_dropped_at_adoption_and_the_rest_kept(up_factory): 
         assert (stats["slots_used"], stats["arena_bytes_used"], stats["spilled_bytes"]) == (0, 0, 0)
 
 
+def test_a_spilled_size_is_bounded_at_adoption(up_factory):  # noqa: F811
+    """A spilled file's size has no extents to be checked against: a
+    garbage size is bounded by where the file's spill records end (then it
+    is the file again, byte for byte) and by the segment's largest file
+    (then the consumer's checksum says it is damaged, quickly: the bytes
+    past the records are not read)."""
+    up = up_factory(*SMALL)
+    sizes = {"b/past-records": MIB + 50 * KIB, "b/garbage": MIB + 20 * KIB, "b/over-limit": 2 * MIB + 7,
+             "b/right": MIB + 3 * KIB}
+    limit = MIB + MIB // 2
+    with up.connect() as c:
+        for name, size in sizes.items():
+            put(c, name, size)
+        assert all(c.stat(name).spilled for name in sizes)
+        slots = {name: c.stat(name).slot for name in sizes}
+    with broker_restart_held(up) as old_broker:
+        kill_broker(old_broker)
+        with mapped(up.names.segment) as seg:
+            seg.slot(slots["b/past-records"]).size = sizes["b/past-records"] + 10 * MIB
+            seg.slot(slots["b/garbage"]).size = 2**62
+            seg.header.max_file_size = limit  # as if made with --max-file-size 1.5M
+    with connect_when_back(up, old_broker) as c:
+        recovery = c.stats()["recovery"]
+        assert (recovery["sizes_bounded"], recovery["kept"], recovery["dropped_corrupt"]) == (3, 4, 0), recovery
+        assert [c.stat(name).size for name in sizes] == [*list(sizes.values())[:2], limit, sizes["b/right"]]
+        for name in ("b/past-records", "b/garbage", "b/right"):
+            check(c, name, sizes[name])
+        with pytest.raises(tfem.ChecksumMismatch):
+            c.open("b/over-limit", "r", wait=False)
+        assert c.stat("b/over-limit").state == "WAIT"  # left for inspection
+        c.unlink("b/over-limit")
+        stats = c.stats()
+        assert (stats["slots_used"], stats["spilled_bytes"]) == (0, 0)
+
+
 # ---- checksums ----
 
 

@@ -229,11 +229,13 @@ def test_no_spill_a_full_arena_is_no_space_and_nothing_is_lost(instance_factory)
         used = client.stats()["arena_bytes_used"]
         assert used >= 500 * KIB - 2 * INLINE
 
+        # Past all the instance holds (no spill: the 1 MiB arena and the
+        # inline buffer): refused at once, a FileTooLarge (still a NoSpace).
         with pytest.raises(tfem.NoSpace) as caught:
             with client.open("too-big", "w") as f:
                 f.write(content("too-big", 2 * MIB))
-        assert caught.value.errno == errno.ENOSPC
-        assert "spill" in str(caught.value)
+        assert caught.value.errno == errno.EFBIG and isinstance(caught.value, tfem.FileTooLarge)
+        assert "limit" in str(caught.value)
         with pytest.raises(tfem.NotFound):
             client.stat("too-big")
         assert client.stats()["arena_bytes_used"] == used  # the failed file's blocks are back

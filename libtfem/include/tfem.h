@@ -26,7 +26,9 @@
  * ETIMEDOUT tfem_open_timeout expired; EBADF bad descriptor, or read on a
  * write descriptor and the reverse; EINVAL bad flags, whence or offset;
  * ENAMETOOLONG name over TFEM_NAME_MAX bytes; ENOSPC slot table, memory or
- * spill store full; ECONNREFUSED no registry or broker; EFAULT NULL
+ * spill store (or the disk under it) full; EFBIG tfem_write past the
+ * per-file limit (the broker's --max-file-size; by default all the
+ * instance holds), refused whole and at once, the file left as it was; ECONNREFUSED no registry or broker; EFAULT NULL
  * pointer; EBADMSG the file's bytes do not match its checksum (tfem_read;
  * closing gives the file back); ENOSYS a call that needs the broker's
  * protocol, and the embedded Python could not start (see stderr).

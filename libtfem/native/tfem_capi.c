@@ -315,14 +315,9 @@ static int make_room(struct descriptor *d) {
     }
 }
 
+/* A gap before pos is not sent: the spill store reads bytes never written as zeros. */
 static int write_spilled(struct tfem_file *f, const char *buf, uint64_t n) {
-    static const char zeros[65536];
     if (tfem_python_ready()) return errno;
-    while (f->size < f->pos) { /* a gap reads back as zeros */
-        uint64_t k = f->pos - f->size < sizeof zeros ? f->pos - f->size : sizeof zeros;
-        if (_tfem_py_spill_write(f->index, f->generation, f->size, zeros, k) < 0) return errno;
-        f->size = f->slot->size = f->size + k;
-    }
     if (_tfem_py_spill_write(f->index, f->generation, f->pos, buf, n) < 0) return errno;
     f->pos += n;
     if (f->pos > f->size) f->size = f->slot->size = f->pos;

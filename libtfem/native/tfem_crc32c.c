@@ -146,6 +146,28 @@ uint32_t tfem_crc32c(uint32_t crc, const void *data, size_t length) {
     return ~sw(crc, data, length);
 }
 
+/* Zero bytes change the crc register by the operator x^(8 length): its
+ * matrix is squared up bit by bit of `length` (zlib's crc32_combine), so
+ * a gap of any size costs 64 squarings at most, never a pass. */
+uint32_t tfem_crc32c_zeros(uint32_t crc, uint64_t length) {
+    uint32_t odd[32], even[32];
+    if (length == 0) return crc;
+    odd[0] = POLY; /* one zero bit */
+    for (int n = 1; n < 32; n++) odd[n] = 1u << (n - 1);
+    gf2_square(even, odd); /* 2 bits */
+    gf2_square(odd, even); /* 4 bits */
+    uint32_t reg = ~crc;
+    for (;;) {
+        gf2_square(even, odd); /* 1 byte, then 4, 16, ... */
+        if (length & 1) reg = gf2_times(even, reg);
+        if (!(length >>= 1)) break;
+        gf2_square(odd, even); /* 2 bytes, then 8, 32, ... */
+        if (length & 1) reg = gf2_times(odd, reg);
+        if (!(length >>= 1)) break;
+    }
+    return ~reg;
+}
+
 void tfem_copy_crc(void *dst, const void *src, size_t length, uint32_t *crc) {
 #if defined(__x86_64__)
     pthread_once(&once, init);

@@ -17,4 +17,8 @@ uint32_t tfem_crc32c(uint32_t crc, const void *data, size_t length);
  * cache: one pass over memory instead of two. */
 void tfem_copy_crc(void *dst, const void *src, size_t length, uint32_t *crc);
 
+/* Continue `crc` over `length` zero bytes without making them: O(log
+ * length), for the never-written gaps of spilled files. */
+uint32_t tfem_crc32c_zeros(uint32_t crc, uint64_t length);
+
 #endif

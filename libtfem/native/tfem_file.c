@@ -25,6 +25,8 @@
  *   in one pass at its first jump. A damaged file is given back at close
  *   (READ -> WAIT), never consumed. Spilled files are checked at open by the
  *   caller, with the broker (it holds the rest of the bytes).
+ * - A write that would take a file past the segment's max_file_size is
+ *   EFBIG before anything moves: one compare, no broker.
  * - Waits spin first or sleep at once by load: see choose_spin().
  */
 #include <errno.h>
@@ -160,6 +162,7 @@ static void start_file(struct tfem_header *h, const struct tfem_claim *claim, ui
     f->writing = writing;
     f->held = 1;
     f->size = writing ? 0 : f->slot->size;
+    f->max_size = h->max_file_size; /* here, not in the header's shared line, for the write path */
     tfem_f_reload(f);
     f->crc = 0;
     f->crc_end = 0;
@@ -288,6 +291,7 @@ uint32_t tfem_f_memory_crc(struct tfem_file *f) {
  * is that long; the caller asks the broker to make room, and tries again. */
 int tfem_f_reserve(struct tfem_file *f, uint64_t size, int checked) {
     if (!f->held || !f->writing) return EBADF;
+    if (size > f->max_size) return EFBIG;
     int rc = tfem_t_reserve(f->h, f->index, f->generation, f->pid, size, checked ? 0 : TFEM_SLOT_UNCHECKED);
     if (rc) return rc;
     tfem_f_reload(f);
@@ -311,6 +315,7 @@ int64_t tfem_f_pwrite(struct tfem_file *f, const void *buf, uint64_t n, uint64_t
     if (n == 0) return 0;
     if (pos > (uint64_t)INT64_MAX || n > (uint64_t)INT64_MAX - pos) return -EINVAL;
     uint64_t end = pos + n;
+    if (end > f->max_size) return -EFBIG; /* refused whole, at once: a gap past the limit costs nothing */
     if (end > f->memory_end && !f->spilled) { /* room first: a write that fails leaves the file as it was */
         int rc = tfem_t_grow(f->h, f->index, f->generation, f->pid, end);
         tfem_f_reload(f);

@@ -22,7 +22,9 @@
  *   ABA, changed by compare-and-swap.
  * - The block bitmap has a set bit per arena block in use. Writers claim
  *   runs themselves by compare-and-swap; the last holder of a file clears
- *   them.
+ *   them. A slot's `claims` count is odd while blocks are claimed for it
+ *   but not yet recorded in its extents: the broker's sweep frees blocks no
+ *   slot records only when it saw no claim under way (tfem_t_reclaim_blocks).
  * - Consumers waiting for a name sleep on the wake sequence of the name's
  *   bucket; every transition into WAIT bumps it and wakes the sleepers.
  *   Producers waiting for room sleep on space_seq, bumped whenever a slot
@@ -31,6 +33,10 @@
  *   learns from it whether the segment it maps is still the live one. A
  *   segment made again after its name was removed keeps the instance_id
  *   and file ids of the one it replaces, whose files the broker moves in.
+ * - max_file_size bounds every file: a write past it is EFBIG, refused by
+ *   the writer's own core before a byte moves (a hole at 1 TiB costs
+ *   nothing). The broker sets it at creation (--max-file-size; by default
+ *   all the instance can hold).
  *
  * Everything here is 8-byte aligned and fixed-width, so the layout is the
  * same in every process that maps the segment.
@@ -41,7 +47,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 5
+#define TFEM_LAYOUT_VERSION 7
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -90,6 +96,7 @@ struct tfem_header {
     uint64_t free_stack_offset;
     uint64_t bitmap_offset;
     uint64_t arena_offset;
+    uint64_t max_file_size; /* bytes a file may reach */
     int32_t broker_pid;
     uint32_t free_top;      /* slots on the free-slot stack: a count, for statistics and checks */
     uint64_t free_head;     /* the free-slot stack: (tag << 32) | (top slot + 1), 0 below when empty */
@@ -118,6 +125,8 @@ struct tfem_slot {
     uint16_t flags;
     uint32_t checksum;    /* crc32c of the whole file, taken at the producer's close */
     uint32_t extent_count;
+    uint32_t claims;      /* odd while blocks are claimed and not yet recorded; bumped by the claimer only */
+    uint32_t unused;
     struct tfem_extent extents[TFEM_MAX_EXTENTS];
     char name[TFEM_NAME_MAX + 1];
     /* buf_size inline bytes follow; slot_size rounds the whole up to 64 */

@@ -211,6 +211,7 @@ static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t
     slot->flags = 0;
     slot->checksum = 0;
     slot->extent_count = 0;
+    slot->claims = 0; /* even: a dead holder's claim left odd is over */
     memcpy(slot->name, name, len);
     slot->name[len] = 0;
     if (tfem_t_index_insert(h, s)) { /* this stripe of the index is full */
@@ -473,6 +474,85 @@ uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t s) {
     return inline_bytes(h, slot) + blocks * h->block_size;
 }
 
+/* ---- claiming blocks: two steps, and a killed claimer ----
+ *
+ * A claim sets bits in the bitmap, then records them in the slot's extents.
+ * A holder killed between the two leaves blocks in use that no slot
+ * records. slot->claims is bumped before the bits are set and after they
+ * are recorded (odd: a claim under way); only the claimer writes it, with
+ * the slot held for writing (its holder, or the broker while the holder
+ * waits for its ALLOC reply). The sweep (tfem_t_reclaim_blocks) frees
+ * blocks nobody records only if no claim moved while it looked and every
+ * claim still under way belongs to a dead holder: see there why that is
+ * safe. Cost: two stores per extent claimed, none per write. */
+
+static void end_claim(struct tfem_slot *slot) { __atomic_store_n(&slot->claims, slot->claims + 1, SC); }
+
+uint32_t tfem_t_claim_blocks(struct tfem_header *h, uint32_t s, uint32_t want, uint32_t *start) {
+    struct tfem_slot *slot = slot_at(h, s);
+    __atomic_store_n(&slot->claims, slot->claims + 1, SC); /* before the bits: the sweep sees it first */
+    uint32_t got = tfem_blocks_claim(bitmap_of(h), h->block_count, want, start);
+    if (got == 0) end_claim(slot);
+    return got;
+}
+
+/* Record a claimed run as the slot's next extent, and end the claim. */
+static void record_extent(struct tfem_slot *slot, uint32_t start, uint32_t count) {
+    slot->extents[slot->extent_count].start = start;
+    slot->extents[slot->extent_count].count = count;
+    __atomic_store_n(&slot->extent_count, slot->extent_count + 1, SC);
+    end_claim(slot);
+}
+
+/* Why freeing is safe. The whole table lock is held while the claims are
+ * read (1), the bitmap copied (2), the extents of every live slot taken
+ * out of the copy (3), and the claims read again (4): no slot is freed
+ * meanwhile (free_slot runs under a stripe lock), so no recorded block is
+ * released and claimed anew in between. A block set in (2) and recorded
+ * nowhere in (3) was claimed by someone whose claim began before (2) and
+ * had not ended by (3): if it ended before (4), or began after (1), the
+ * count moved between (1) and (4), and nothing is freed. Otherwise it is
+ * odd in both, its slot's holder is asked about after the lock is
+ * released, and nothing is freed if it is alive (even stopped: SIGSTOP
+ * must not lose it its blocks). A block whose claimer is dead can never
+ * be recorded, nor cleared by anyone else, and no claim can take a set
+ * bit: freeing it after the lock is released is safe. */
+int64_t tfem_t_reclaim_blocks(struct tfem_header *h, uint32_t pid, uint64_t *unowned, uint32_t *claims) {
+    uint32_t words = (h->block_count + 63) / 64;
+    uint64_t *bm = bitmap_of(h);
+    if (tfem_t_lock(h, pid)) return -EBUSY;
+    for (uint32_t s = 0; s < h->slot_count; s++) claims[s] = __atomic_load_n(&slot_at(h, s)->claims, SC);
+    for (uint32_t w = 0; w < words; w++) unowned[w] = __atomic_load_n(&bm[w], SC);
+    for (uint32_t s = 0; s < h->slot_count; s++) {
+        struct tfem_slot *slot = slot_at(h, s);
+        if (state_of(__atomic_load_n(&slot->state, SC)) == TFEM_STATE_INVALID) continue;
+        uint32_t n = __atomic_load_n(&slot->extent_count, SC);
+        for (uint32_t i = 0; i < n && i < TFEM_MAX_EXTENTS; i++) {
+            uint64_t start = slot->extents[i].start, end = start + slot->extents[i].count;
+            for (uint64_t b = start; b < end && b < h->block_count; b++) unowned[b / 64] &= ~(1ULL << (b % 64));
+        }
+    }
+    int moved = 0;
+    for (uint32_t s = 0; s < h->slot_count; s++) { /* then: the holder of each claim still under way */
+        struct tfem_slot *slot = slot_at(h, s);
+        uint32_t now = __atomic_load_n(&slot->claims, SC);
+        moved |= now != claims[s];
+        claims[s] = now & 1 ? holder_of(__atomic_load_n(&slot->state, SC)) : 0;
+    }
+    tfem_t_unlock(h);
+    if (moved) return -EAGAIN;
+    for (uint32_t s = 0; s < h->slot_count; s++)
+        if (claims[s] && tfem_pid_alive((int32_t)claims[s])) return -EAGAIN;
+    int64_t freed = 0;
+    for (uint32_t w = 0; w < words; w++) {
+        if (!unowned[w]) continue;
+        __atomic_fetch_and(&bm[w], ~unowned[w], SC);
+        freed += __builtin_popcountll(unowned[w]);
+    }
+    if (freed) publish_space(h);
+    return freed;
+}
+
 /* Give a new, empty file held for writing one contiguous extent of `size`
  * bytes, its bytes starting there (TFEM_SLOT_ARENA), for views over the
  * whole file. ENOSPC when no run of free blocks is that long (the broker
@@ -484,21 +564,17 @@ int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     if (!held_by(slot, generation, pid, TFEM_STATE_WRITE) || slot->extent_count || slot->size) return ESTALE;
     uint64_t want = (size + h->block_size - 1) / h->block_size;
     if (want > h->block_count) return ENOSPC;
-    uint32_t start = 0, got = want ? tfem_blocks_claim(bitmap_of(h), h->block_count, (uint32_t)want, &start) : 0;
-    if (got < want) {
-        if (got) tfem_blocks_release(bitmap_of(h), start, got);
-        return ENOSPC;
-    }
+    uint32_t start = 0, got = want ? tfem_t_claim_blocks(h, s, (uint32_t)want, &start) : 0;
     uint32_t stripe = stripe_of(slot->name_hash);
-    if (lock_stripe(h, stripe, pid)) {
-        if (got) tfem_blocks_release(bitmap_of(h), start, got);
-        return EBUSY;
+    int rc = got < want ? ENOSPC : lock_stripe(h, stripe, pid) ? EBUSY : 0;
+    if (rc) {
+        if (got) {
+            tfem_blocks_release(bitmap_of(h), start, got);
+            end_claim(slot);
+        }
+        return rc;
     }
-    if (got) {
-        slot->extents[0].start = start;
-        slot->extents[0].count = got;
-        __atomic_store_n(&slot->extent_count, 1, SC);
-    }
+    if (got) record_extent(slot, start, got);
     slot->flags |= (uint16_t)(TFEM_SLOT_ARENA | flags); /* under the lock: unlink sets flags too */
     unlock_stripe(h, stripe);
     return 0;
@@ -520,11 +596,9 @@ int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t
         if (want < needed) want = needed;
         if (want > h->block_count) want = h->block_count;
         uint32_t start = 0;
-        uint32_t got = tfem_blocks_claim(bitmap_of(h), h->block_count, (uint32_t)(want ? want : 1), &start);
+        uint32_t got = tfem_t_claim_blocks(h, s, (uint32_t)(want ? want : 1), &start);
         if (got == 0) return ENOSPC;
-        slot->extents[slot->extent_count].start = start;
-        slot->extents[slot->extent_count].count = got;
-        __atomic_store_n(&slot->extent_count, slot->extent_count + 1, SC);
+        record_extent(slot, start, got);
         have += (uint64_t)got * h->block_size;
     }
     return 0;

@@ -55,6 +55,17 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
 int tfem_t_grow(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
                 uint64_t capacity);
 uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t slot);
+/* The first half of growing a file: mark its claim under way, then claim up
+ * to `want` blocks (0: none free, and the claim is over). The caller
+ * records them (or releases them) and ends the claim. Public for the test
+ * that kills a process between the halves. */
+uint32_t tfem_t_claim_blocks(struct tfem_header *h, uint32_t slot, uint32_t want, uint32_t *start);
+/* The broker's sweep: free blocks in use that no slot records, claimed by
+ * holders that died before recording them. Scratch: `unowned`, one word per
+ * 64 blocks, and `claims`, one per slot. Returns the blocks freed, or
+ * -EAGAIN when a live holder's claim was under way (try at the next sweep),
+ * -EBUSY when the table lock could not be taken. */
+int64_t tfem_t_reclaim_blocks(struct tfem_header *h, uint32_t pid, uint64_t *unowned, uint32_t *claims);
 int tfem_t_reserve(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, uint64_t size,
                    uint32_t flags);
 int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
