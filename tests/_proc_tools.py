@@ -447,13 +447,14 @@ class UpInstance:
 
 @pytest.fixture
 def up_factory(tmp_path: pathlib.Path) -> Iterator[Callable[..., UpInstance]]:
-    """start(*options, subdir="") -> a running UpInstance. At teardown each
-    is stopped as a user would, must leave nothing behind, and whatever it
-    left is removed anyway."""
+    """start(*options, subdir="", keyfile=None) -> a running UpInstance (its
+    key file in its directory unless given). At teardown each is stopped as
+    a user would, must leave nothing behind, and whatever it left is
+    removed anyway."""
     started: list[UpInstance] = []
 
-    def start(*options: str, subdir: str = "") -> UpInstance:
-        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options)
+    def start(*options: str, subdir: str = "", keyfile: pathlib.Path | None = None) -> UpInstance:
+        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options, keyfile=keyfile)
         started.append(inst)
         return inst.start()
 
