@@ -454,31 +454,26 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    import sysv_ipc
-
     from tfem._native import lib
-    from tfem.discovery import queue_key
-    from tfem.registry.server import registry_pid
+    from tfem.keyfile import read_record
+    from tfem.registry.ownership import remove_left_queue
     from tfem.segment import Segment
 
-    instance = Instance.for_keyfile(args.keyfile)
-    pid = registry_pid(instance.keyfile)
-    if pid and lib.tfem_pid_alive(pid):
-        raise TfemError(f"the registry of {instance.keyfile} (pid {pid}) is running: stop it first")
+    instance = Instance.for_keyfile(args.keyfile)  # the runtime directory the key file records
+    record = read_record(instance.keyfile)
+    if record and lib.tfem_pid_alive(record.pid):
+        raise TfemError(f"the registry of {instance.keyfile} (pid {record.pid}) is running: stop it first")
     state = instance.read_state()
     broker = state.get("broker_pid")
     if isinstance(broker, int) and lib.tfem_pid_alive(broker):
         raise TfemError(f"the broker of {instance.keyfile} (pid {broker}) is running: stop it first")
     removed = []
-    if instance.keyfile.exists():
-        try:
-            sysv_ipc.MessageQueue(queue_key(instance.keyfile)).remove()
+    if record:
+        # Only the very queue the key file records: another key file's may share the key.
+        if remove_left_queue(instance.keyfile, record):
             removed.append("registry queue")
-        except sysv_ipc.ExistentialError:
-            pass
-        if pid:
-            instance.keyfile.unlink()
-            removed.append(f"key file {instance.keyfile}")
+        instance.keyfile.unlink()
+        removed.append(f"key file {instance.keyfile}")
     if Segment.unlink(instance.segment):
         removed.append(f"segment {instance.segment}")
     if instance.socket_path.exists():

@@ -249,7 +249,7 @@ def instance_server_pids(keyfile: str) -> list[int]:
     the segment header), checked by command line so a reused pid is safe."""
     from tfem.config import Instance
     from tfem.errors import TfemError
-    from tfem.registry.server import registry_pid
+    from tfem.keyfile import registry_pid
     from tfem.segment import Segment
 
     candidates = [registry_pid(pathlib.Path(keyfile))]

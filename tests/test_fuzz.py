@@ -37,7 +37,7 @@ from tfem.broker.recovery import adopt
 from tfem.discovery import queue_key
 from tfem.errors import SegmentCorrupt, TfemError
 from tfem.protocol import VERSION, Action, Op
-from tfem.registry.server import registry_pid
+from tfem.keyfile import registry_pid
 from tfem.segment import Layout, Segment
 from tfem.states import State, unpack_word
 from tfem.table import SlotTable, name_hash

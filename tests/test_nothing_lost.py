@@ -26,7 +26,8 @@ import sysv_ipc
 import tfem
 from tfem._native import lib
 from tfem.cli import MAX_RESTARTS
-from tfem.discovery import KEYFILE_HEADER, ask_registry, queue_key, registry_pid
+from tfem.discovery import ask_registry, queue_key
+from tfem.keyfile import HEADER, registry_pid
 from tfem.errors import TfemError
 from tfem.protocol import Action
 
@@ -41,30 +42,27 @@ except ImportError:
 
 
 def colliding_keyfiles(where: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """Two files in `where` with the same ftok key: files are made until
-    one's inode has the low 16 bits of the first's (at most 65,537 distinct
-    inodes), and the others removed."""
+    """Two files in `where` with the same ftok key: files are made until two
+    inodes share their low 16 bits (by 65,537 distinct inodes at the latest),
+    and the others removed."""
     where.mkdir()
-    first = where / "first.key"
-    first.touch()
-    wanted = first.stat().st_ino & 0xFFFF
-    made: list[pathlib.Path] = []
-    found = None
+    by_low_bits: dict[int, pathlib.Path] = {}
+    pair = None
     try:
         for i in itertools.count():
             path = where / f"try{i}"
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            made.append(path)
-            if path.stat().st_ino & 0xFFFF == wanted:
-                found = path
+            pair = by_low_bits.get(path.stat().st_ino & 0xFFFF), path
+            if pair[0] is not None:
                 break
-            assert i < 70_000, "no colliding inode found"
+            by_low_bits[path.stat().st_ino & 0xFFFF] = path
     finally:
-        for path in made:
-            if path != found:
+        for path in by_low_bits.values():
+            if pair is None or path != pair[0]:
                 path.unlink()
-    second = where / "second.key"
-    found.rename(second)  # the same inode, so the same key
+    first, second = where / "first.key", where / "second.key"
+    pair[0].rename(first)  # the same inodes, so the same key
+    pair[1].rename(second)
     assert queue_key(first) == queue_key(second)
     return first, second
 
@@ -118,7 +116,7 @@ def test_clean_of_a_colliding_key_file_leaves_the_live_queue(up_factory, tmp_pat
     gone = subprocess.Popen(["true"])
     gone.wait()
     # What a killed instance of an earlier tfem left: a dead pid, no queue record.
-    second.write_text(f"{KEYFILE_HEADER}{gone.pid}\nsegment /tfem-gone\n")
+    second.write_text(f"{HEADER}{gone.pid}\nsegment /tfem-gone\n")
     cleaned = tfem_cli("clean", "--keyfile", str(second))
     assert cleaned.returncode == 0, cleaned.stderr.decode()
     assert queue_id(first) == live_queue

@@ -39,6 +39,7 @@ ACTION_ARGS = {
     Action.ANNOUNCE: {"endpoint": "ipc:///tmp/tfem-1.sock", "load": 7},
     Action.WITHDRAW: {"endpoint": "tcp://127.0.0.1:5555"},
     Action.LIST: {},
+    Action.IDENTIFY: {},
 }
 DATA_OPS = {Op.SPILL_WRITE}
 
