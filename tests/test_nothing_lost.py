@@ -14,9 +14,11 @@ import itertools
 import os
 import pathlib
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -143,6 +145,43 @@ def test_a_queue_of_another_user_under_the_key_is_left_alone(up_factory, tmp_pat
             theirs.remove()
         except sysv_ipc.ExistentialError:
             pass
+
+
+AS_NOBODY = textwrap.dedent("""
+    import os, pathlib, sys
+    from tfem.keyfile import identity
+    from tfem.registry.ownership import claim_queue
+    keyfile = pathlib.Path(sys.argv[1])
+    os.setgid(int(sys.argv[2]))
+    os.setuid(int(sys.argv[2]))
+    queue, project = claim_queue(keyfile, None, identity(keyfile, os.getpid()), 8192)
+    queue.remove()
+    print(project)
+""")
+
+
+def test_a_queue_another_user_keeps_from_us_means_the_next_project_id(tmp_path):
+    """Not root, a registry cannot even open another user's queue (EACCES)."""
+    if os.geteuid() != 0:
+        pytest.skip("running as another user needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    public = pathlib.Path(tempfile.mkdtemp(prefix="tfem-test-"))  # tmp_path is closed to nobody
+    try:
+        public.chmod(0o755)
+        keyfile = public / "theirs.key"
+        keyfile.touch()
+        os.chown(keyfile, nobody, -1)
+        ours = sysv_ipc.MessageQueue(queue_key(keyfile), sysv_ipc.IPC_CREX, mode=0o600)
+        try:
+            claimed = subprocess.run([sys.executable, "-c", AS_NOBODY, str(keyfile), str(nobody)],
+                                     capture_output=True, timeout=60)
+            assert claimed.returncode == 0, claimed.stderr.decode()
+            assert int(claimed.stdout) == ord("T") + 1
+            assert sysv_ipc.MessageQueue(ours.key).id == ours.id
+        finally:
+            ours.remove()
+    finally:
+        shutil.rmtree(public)
 
 
 # ---- surviving the removal of the queue ----
