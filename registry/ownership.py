@@ -20,7 +20,7 @@ import sysv_ipc
 from tfem import protocol
 from tfem._native import lib
 from tfem.discovery import ask_queue
-from tfem.errors import ProtocolError, TfemError
+from tfem.errors import TfemError
 from tfem.keyfile import DEFAULT_PROJECT, KeyRecord, ftok
 from tfem.protocol import KeyIdentity
 
@@ -75,7 +75,7 @@ def _answers_for(queue: sysv_ipc.MessageQueue, me: KeyIdentity) -> int | None:
         result = ask_queue(queue, protocol.Action.IDENTIFY, {}, IDENTIFY_TIMEOUT_S,
                            f"the queue 0x{queue.key & 0xFFFFFFFF:08x}")
         theirs = protocol.decode_identity(result)
-    except (TfemError, ProtocolError):
+    except TfemError:  # no answer, or not one a registry gives (ProtocolError)
         return None
     return theirs.pid if (theirs.dev, theirs.ino) == (me.dev, me.ino) else None
 

@@ -25,7 +25,6 @@ import time
 import pytest
 import sysv_ipc
 
-import tfem
 from tfem._native import lib
 from tfem.cli import MAX_RESTARTS
 from tfem.discovery import ask_registry, queue_key
