@@ -138,7 +138,7 @@ class Broker:
                                        "segment": self.segment.name, "endpoint": self.endpoint})
             self._owns_segment = True
         except BaseException:
-            self.close()
+            self.close(destroy=True)  # only what it made itself: `_owns_segment`
             raise
         log.info("broker %d serving %s: segment %s, %d slots, %d MiB arena, spill %s",
                  os.getpid(), self.endpoint, self.segment.name, c.slots, c.memory >> 20,
@@ -197,8 +197,12 @@ class Broker:
             log.warning("no registry for %s: clients must use TFEM_BROKER=%s",
                         self.instance.keyfile, self.endpoint)
             return
-        discovery.ask_registry(self.instance.keyfile, protocol.Action.ANNOUNCE,
-                               {"endpoint": self.endpoint, "load": 0})
+        try:
+            discovery.ask_registry(self.instance.keyfile, protocol.Action.ANNOUNCE,
+                                   {"endpoint": self.endpoint, "load": 0})
+        except TfemError as exc:
+            # Connected clients need no registry; the sweep announces again.
+            log.warning("registry not reached (%s): announcing again every %g s", exc, SWEEP_INTERVAL_S)
         self._announced = True
 
     def serve(self, should_stop: Callable[[], bool]) -> None:
@@ -350,9 +354,10 @@ class Broker:
     def _ask_self(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
         return self._serve_client(os.getpid(), protocol.Request(0, op, args, data))
 
-    def close(self) -> None:
-        """Withdraw, stop listening, and unless `keep`, destroy the segment
-        and the spill store. Idempotent."""
+    def close(self, destroy: bool = False) -> None:
+        """Withdraw and stop listening. With `destroy` (a stop asked for),
+        unless `keep`, also remove the segment and the spill store; without
+        it (a crash) they stay for the next broker to adopt. Idempotent."""
         if self._announced:
             self._announced = False
             try:
@@ -370,7 +375,7 @@ class Broker:
             if self.endpoint.startswith("ipc://"):
                 pathlib.Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
         # What this broker did not make or finish adopting is not its to destroy.
-        destroy = self._owns_segment and not self.config.keep
+        destroy = destroy and self._owns_segment and not self.config.keep
         if self.spill is not None:
             self.spill.close()
             if destroy:

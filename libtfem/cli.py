@@ -20,7 +20,10 @@ from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyf
 from .errors import TfemError
 
 READY_TIMEOUT_S = 60.0
-MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # `tfem up` gives up on a server crashing this often
+# A server crashing more than MAX_RESTARTS times in RESTART_WINDOW_S: `tfem up`
+# gives up on a broker (keeping its data), and starts a registry again after
+# a pause that doubles up to MAX_RESTART_PAUSE_S.
+MAX_RESTARTS, RESTART_WINDOW_S, MAX_RESTART_PAUSE_S = 5, 60.0, 30.0
 
 
 def _size(text: str) -> int:
@@ -226,8 +229,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
         broker.start()
         _signal_ready(args.ready_fd)
         broker.serve(stop)
-    finally:
-        broker.close()
+    except BaseException:
+        broker.close()  # the data stays for the next broker to adopt
+        raise
+    broker.close(destroy=True)  # a stop asked for by signal
     return 0
 
 
@@ -260,6 +265,46 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
             child.wait()
 
 
+class _Server:
+    """A server `tfem up` runs, and how often it crashed lately."""
+
+    def __init__(self, what: str, argv: list[str], give_up: str | None) -> None:
+        self.what, self.argv = what, argv
+        self.give_up = give_up  # what to say when it crashes too often; None: keep trying, slower
+        self.child: subprocess.Popen[bytes] | None = None
+        self.crashes: list[float] = []
+        self.next_start = 0.0
+
+    def start(self) -> None:
+        self.child = _start_child(self.argv, self.what)
+
+    def supervise(self) -> None:
+        """Start it again if it is down and its pause is over."""
+        if self.child is not None and self.child.poll() is not None:
+            self._crashed(f"exited (status {self.child.returncode})")
+        if self.child is None and time.monotonic() >= self.next_start:
+            try:
+                self.start()
+            except TfemError as exc:
+                self._crashed(str(exc))
+
+    def _crashed(self, why: str) -> None:
+        self.child = None
+        now = time.monotonic()
+        self.crashes = [t for t in self.crashes if t > now - RESTART_WINDOW_S] + [now]
+        over = len(self.crashes) - MAX_RESTARTS
+        if over > 0 and self.give_up is not None:
+            raise TfemError(f"the {self.what} keeps exiting (it {why}); giving up. {self.give_up}")
+        pause = min(MAX_RESTART_PAUSE_S, 2.0 ** (over - 1)) if over > 0 else 0.0
+        self.next_start = now + pause
+        print(f"tfem up: the {self.what} {why}; starting it again" + (f" in {pause:g} s" if pause else ""),
+              file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        if self.child is not None:
+            _stop_child(self.child)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     keyfile = str(resolve_keyfile(args.keyfile))
     base = [sys.executable, "-m", "tfem"] + (["-v"] if args.verbose else [])
@@ -275,14 +320,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.keep:
         broker_argv.append("--keep")
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    names = Instance.for_keyfile(keyfile)
+    # Without a registry the broker and its clients carry on (only new
+    # clients cannot find it), so a failing registry is retried, ever more
+    # slowly; a broker that cannot run is given up on, its data kept.
+    servers = [
+        _Server("registry", [*base, "registry", "--keyfile", keyfile], None),
+        _Server("broker", broker_argv,
+                f"Its data is kept: segment {names.segment} and spill store "
+                f"{args.spill_dir or names.spill_dir}; the next `tfem up --keyfile {keyfile}` adopts it, "
+                f"`tfem clean --keyfile {keyfile}` removes it."),
+    ]
     stop = _StopFlag()
-    argvs = {"registry": [*base, "registry", "--keyfile", keyfile], "broker": broker_argv}
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    restarts: list[float] = []
     worker = None
     try:
-        for what in ("registry", "broker"):
-            children[what] = _start_child(argvs[what], what)
+        for server in servers:
+            server.start()
         print(f"tfem up: key file {keyfile}; stop with Ctrl-C", file=sys.stderr, flush=True)
         _signal_ready(args.ready_fd)
         if cmd:
@@ -292,17 +345,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise TfemError(f"cannot run {cmd[0]}: {exc.strerror}") from None
         while not stop() and (worker is None or worker.poll() is None):
-            for what, child in children.items():
-                if child.poll() is None:
-                    continue
-                # A crashed server is started again: a broker adopts the
-                # segment and spill store, so published files survive.
-                restarts = [t for t in restarts if t > time.monotonic() - RESTART_WINDOW_S] + [time.monotonic()]
-                if len(restarts) > MAX_RESTARTS:
-                    raise TfemError(f"the {what} keeps exiting (status {child.returncode}); giving up")
-                print(f"tfem up: the {what} exited (status {child.returncode}); starting it again",
-                      file=sys.stderr, flush=True)
-                children[what] = _start_child(argvs[what], what)
+            for server in servers:
+                server.supervise()
             stop.stopped.wait(0.1)
         if worker is not None:
             if worker.poll() is None:
@@ -310,9 +354,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             return worker.wait()
         return 0
     finally:
-        for what in ("broker", "registry"):  # broker first: it withdraws from the registry
-            if what in children:
-                _stop_child(children[what])
+        if worker is not None and worker.poll() is None:  # `tfem up` gave up under it
+            worker.terminate()
+            worker.wait()
+        for server in reversed(servers):  # broker first: it withdraws from the registry
+            server.stop()
 
 
 # ---- clients ----
@@ -459,31 +505,26 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    import sysv_ipc
-
     from tfem._native import lib
-    from tfem.discovery import queue_key
-    from tfem.registry.server import registry_pid
+    from tfem.keyfile import read_record
+    from tfem.registry.ownership import remove_left_queue
     from tfem.segment import Segment
 
-    instance = Instance.for_keyfile(args.keyfile)
-    pid = registry_pid(instance.keyfile)
-    if pid and lib.tfem_pid_alive(pid):
-        raise TfemError(f"the registry of {instance.keyfile} (pid {pid}) is running: stop it first")
+    instance = Instance.for_keyfile(args.keyfile)  # the runtime directory the key file records
+    record = read_record(instance.keyfile)
+    if record and lib.tfem_pid_alive(record.pid):
+        raise TfemError(f"the registry of {instance.keyfile} (pid {record.pid}) is running: stop it first")
     state = instance.read_state()
     broker = state.get("broker_pid")
     if isinstance(broker, int) and lib.tfem_pid_alive(broker):
         raise TfemError(f"the broker of {instance.keyfile} (pid {broker}) is running: stop it first")
     removed = []
-    if instance.keyfile.exists():
-        try:
-            sysv_ipc.MessageQueue(queue_key(instance.keyfile)).remove()
+    if record:
+        # Only the very queue the key file records: another key file's may share the key.
+        if remove_left_queue(instance.keyfile, record):
             removed.append("registry queue")
-        except sysv_ipc.ExistentialError:
-            pass
-        if pid:
-            instance.keyfile.unlink()
-            removed.append(f"key file {instance.keyfile}")
+        instance.keyfile.unlink()
+        removed.append(f"key file {instance.keyfile}")
     if Segment.unlink(instance.segment):
         removed.append(f"segment {instance.segment}")
     if instance.socket_path.exists():

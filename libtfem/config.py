@@ -1,9 +1,12 @@
 """Where things live for a key file, and sizes written the way people write them.
 
-A key file names one tfem instance: its registry queue is ftok(key file),
-and the broker's segment, socket and default spill directory are derived
-from the key file's real path, so two key files never share anything and
-`tfem clean` can find exactly what belongs to one.
+A key file names one tfem instance: its registry queue is ftok(key file,
+recorded project id), and the broker's segment, socket and default spill
+directory are derived from the key file's real path, so two key files never
+share anything and `tfem clean` can find exactly what belongs to one. The
+runtime directory holding the socket and state file is the one the key
+file records (keyfile.py), so any shell finds them, whatever its
+XDG_RUNTIME_DIR.
 """
 
 from __future__ import annotations
@@ -15,9 +18,15 @@ import os
 import pathlib
 import re
 
+from .keyfile import read_record
+
 ENV_KEYFILE = "TFEM_KEYFILE"
 ENV_BROKER = "TFEM_BROKER"
-FTOK_PROJECT_ID = ord("T")
+
+
+def _private(path: pathlib.Path) -> bool:
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 def runtime_dir() -> pathlib.Path:
@@ -25,10 +34,18 @@ def runtime_dir() -> pathlib.Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     base = pathlib.Path(xdg) / "tfem" if xdg and os.path.isdir(xdg) else pathlib.Path(f"/tmp/tfem-{os.getuid()}")
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = base.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not _private(base):
         raise PermissionError(f"{base} must be owned by you and private (mode 0700)")
     return base
+
+
+def _recorded_runtime_dir(keyfile: pathlib.Path) -> pathlib.Path | None:
+    """The runtime directory the key file records, if it is still a private directory of ours."""
+    record = read_record(keyfile)
+    if record is None or record.runtime is None:
+        return None
+    path = pathlib.Path(record.runtime)
+    return path if path.is_dir() and _private(path) else None
 
 
 def default_keyfile() -> pathlib.Path:
@@ -56,6 +73,7 @@ class Instance:
     spill_dir: pathlib.Path  # default spill directory
     state_path: pathlib.Path  # what the broker tells `tfem clean`: its spill store
     ident: str
+    runtime: pathlib.Path  # the directory of the socket, state file and default spill store
 
     @property
     def endpoint(self) -> str:
@@ -66,7 +84,7 @@ class Instance:
         path = resolve_keyfile(keyfile)
         real = os.path.realpath(path)
         ident = f"{os.getuid()}-{hashlib.sha1(real.encode()).hexdigest()[:12]}"
-        base = runtime_dir()
+        base = _recorded_runtime_dir(path) or runtime_dir()
         return cls(
             keyfile=path,
             segment=f"/tfem-{ident}",
@@ -74,6 +92,7 @@ class Instance:
             spill_dir=base / f"tfem-{ident}.spill",
             state_path=base / f"tfem-{ident}.json",
             ident=ident,
+            runtime=base,
         )
 
     def write_state(self, state: dict[str, object]) -> None:

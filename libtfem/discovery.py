@@ -14,16 +14,14 @@ import pathlib
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import sysv_ipc
 
 from . import forks, protocol
 from ._native import lib
-from .config import FTOK_PROJECT_ID
 from .errors import BrokerUnavailable, ProtocolError, Timeout, from_errno
-
-KEYFILE_HEADER = "tfem registry key file; pid "  # what a registry writes into its key file
+from .keyfile import DEFAULT_PROJECT, KeyRecord, ftok, read_record
 
 _lock = threading.Lock()
 
@@ -49,21 +47,13 @@ def largest_message() -> int:
 
 
 def queue_key(keyfile: pathlib.Path) -> int:
-    return sysv_ipc.ftok(str(keyfile), FTOK_PROJECT_ID, silence_warning=True)
+    """ftok of the key file with the project id its registry recorded there
+    (another one when a key file elsewhere has the same key)."""
+    return _key(keyfile, read_record(keyfile))
 
 
-def registry_pid(keyfile: pathlib.Path) -> int | None:
-    """The pid recorded in a key file, if the file is one of ours."""
-    try:
-        text = keyfile.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.startswith(KEYFILE_HEADER):
-        return None
-    try:
-        return int(text[len(KEYFILE_HEADER):].split()[0])
-    except (ValueError, IndexError):
-        return None
+def _key(keyfile: pathlib.Path, record: KeyRecord | None) -> int:
+    return ftok(keyfile, record.project if record else DEFAULT_PROJECT)
 
 
 def _check_registry_alive(keyfile: pathlib.Path, pid: int | None) -> None:
@@ -79,23 +69,32 @@ def ask_registry(keyfile: pathlib.Path, action: protocol.Action, args: dict[str,
     """Send one request to the registry of `keyfile`; its result."""
     if not keyfile.exists():
         raise BrokerUnavailable(f"no registry: key file {keyfile} does not exist (start one with `tfem up`)")
+    record = read_record(keyfile)
     try:
-        queue = sysv_ipc.MessageQueue(queue_key(keyfile), max_message_size=largest_message())
+        queue = sysv_ipc.MessageQueue(_key(keyfile, record), max_message_size=largest_message())
     except sysv_ipc.ExistentialError:
         raise BrokerUnavailable(f"no registry queue for key file {keyfile} (start one with `tfem up`)") from None
-    owner = registry_pid(keyfile)
+    owner = record.pid if record else None
     _check_registry_alive(keyfile, owner)
+    return ask_queue(queue, action, args or {}, timeout, f"the registry of {keyfile}",
+                     lambda: _check_registry_alive(keyfile, owner))
+
+
+def ask_queue(queue: sysv_ipc.MessageQueue, action: protocol.Action, args: dict[str, Any], timeout: float,
+              who: str, check: Callable[[], None] = lambda: None) -> Any:
+    """Send one request into `queue`; the result of the answer addressed to
+    this process. `who` names the reader in errors; `check` raises if it
+    is known to be gone."""
     pid = os.getpid()
     with _lock:
         request_id = next(_ids)
-        body = protocol.encode_registry_request(
-            protocol.RegistryRequest(request_id, action, pid, args or {}))
+        body = protocol.encode_registry_request(protocol.RegistryRequest(request_id, action, pid, args))
         try:
             queue.send(body, block=False, type=protocol.REGISTRY_REQUEST_TYPE)
         except sysv_ipc.BusyError:
-            raise BrokerUnavailable(f"the registry queue of {keyfile} is full") from None
+            raise BrokerUnavailable(f"the queue of {who} is full") from None
         except sysv_ipc.ExistentialError:
-            raise BrokerUnavailable(f"the registry of {keyfile} went away") from None
+            raise BrokerUnavailable(f"{who} went away") from None
         deadline = time.monotonic() + timeout
         pause = 20e-6
         # sysv_ipc has no receive timeout: poll, backing off to 5 ms.
@@ -104,13 +103,13 @@ def ask_registry(keyfile: pathlib.Path, action: protocol.Action, args: dict[str,
                 message, _ = queue.receive(block=False, type=pid)
             except sysv_ipc.BusyError:
                 if time.monotonic() > deadline:
-                    raise Timeout(f"the registry of {keyfile} did not answer within {timeout} s") from None
-                _check_registry_alive(keyfile, owner)
+                    raise Timeout(f"{who} did not answer within {timeout} s") from None
+                check()
                 time.sleep(pause)
                 pause = min(pause * 2, 0.005)
                 continue
             except sysv_ipc.ExistentialError:
-                raise BrokerUnavailable(f"the registry of {keyfile} went away") from None
+                raise BrokerUnavailable(f"{who} went away") from None
             try:
                 reply = protocol.decode_registry_reply(message)
             except ProtocolError:

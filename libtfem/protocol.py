@@ -16,7 +16,9 @@ assumes the client is on the broker's node.
 Registry message (SysV queue): the message body is msgpack
 ``[VERSION, request_id, action, pid, args]`` sent with type 1; the reply is
 ``[VERSION, request_id, errno, result]`` sent with the requester's pid as
-its type, as in the paper.
+its type, as in the paper. IDENTIFY asks whoever reads a queue which key
+file it serves: ftok keys of two key files can collide, (st_dev, st_ino)
+of the files cannot.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class Action(str, enum.Enum):
     ANNOUNCE = "announce"  # a broker offers itself: {endpoint, load}
     WITHDRAW = "withdraw"  # a broker leaves: {endpoint}
     LIST = "list"  # the brokers known: reply {brokers: [...]}
+    IDENTIFY = "identify"  # which key file the registry serves: reply a KeyIdentity
 
 
 _ACTION_ARGS: dict[Action, dict[str, type]] = {
@@ -181,6 +184,7 @@ _ACTION_ARGS: dict[Action, dict[str, type]] = {
     Action.ANNOUNCE: {"endpoint": str, "load": int},
     Action.WITHDRAW: {"endpoint": str},
     Action.LIST: {},
+    Action.IDENTIFY: {},
 }
 
 
@@ -226,3 +230,21 @@ def encode_registry_reply(reply: Reply) -> bytes:
 
 def decode_registry_reply(body: bytes) -> Reply:
     return decode_reply([body])
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyIdentity:
+    """The key file a registry serves (its real path, st_dev, st_ino) and
+    the registry's pid: IDENTIFY's result, as a map of these fields."""
+
+    path: str
+    dev: int
+    ino: int
+    pid: int
+
+
+_IDENTITY = {"path": str, "dev": int, "ino": int, "pid": int}
+
+
+def decode_identity(result: Any) -> KeyIdentity:
+    return KeyIdentity(**_check_args("identify's result", _IDENTITY, result))

@@ -239,6 +239,14 @@ class Segment:
             return False
 
     @staticmethod
+    def exists(name: str) -> bool:
+        try:
+            posix_ipc.SharedMemory(name).close_fd()
+            return True
+        except posix_ipc.ExistentialError:
+            return False
+
+    @staticmethod
     def unlink(name: str) -> bool:
         """Destroy the segment by name (the broker's job, or `tfem clean`)."""
         try:

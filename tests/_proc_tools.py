@@ -251,7 +251,7 @@ def instance_server_pids(keyfile: str) -> list[int]:
     the segment header), checked by command line so a reused pid is safe."""
     from tfem.config import Instance
     from tfem.errors import TfemError
-    from tfem.registry.server import registry_pid
+    from tfem.keyfile import registry_pid
     from tfem.segment import Segment
 
     candidates = [registry_pid(pathlib.Path(keyfile))]
@@ -362,8 +362,7 @@ def steps_workers() -> Iterator[Callable[..., StepsWorker]]:
 
 
 class UpInstance:
-    """A `tfem up` whose servers' log goes to a file the test can read
-    (conftest's instances pipe it to nobody: a chatty server would block)."""
+    """A `tfem up` whose servers' log goes to a file the test can read."""
 
     def __init__(self, where: pathlib.Path, options: tuple[str, ...], keyfile: pathlib.Path | None = None,
                  spill_dir: pathlib.Path | None = None) -> None:
@@ -449,13 +448,15 @@ class UpInstance:
 
 @pytest.fixture
 def up_factory(tmp_path: pathlib.Path) -> Iterator[Callable[..., UpInstance]]:
-    """start(*options, subdir="", spill_dir=None) -> a running UpInstance. At teardown each
-    is stopped as a user would, must leave nothing behind, and whatever it
-    left is removed anyway."""
+    """start(*options, subdir="", spill_dir=None, keyfile=None) -> a running
+    UpInstance (its key file and spill store in its directory unless given).
+    At teardown each is stopped as a user would, must leave nothing behind,
+    and whatever it left is removed anyway."""
     started: list[UpInstance] = []
 
-    def start(*options: str, subdir: str = "", spill_dir: pathlib.Path | None = None) -> UpInstance:
-        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options, spill_dir=spill_dir)
+    def start(*options: str, subdir: str = "", spill_dir: pathlib.Path | None = None,
+              keyfile: pathlib.Path | None = None) -> UpInstance:
+        inst = UpInstance(tmp_path / subdir if subdir else tmp_path, options, spill_dir=spill_dir, keyfile=keyfile)
         started.append(inst)
         return inst.start()
 

@@ -29,7 +29,7 @@ from tfem.errors import (
     WrongMode,
 )
 from tfem.protocol import VERSION, Action, decode_reply
-from tfem.registry.server import registry_pid
+from tfem.keyfile import registry_pid
 
 BUF, BLOCK = 1 << 10, 4 << 10  # the small instance's inline buffer and block
 _names = itertools.count()

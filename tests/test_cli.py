@@ -17,7 +17,7 @@ import sysv_ipc
 import tfem
 from tfem.config import Instance
 from tfem.discovery import queue_key
-from tfem.registry.server import registry_pid
+from tfem.keyfile import registry_pid
 
 try:  # tests/ may or may not be a package
     from ._proc_tools import pid_gone, servers, stop_server, tfem_cli, wait_until  # noqa: F401
@@ -312,7 +312,7 @@ def test_up_with_an_unusable_block_size_stops_cleanly(tmp_path, servers):  # noq
 
 UP_SCRIPT = textwrap.dedent("""
     import os, pathlib, sys, tfem
-    from tfem.registry.server import registry_pid
+    from tfem.keyfile import registry_pid
     keyfile = os.environ["TFEM_KEYFILE"]
     with tfem.connect() as c:
         with c.open("x", "w") as f:

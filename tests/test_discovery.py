@@ -22,7 +22,7 @@ from tfem import config
 from tfem.config import Instance
 from tfem.discovery import ask_registry, queue_key
 from tfem.protocol import Action
-from tfem.registry.server import registry_pid
+from tfem.keyfile import registry_pid
 
 try:  # tests/ may or may not be a package
     from ._proc_tools import servers, stop_server, tfem_cli  # noqa: F401  (servers: a fixture)

@@ -37,7 +37,7 @@ from tfem.broker.recovery import adopt
 from tfem.discovery import queue_key
 from tfem.errors import SegmentCorrupt, TfemError
 from tfem.protocol import VERSION, Action, Op
-from tfem.registry.server import registry_pid
+from tfem.keyfile import registry_pid
 from tfem.segment import Layout, Segment
 from tfem.states import State, unpack_word
 from tfem.table import SlotTable, name_hash
@@ -333,8 +333,6 @@ def test_fuzz_registry_messages(up_factory):  # noqa: F811
         if kind == 6:  # brokers that are not there, some in our name, with long endpoints
             who = r.choice([me, gone, r.randrange(2, 2**22)])
             name = f"ipc:///fuzz/{uuid.UUID(int=r.getrandbits(128))}" + "x" * r.choice([0, 200, 900])
-            if who == me:
-                announced.add(name)
             return msgpack.packb([VERSION, r.getrandbits(32), "announce", who, {"endpoint": name, "load": r.randrange(5)}]), 1
         if kind == 7:  # lists and registers in other processes' names
             return msgpack.packb([VERSION, r.getrandbits(32), r.choice(["list", "register", "unregister"]),
@@ -347,7 +345,10 @@ def test_fuzz_registry_messages(up_factory):  # noqa: F811
         body, mtype = case_body(r)
         if mtype == 1:
             try:  # the registry answers what decodes, to the pid it names
-                reply_types.add(protocol.decode_registry_request(body).pid)
+                request = protocol.decode_registry_request(body)
+                reply_types.add(request.pid)
+                if request.action is Action.ANNOUNCE and request.pid == me:
+                    announced.add(request.args["endpoint"])
             except TfemError:
                 pass
         send(body, mtype)

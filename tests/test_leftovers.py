@@ -20,7 +20,7 @@ import sysv_ipc
 import tfem
 import tfem.config
 from tfem.discovery import queue_key
-from tfem.registry.server import registry_pid
+from tfem.keyfile import registry_pid
 
 try:  # tests/ may or may not be a package
     from ._proc_tools import pid_gone, servers, tfem_cli, up_factory, wait_until  # noqa: F401  (fixtures)

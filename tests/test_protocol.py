@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from tfem import protocol
 from tfem.errors import ProtocolError
 from tfem.protocol import (
-    MAX_REGISTRY_MESSAGE, VERSION, Action, Op, RegistryRequest, Reply, Request, decode_registry_reply,
-    decode_registry_request, decode_reply, decode_request, encode_registry_reply, encode_registry_request,
-    encode_reply, encode_request,
+    MAX_REGISTRY_MESSAGE, VERSION, Action, KeyIdentity, Op, RegistryRequest, Reply, Request, decode_identity,
+    decode_registry_reply, decode_registry_request, decode_reply, decode_request, encode_registry_reply,
+    encode_registry_request, encode_reply, encode_request,
 )
 
 # One valid set of arguments per op and per action.
@@ -39,6 +39,7 @@ ACTION_ARGS = {
     Action.ANNOUNCE: {"endpoint": "ipc:///tmp/tfem-1.sock", "load": 7},
     Action.WITHDRAW: {"endpoint": "tcp://127.0.0.1:5555"},
     Action.LIST: {},
+    Action.IDENTIFY: {},
 }
 DATA_OPS = {Op.SPILL_WRITE}
 
@@ -287,6 +288,25 @@ def test_trailing_bytes_after_a_valid_header() -> None:
 
 
 # ---- malformed registry requests ----
+
+
+IDENTITY = {"path": "/run/user/1000/tfem/registry.key", "dev": 2049, "ino": 1234567, "pid": 4242}
+
+
+def test_identity_round_trip() -> None:
+    body = encode_registry_reply(Reply(9, 0, IDENTITY))
+    assert decode_identity(decode_registry_reply(body).result) == KeyIdentity(**IDENTITY)
+
+
+@pytest.mark.parametrize("result", [
+    None, [], "x", {}, {**IDENTITY, "extra": 1}, {k: v for k, v in IDENTITY.items() if k != "ino"},
+    {**IDENTITY, "path": ""}, {**IDENTITY, "path": 5}, {**IDENTITY, "dev": -1}, {**IDENTITY, "ino": "1"},
+    {**IDENTITY, "pid": True},
+])
+def test_bad_identity(result: object) -> None:
+    """An answer to IDENTIFY that is not a registry's: an error, never a wrong identity."""
+    with pytest.raises(ProtocolError):
+        decode_identity(result)
 
 
 @pytest.mark.parametrize("pid", [0, 1, 2**31, 2**32, *BAD_UINTS], ids=["0", "1", "2^31", "2^32", *BAD_UINT_IDS])
