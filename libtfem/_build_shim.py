@@ -27,7 +27,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 NATIVE = HERE / "native"
-SOURCES = ("tfem_capi.c", "tfem_file.c", "tfem_table.c", "tfem_atomics.c", "tfem_crc32c.c")
+SOURCES = ("tfem_capi.c", "tfem_file.c", "tfem_table.c", "tfem_geometry.c", "tfem_atomics.c", "tfem_crc32c.c")
 
 
 def embedded_api() -> str:

@@ -193,6 +193,7 @@ class Segment:
         h.free_head = 1  # slot 0 on top
         h.free_top = layout.slot_count
         lib.tfem_store64(ffi.addressof(h, "magic"), lib.TFEM_SEGMENT_MAGIC)  # last: now valid
+        segment._check_geometry()
         return segment
 
     @classmethod
@@ -213,12 +214,25 @@ class Segment:
         if problem:
             mapping.close()
             raise SegmentCorrupt(f"segment {name} cannot be used: {problem}")
-        return cls(name, mapping, info.st_ino)
+        segment = cls(name, mapping, info.st_ino)
+        segment._check_geometry()
+        return segment
+
+    def _check_geometry(self) -> None:
+        """Give the native core its own checked copy of where things are: it
+        never follows the shared header's offsets, which any process that
+        maps the segment could damage later."""
+        why = lib.tfem_geometry_attach(self.header, len(self._mmap))
+        if why != ffi.NULL:
+            reason = ffi.string(why).decode()
+            self.close()
+            raise SegmentCorrupt(f"segment {self.name} cannot be used: {reason}")
 
     def close(self) -> None:
         """Detach. Idempotent; the segment stays for the other processes."""
         if self._mmap is None:
             return
+        lib.tfem_geometry_detach(self.header)
         self.view.release()
         ffi.release(self._base)
         try:

@@ -217,3 +217,41 @@ def test_wait_mode_is_checked() -> None:
         tfem.set_wait_mode("sometimes")
     with pytest.raises(tfem.InvalidArgument):
         tfem.set_wait_mode("spin", spin_us=-1)
+
+
+DAMAGE = {"slots_offset": 1 << 40, "index_offset": 1 << 41, "free_stack_offset": 1 << 42,
+          "bitmap_offset": 1 << 43, "arena_offset": 1 << 44, "slot_count": 2**31, "slot_size": 1 << 30,
+          "block_size": 1 << 30, "buf_size": 1 << 30, "index_size": 1 << 30}
+
+
+def test_a_header_damaged_after_attach_sends_nobody_astray(instance):
+    """The core works from the geometry each process checked when it mapped
+    the segment, never from the shared header's offsets afterwards: a client
+    attached before the damage hands a file over as before."""
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, tfem
+        with tfem.connect() as c:
+            print("attached", flush=True)
+            sys.stdin.readline()  # the header is damaged now
+            data = bytes(range(256)) * 40  # past the inline buffer: arena blocks
+            with c.open("astray", "w") as f:
+                f.write(data)
+            with c.open("astray", "r") as f:
+                assert f.read() == data
+            print(c.list(), flush=True)
+        """)], env=instance.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seg = Segment.attach(instance.names.segment)
+    saved = {field: getattr(seg.header, field) for field in DAMAGE}
+    try:
+        assert worker.stdout.readline() == "attached\n", worker.stderr.read()
+        for field, value in DAMAGE.items():
+            setattr(seg.header, field, value)
+        out, err = worker.communicate("go\n", timeout=60)
+    finally:
+        for field, value in saved.items():
+            setattr(seg.header, field, value)
+        seg.close()
+        worker.kill()
+        worker.wait()
+    assert worker.returncode == 0, err
+    assert out == "[]\n"

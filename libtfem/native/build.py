@@ -17,8 +17,9 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 # What Python binds, in dependency order. tfem_layout.h is for the C files only.
-HEADERS = ("tfem_segment.h", "tfem_states.h", "tfem_atomics.h", "tfem_table.h", "tfem_file.h", "tfem_crc32c.h")
-SOURCES = ("tfem_atomics.c", "tfem_table.c", "tfem_file.c", "tfem_crc32c.c")
+HEADERS = ("tfem_segment.h", "tfem_geometry.h", "tfem_states.h", "tfem_atomics.h", "tfem_table.h", "tfem_file.h",
+           "tfem_crc32c.h")
+SOURCES = ("tfem_atomics.c", "tfem_geometry.c", "tfem_table.c", "tfem_file.c", "tfem_crc32c.c")
 COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-Werror=implicit-function-declaration"]
 
 

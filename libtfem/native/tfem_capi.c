@@ -108,20 +108,6 @@ static int segment_from_keyfile(char *segment, size_t size) {
     return 0;
 }
 
-/* Every offset within the segment, as the broker laid it out. */
-static int header_sane(const struct tfem_header *h, uint64_t size) {
-    if (h->magic != TFEM_SEGMENT_MAGIC || h->layout_version != TFEM_LAYOUT_VERSION) return 0;
-    if (h->segment_size != size || h->slot_count == 0 || h->index_size == 0) return 0;
-    if (h->index_size & (h->index_size - 1) || h->index_size < TFEM_WAKE_BUCKETS || h->block_size < 4096) return 0;
-    if (h->slot_size < sizeof(struct tfem_slot) + h->buf_size) return 0;
-    if (h->slots_offset < sizeof *h || h->slots_offset + (uint64_t)h->slot_count * h->slot_size > h->index_offset)
-        return 0;
-    if (h->index_offset + 4ull * h->index_size > h->free_stack_offset) return 0;
-    if (h->free_stack_offset + 4ull * h->slot_count > h->bitmap_offset) return 0;
-    if (h->bitmap_offset + 8ull * ((h->block_count + 63ull) / 64) > h->arena_offset) return 0;
-    return h->arena_offset + (uint64_t)h->block_count * h->block_size <= size;
-}
-
 static int map_segment(const char *name) {
     int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
     if (fd < 0) return ECONNREFUSED;
@@ -131,9 +117,10 @@ static int map_segment(const char *name) {
         base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (base == MAP_FAILED) return ECONNREFUSED;
-    if (!header_sane(base, (uint64_t)st.st_size)) {
+    const char *why = tfem_geometry_attach(base, (uint64_t)st.st_size);
+    if (why) {
         munmap(base, (size_t)st.st_size);
-        fprintf(stderr, "libtfem: segment %s does not carry a tfem layout %d header\n", name, TFEM_LAYOUT_VERSION);
+        fprintf(stderr, "libtfem: segment %s cannot be used: %s (layout version %d)\n", name, why, TFEM_LAYOUT_VERSION);
         return EIO;
     }
     __atomic_store_n(&header, (struct tfem_header *)base, __ATOMIC_RELEASE);

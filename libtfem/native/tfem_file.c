@@ -145,7 +145,7 @@ int tfem_f_wait_space(struct tfem_header *h, uint32_t seen, int64_t timeout_ns) 
 int tfem_f_reload(struct tfem_file *f) {
     struct tfem_slot *slot = f->slot;
     f->spilled = (slot->flags & TFEM_SLOT_SPILLED) != 0;
-    f->memory_end = f->spilled ? f->h->buf_size : tfem_t_capacity(f->h, f->index);
+    f->memory_end = f->spilled ? f->g->buf_size : tfem_t_capacity(f->h, f->index);
     return 0;
 }
 
@@ -153,8 +153,9 @@ static void start_file(struct tfem_header *h, const struct tfem_claim *claim, ui
                        int writing, struct tfem_file *f) {
     memset(f, 0, sizeof *f);
     f->h = h;
+    f->g = tfem_geometry(h);
     f->index = claim->slot;
-    f->slot = tfem_slot_at(h, claim->slot);
+    f->slot = tfem_slot_at(f->g, claim->slot);
     f->generation = claim->generation;
     f->file_id = claim->file_id;
     f->pid = pid;
@@ -214,8 +215,8 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
 /* The address of file offset `pos` and how many bytes follow it there,
  * within the file's memory; NULL past it. */
 static char *locate(struct tfem_file *f, uint64_t pos, uint64_t *run) {
-    struct tfem_header *h = f->h;
-    uint64_t start = f->slot->flags & TFEM_SLOT_ARENA ? 0 : h->buf_size;
+    const struct tfem_geometry *g = f->g;
+    uint64_t start = f->slot->flags & TFEM_SLOT_ARENA ? 0 : g->buf_size;
     if (pos < start) {
         *run = start - pos;
         return tfem_inline_data(f->slot) + pos;
@@ -223,10 +224,10 @@ static char *locate(struct tfem_file *f, uint64_t pos, uint64_t *run) {
     if (!f->spilled) {
         struct tfem_slot *slot = f->slot;
         for (uint32_t i = 0; i < slot->extent_count && i < TFEM_MAX_EXTENTS; i++) {
-            uint64_t length = (uint64_t)slot->extents[i].count * h->block_size;
+            uint64_t length = (uint64_t)slot->extents[i].count * g->block_size;
             if (pos < start + length) {
                 *run = start + length - pos;
-                return tfem_block_data(h, slot->extents[i].start) + (pos - start);
+                return tfem_block_data(g, slot->extents[i].start) + (pos - start);
             }
             start += length;
         }

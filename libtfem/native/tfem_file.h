@@ -14,6 +14,7 @@
 
 #include <stdint.h>
 
+#include "tfem_geometry.h"
 #include "tfem_segment.h"
 #include "tfem_table.h"
 
@@ -34,6 +35,7 @@
 
 struct tfem_file {
     struct tfem_header *h;
+    const struct tfem_geometry *g; /* where things are in it, as checked at attach */
     struct tfem_slot *slot;
     uint64_t file_id;
     uint64_t pos;        /* the file position */

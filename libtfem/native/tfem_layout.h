@@ -1,22 +1,24 @@
 /*
  * tfem_layout.h: addresses inside a mapped segment, for the C files of the
- * core (not part of what Python binds: cffi reads the other headers).
+ * core (not part of what Python binds: cffi reads the other headers), all
+ * from this process's checked copy of the geometry (tfem_geometry.h).
  */
 #ifndef TFEM_LAYOUT_H
 #define TFEM_LAYOUT_H
 
+#include "tfem_geometry.h"
 #include "tfem_segment.h"
 #include "tfem_states.h"
 
-static inline struct tfem_slot *tfem_slot_at(struct tfem_header *h, uint32_t s) {
-    return (struct tfem_slot *)((char *)h + h->slots_offset + (uint64_t)s * h->slot_size);
+static inline struct tfem_slot *tfem_slot_at(const struct tfem_geometry *g, uint32_t s) {
+    return (struct tfem_slot *)((char *)g->h + g->slots_offset + (uint64_t)s * g->slot_size);
 }
 static inline char *tfem_inline_data(struct tfem_slot *slot) { return (char *)(slot + 1); }
-static inline char *tfem_block_data(struct tfem_header *h, uint32_t block) {
-    return (char *)h + h->arena_offset + (uint64_t)block * h->block_size;
+static inline char *tfem_block_data(const struct tfem_geometry *g, uint32_t block) {
+    return (char *)g->h + g->arena_offset + (uint64_t)block * g->block_size;
 }
-static inline uint64_t *tfem_bitmap_of(struct tfem_header *h) {
-    return (uint64_t *)((char *)h + h->bitmap_offset);
+static inline uint64_t *tfem_bitmap_of(const struct tfem_geometry *g) {
+    return (uint64_t *)((char *)g->h + g->bitmap_offset);
 }
 
 /* The state word, laid out as states.py says (tfem_states.h). */

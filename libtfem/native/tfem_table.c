@@ -41,7 +41,9 @@
 
 #define slot_at tfem_slot_at
 #define bitmap_of tfem_bitmap_of
-static uint32_t *free_stack_of(struct tfem_header *h) { return (uint32_t *)((char *)h + h->free_stack_offset); }
+static uint32_t *free_stack_of(const struct tfem_geometry *g) {
+    return (uint32_t *)((char *)g->h + g->free_stack_offset);
+}
 
 static uint32_t stripe_of(uint32_t hash) { return hash % STRIPES; }
 
@@ -110,22 +112,23 @@ struct stripe_index {
     uint32_t mask;
 };
 
-static struct stripe_index index_for(struct tfem_header *h, uint32_t hash) {
-    uint32_t size = h->index_size / STRIPES;
-    uint32_t *index = (uint32_t *)((char *)h + h->index_offset);
+static struct stripe_index index_for(const struct tfem_geometry *g, uint32_t hash) {
+    struct tfem_header *h = g->h;
+    uint32_t size = g->index_size / STRIPES;
+    uint32_t *index = (uint32_t *)((char *)h + g->index_offset);
     return (struct stripe_index){index + (uint64_t)stripe_of(hash) * size, size - 1};
 }
 
 /* Where a hash starts probing within its stripe. */
 static uint32_t home_of(uint32_t hash, uint32_t mask) { return (hash / STRIPES) & mask; }
 
-static int64_t find(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash) {
-    struct stripe_index ix = index_for(h, hash);
+static int64_t find(const struct tfem_geometry *g, const char *name, uint32_t len, uint32_t hash) {
+    struct stripe_index ix = index_for(g, hash);
     for (uint32_t n = 0, i = home_of(hash, ix.mask); n <= ix.mask; n++, i = (i + 1) & ix.mask) {
         uint32_t entry = ix.entries[i];
         if (entry == TFEM_INDEX_EMPTY) return -1;
-        if (entry > h->slot_count) continue; /* damaged: never followed */
-        struct tfem_slot *slot = slot_at(h, entry - 1);
+        if (entry > g->slot_count) continue; /* damaged: never followed */
+        struct tfem_slot *slot = slot_at(g, entry - 1);
         if (slot->name_hash == hash && slot->name_len == len && memcmp(slot->name, name, len) == 0)
             return entry - 1;
     }
@@ -134,8 +137,9 @@ static int64_t find(struct tfem_header *h, const char *name, uint32_t len, uint3
 
 /* Enter slot s under its name's hash; ENOSPC when its stripe is full. */
 int tfem_t_index_insert(struct tfem_header *h, uint32_t s) {
-    uint32_t hash = slot_at(h, s)->name_hash;
-    struct stripe_index ix = index_for(h, hash);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t hash = slot_at(g, s)->name_hash;
+    struct stripe_index ix = index_for(g, hash);
     for (uint32_t n = 0, i = home_of(hash, ix.mask); n <= ix.mask; n++, i = (i + 1) & ix.mask) {
         if (ix.entries[i] == TFEM_INDEX_EMPTY) {
             ix.entries[i] = s + 1;
@@ -145,9 +149,9 @@ int tfem_t_index_insert(struct tfem_header *h, uint32_t s) {
     return ENOSPC;
 }
 
-static void index_remove(struct tfem_header *h, uint32_t s) {
-    uint32_t hash = slot_at(h, s)->name_hash;
-    struct stripe_index ix = index_for(h, hash);
+static void index_remove(const struct tfem_geometry *g, uint32_t s) {
+    uint32_t hash = slot_at(g, s)->name_hash;
+    struct stripe_index ix = index_for(g, hash);
     uint32_t i = home_of(hash, ix.mask), n = 0;
     while (ix.entries[i] != s + 1) {
         if (ix.entries[i] == TFEM_INDEX_EMPTY || ++n > ix.mask) return; /* not indexed: unlinked while held */
@@ -157,7 +161,7 @@ static void index_remove(struct tfem_header *h, uint32_t s) {
      * unless an entry's home lies cyclically in (hole, j]. */
     uint32_t hole = i;
     for (uint32_t j = (i + 1) & ix.mask; ix.entries[j] != TFEM_INDEX_EMPTY && j != i; j = (j + 1) & ix.mask) {
-        uint32_t home = home_of(slot_at(h, ix.entries[j] - 1)->name_hash, ix.mask);
+        uint32_t home = home_of(slot_at(g, ix.entries[j] - 1)->name_hash, ix.mask);
         int stays = hole < j ? (hole < home && home <= j) : (home > hole || home <= j);
         if (stays) continue;
         ix.entries[hole] = ix.entries[j];
@@ -168,12 +172,13 @@ static void index_remove(struct tfem_header *h, uint32_t s) {
 
 /* ---- the free-slot stack, without a lock ---- */
 
-static int64_t pop_free(struct tfem_header *h) {
-    uint32_t *next = free_stack_of(h);
+static int64_t pop_free(const struct tfem_geometry *g) {
+    struct tfem_header *h = g->h;
+    uint32_t *next = free_stack_of(g);
     uint64_t head = __atomic_load_n(&h->free_head, SC);
     for (;;) {
         uint32_t top = (uint32_t)head;
-        if (top == 0 || top > h->slot_count) return -1;
+        if (top == 0 || top > g->slot_count) return -1;
         uint32_t below = __atomic_load_n(&next[top - 1], SC);
         uint64_t desired = ((head >> 32) + 1) << 32 | below;
         if (__atomic_compare_exchange_n(&h->free_head, &head, desired, 0, SC, SC)) {
@@ -184,7 +189,8 @@ static int64_t pop_free(struct tfem_header *h) {
 }
 
 void tfem_t_push_free(struct tfem_header *h, uint32_t s) {
-    uint32_t *next = free_stack_of(h);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t *next = free_stack_of(g);
     uint64_t head = __atomic_load_n(&h->free_head, SC);
     do {
         __atomic_store_n(&next[s], (uint32_t)head, SC);
@@ -194,12 +200,13 @@ void tfem_t_push_free(struct tfem_header *h, uint32_t s) {
 
 /* ---- claiming and freeing (under the stripe's lock) ---- */
 
-static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
+static int claim(const struct tfem_geometry *g, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
                  uint64_t now_ns, struct tfem_claim *out) {
-    int64_t popped = pop_free(h);
+    struct tfem_header *h = g->h;
+    int64_t popped = pop_free(g);
     if (popped < 0) return ENOSPC;
     uint32_t s = (uint32_t)popped;
-    struct tfem_slot *slot = slot_at(h, s);
+    struct tfem_slot *slot = slot_at(g, s);
     int rc = transition(slot, TFEM_EVENT_OPEN_WRITE, -1, pid);
     if (rc) return rc; /* not free after all (damage): left off the stack for adoption to judge */
     slot->size = 0;
@@ -228,21 +235,22 @@ static int claim(struct tfem_header *h, const char *name, uint32_t len, uint32_t
     return 0;
 }
 
-static void release_extents(struct tfem_header *h, struct tfem_slot *slot) {
+static void release_extents(const struct tfem_geometry *g, struct tfem_slot *slot) {
     for (uint32_t i = 0; i < slot->extent_count && i < TFEM_MAX_EXTENTS; i++)
-        tfem_blocks_release(bitmap_of(h), slot->extents[i].start, slot->extents[i].count);
+        tfem_blocks_release(bitmap_of(g), slot->extents[i].start, slot->extents[i].count);
     slot->extent_count = 0;
 }
 
 /* Free slot s by `event`; out->discard_id names spill records to drop.
  * The caller wakes the waiters for room after its lock is released. */
-static int free_slot(struct tfem_header *h, uint32_t s, int event, uint32_t generation,
+static int free_slot(const struct tfem_geometry *g, uint32_t s, int event, uint32_t generation,
                      struct tfem_claim *out) {
-    struct tfem_slot *slot = slot_at(h, s);
+    struct tfem_header *h = g->h;
+    struct tfem_slot *slot = slot_at(g, s);
     uint64_t word = __atomic_load_n(&slot->state, SC);
     if (generation_of(word) != generation) return ESTALE;
-    if (!(slot->flags & TFEM_SLOT_DOOMED)) index_remove(h, s);
-    release_extents(h, slot);
+    if (!(slot->flags & TFEM_SLOT_DOOMED)) index_remove(g, s);
+    release_extents(g, slot);
     out->discard_id = slot->flags & TFEM_SLOT_SPILLED ? slot->file_id : 0;
     slot->flags = 0;
     slot->name_len = 0;
@@ -264,23 +272,25 @@ static void publish_bucket(struct tfem_header *h, uint32_t hash) {
 
 int tfem_t_create(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, uint64_t now_ns, struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
-    int rc = find(h, name, len, hash) >= 0 ? EEXIST : claim(h, name, len, hash, pid, now_ns, out);
+    int rc = find(g, name, len, hash) >= 0 ? EEXIST : claim(g, name, len, hash, pid, now_ns, out);
     unlock_stripe(h, stripe_of(hash));
     return rc;
 }
 
 int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                 uint32_t holder, int create, uint64_t now_ns, struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
     if (lock_stripe(h, stripe_of(hash), holder)) return EBUSY;
     int rc;
-    int64_t s = find(h, name, len, hash);
+    int64_t s = find(g, name, len, hash);
     if (s < 0) {
-        rc = create ? claim(h, name, len, hash, holder, now_ns, out) : ENOENT;
+        rc = create ? claim(g, name, len, hash, holder, now_ns, out) : ENOENT;
     } else {
-        struct tfem_slot *slot = slot_at(h, (uint32_t)s);
+        struct tfem_slot *slot = slot_at(g, (uint32_t)s);
         uint64_t word = __atomic_load_n(&slot->state, SC);
         out->state = state_of(word);
         if (state_of(word) != TFEM_STATE_WAIT) {
@@ -298,16 +308,17 @@ int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
 
 int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
                    uint64_t size, uint32_t checksum, uint64_t now_ns, struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
-    if (s >= h->slot_count) return ESTALE;
-    struct tfem_slot *slot = slot_at(h, s);
+    if (s >= g->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
     uint32_t hash = slot->name_hash; /* fixed while the file is held */
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc;
     if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) {
         rc = ESTALE;
     } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while written: freed */
-        rc = free_slot(h, s, TFEM_EVENT_UNLINK, generation, out);
+        rc = free_slot(g, s, TFEM_EVENT_UNLINK, generation, out);
         out->for_write = -1;
     } else {
         slot->size = size;
@@ -321,13 +332,14 @@ int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     return rc;
 }
 
-static int drop_held(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, int state,
+static int drop_held(const struct tfem_geometry *g, uint32_t s, uint32_t generation, uint32_t pid, int state,
                      int event, struct tfem_claim *out) {
+    struct tfem_header *h = g->h;
     memset(out, 0, sizeof *out);
-    if (s >= h->slot_count) return ESTALE;
-    uint32_t hash = slot_at(h, s)->name_hash;
+    if (s >= g->slot_count) return ESTALE;
+    uint32_t hash = slot_at(g, s)->name_hash;
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
-    int rc = held_by(slot_at(h, s), generation, pid, state) ? free_slot(h, s, event, generation, out) : ESTALE;
+    int rc = held_by(slot_at(g, s), generation, pid, state) ? free_slot(g, s, event, generation, out) : ESTALE;
     unlock_stripe(h, stripe_of(hash));
     if (rc == 0) publish_space(h);
     return rc;
@@ -335,26 +347,29 @@ static int drop_held(struct tfem_header *h, uint32_t s, uint32_t generation, uin
 
 int tfem_t_abort(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
                  struct tfem_claim *out) {
-    return drop_held(h, s, generation, pid, TFEM_STATE_WRITE, TFEM_EVENT_ABORT_WRITE, out);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    return drop_held(g, s, generation, pid, TFEM_STATE_WRITE, TFEM_EVENT_ABORT_WRITE, out);
 }
 
 int tfem_t_consume(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
                    struct tfem_claim *out) {
-    return drop_held(h, s, generation, pid, TFEM_STATE_READ, TFEM_EVENT_CLOSE_READ, out);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    return drop_held(g, s, generation, pid, TFEM_STATE_READ, TFEM_EVENT_CLOSE_READ, out);
 }
 
 int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
                    struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
-    if (s >= h->slot_count) return ESTALE;
-    struct tfem_slot *slot = slot_at(h, s);
+    if (s >= g->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
     uint32_t hash = slot->name_hash;
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc;
     if (!held_by(slot, generation, pid, TFEM_STATE_READ)) {
         rc = ESTALE;
     } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while read: freed */
-        rc = free_slot(h, s, TFEM_EVENT_UNLINK, generation, out);
+        rc = free_slot(g, s, TFEM_EVENT_UNLINK, generation, out);
         out->for_write = -1;
     } else {
         rc = transition(slot, TFEM_EVENT_RELEASE_READ, generation, 0);
@@ -366,20 +381,21 @@ int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
 
 int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc = 0, freed = 0;
-    int64_t s = find(h, name, len, hash);
+    int64_t s = find(g, name, len, hash);
     if (s < 0) {
         rc = ENOENT;
     } else {
-        struct tfem_slot *slot = slot_at(h, (uint32_t)s);
+        struct tfem_slot *slot = slot_at(g, (uint32_t)s);
         uint64_t word = __atomic_load_n(&slot->state, SC);
         if (state_of(word) == TFEM_STATE_WAIT) {
-            rc = free_slot(h, (uint32_t)s, TFEM_EVENT_UNLINK, generation_of(word), out);
+            rc = free_slot(g, (uint32_t)s, TFEM_EVENT_UNLINK, generation_of(word), out);
             freed = rc == 0;
         } else { /* held: the name goes now, the holder frees the file */
-            index_remove(h, (uint32_t)s);
+            index_remove(g, (uint32_t)s);
             slot->flags |= TFEM_SLOT_DOOMED;
         }
     }
@@ -390,15 +406,16 @@ int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_
 
 int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
-    int64_t s = find(h, name, len, hash);
+    int64_t s = find(g, name, len, hash);
     if (s >= 0) {
-        uint64_t word = __atomic_load_n(&slot_at(h, (uint32_t)s)->state, SC);
+        uint64_t word = __atomic_load_n(&slot_at(g, (uint32_t)s)->state, SC);
         out->slot = (uint32_t)s;
         out->generation = generation_of(word);
         out->state = state_of(word);
-        out->file_id = slot_at(h, (uint32_t)s)->file_id;
+        out->file_id = slot_at(g, (uint32_t)s)->file_id;
     }
     unlock_stripe(h, stripe_of(hash));
     return s >= 0 ? 0 : ENOENT;
@@ -407,7 +424,8 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
 /* ---- what stat and list report ---- */
 
 void tfem_t_info(struct tfem_header *h, uint32_t s, struct tfem_fileinfo *out) {
-    struct tfem_slot *slot = slot_at(h, s);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    struct tfem_slot *slot = slot_at(g, s);
     uint32_t len = slot->name_len <= TFEM_NAME_MAX ? slot->name_len : TFEM_NAME_MAX;
     out->size = slot->size;
     out->file_id = slot->file_id;
@@ -422,8 +440,9 @@ void tfem_t_info(struct tfem_header *h, uint32_t s, struct tfem_fileinfo *out) {
 
 int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash, uint32_t pid,
                 struct tfem_fileinfo *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
-    int64_t s = find(h, name, len, hash);
+    int64_t s = find(g, name, len, hash);
     if (s >= 0) tfem_t_info(h, (uint32_t)s, out);
     unlock_stripe(h, stripe_of(hash));
     return s >= 0 ? 0 : ENOENT;
@@ -433,10 +452,11 @@ int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
  * them; a caller continues from the last one's slot + 1. */
 int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct tfem_fileinfo *out,
                     uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     if (tfem_t_lock(h, pid)) return -EBUSY;
     int64_t n = 0;
-    for (uint32_t s = start; s < h->slot_count && n < max; s++) {
-        struct tfem_slot *slot = slot_at(h, s);
+    for (uint32_t s = start; s < g->slot_count && n < max; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
         if (state_of(__atomic_load_n(&slot->state, SC)) == TFEM_STATE_INVALID || slot->flags & TFEM_SLOT_DOOMED)
             continue;
         tfem_t_info(h, s, &out[n++]);
@@ -463,15 +483,16 @@ uint32_t tfem_name_hash(const char *name, uint32_t len) {
 
 /* ---- growing a file held for writing: no lock, the holder owns its extents ---- */
 
-static uint64_t inline_bytes(struct tfem_header *h, struct tfem_slot *slot) {
-    return slot->flags & TFEM_SLOT_ARENA ? 0 : h->buf_size;
+static uint64_t inline_bytes(const struct tfem_geometry *g, struct tfem_slot *slot) {
+    return slot->flags & TFEM_SLOT_ARENA ? 0 : g->buf_size;
 }
 
 uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t s) {
-    struct tfem_slot *slot = slot_at(h, s);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    struct tfem_slot *slot = slot_at(g, s);
     uint64_t blocks = 0;
     for (uint32_t i = 0; i < slot->extent_count && i < TFEM_MAX_EXTENTS; i++) blocks += slot->extents[i].count;
-    return inline_bytes(h, slot) + blocks * h->block_size;
+    return inline_bytes(g, slot) + blocks * g->block_size;
 }
 
 /* ---- claiming blocks: two steps, and a killed claimer ----
@@ -489,9 +510,10 @@ uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t s) {
 static void end_claim(struct tfem_slot *slot) { __atomic_store_n(&slot->claims, slot->claims + 1, SC); }
 
 uint32_t tfem_t_claim_blocks(struct tfem_header *h, uint32_t s, uint32_t want, uint32_t *start) {
-    struct tfem_slot *slot = slot_at(h, s);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    struct tfem_slot *slot = slot_at(g, s);
     __atomic_store_n(&slot->claims, slot->claims + 1, SC); /* before the bits: the sweep sees it first */
-    uint32_t got = tfem_blocks_claim(bitmap_of(h), h->block_count, want, start);
+    uint32_t got = tfem_blocks_claim(bitmap_of(g), g->block_count, want, start);
     if (got == 0) end_claim(slot);
     return got;
 }
@@ -518,30 +540,31 @@ static void record_extent(struct tfem_slot *slot, uint32_t start, uint32_t count
  * be recorded, nor cleared by anyone else, and no claim can take a set
  * bit: freeing it after the lock is released is safe. */
 int64_t tfem_t_reclaim_blocks(struct tfem_header *h, uint32_t pid, uint64_t *unowned, uint32_t *claims) {
-    uint32_t words = (h->block_count + 63) / 64;
-    uint64_t *bm = bitmap_of(h);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t words = (g->block_count + 63) / 64;
+    uint64_t *bm = bitmap_of(g);
     if (tfem_t_lock(h, pid)) return -EBUSY;
-    for (uint32_t s = 0; s < h->slot_count; s++) claims[s] = __atomic_load_n(&slot_at(h, s)->claims, SC);
+    for (uint32_t s = 0; s < g->slot_count; s++) claims[s] = __atomic_load_n(&slot_at(g, s)->claims, SC);
     for (uint32_t w = 0; w < words; w++) unowned[w] = __atomic_load_n(&bm[w], SC);
-    for (uint32_t s = 0; s < h->slot_count; s++) {
-        struct tfem_slot *slot = slot_at(h, s);
+    for (uint32_t s = 0; s < g->slot_count; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
         if (state_of(__atomic_load_n(&slot->state, SC)) == TFEM_STATE_INVALID) continue;
         uint32_t n = __atomic_load_n(&slot->extent_count, SC);
         for (uint32_t i = 0; i < n && i < TFEM_MAX_EXTENTS; i++) {
             uint64_t start = slot->extents[i].start, end = start + slot->extents[i].count;
-            for (uint64_t b = start; b < end && b < h->block_count; b++) unowned[b / 64] &= ~(1ULL << (b % 64));
+            for (uint64_t b = start; b < end && b < g->block_count; b++) unowned[b / 64] &= ~(1ULL << (b % 64));
         }
     }
     int moved = 0;
-    for (uint32_t s = 0; s < h->slot_count; s++) { /* then: the holder of each claim still under way */
-        struct tfem_slot *slot = slot_at(h, s);
+    for (uint32_t s = 0; s < g->slot_count; s++) { /* then: the holder of each claim still under way */
+        struct tfem_slot *slot = slot_at(g, s);
         uint32_t now = __atomic_load_n(&slot->claims, SC);
         moved |= now != claims[s];
         claims[s] = now & 1 ? holder_of(__atomic_load_n(&slot->state, SC)) : 0;
     }
     tfem_t_unlock(h);
     if (moved) return -EAGAIN;
-    for (uint32_t s = 0; s < h->slot_count; s++)
+    for (uint32_t s = 0; s < g->slot_count; s++)
         if (claims[s] && tfem_pid_alive((int32_t)claims[s])) return -EAGAIN;
     int64_t freed = 0;
     for (uint32_t w = 0; w < words; w++) {
@@ -559,17 +582,18 @@ int64_t tfem_t_reclaim_blocks(struct tfem_header *h, uint32_t pid, uint64_t *uno
  * can make room). `flags` may add TFEM_SLOT_UNCHECKED. */
 int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t size,
                    uint32_t flags) {
-    if (s >= h->slot_count || flags & ~TFEM_SLOT_UNCHECKED) return EINVAL;
-    struct tfem_slot *slot = slot_at(h, s);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    if (s >= g->slot_count || flags & ~TFEM_SLOT_UNCHECKED) return EINVAL;
+    struct tfem_slot *slot = slot_at(g, s);
     if (!held_by(slot, generation, pid, TFEM_STATE_WRITE) || slot->extent_count || slot->size) return ESTALE;
-    uint64_t want = (size + h->block_size - 1) / h->block_size;
-    if (want > h->block_count) return ENOSPC;
+    uint64_t want = (size + g->block_size - 1) / g->block_size;
+    if (want > g->block_count) return ENOSPC;
     uint32_t start = 0, got = want ? tfem_t_claim_blocks(h, s, (uint32_t)want, &start) : 0;
     uint32_t stripe = stripe_of(slot->name_hash);
     int rc = got < want ? ENOSPC : lock_stripe(h, stripe, pid) ? EBUSY : 0;
     if (rc) {
         if (got) {
-            tfem_blocks_release(bitmap_of(h), start, got);
+            tfem_blocks_release(bitmap_of(g), start, got);
             end_claim(slot);
         }
         return rc;
@@ -585,21 +609,22 @@ int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
  * has O(log n) extents. ENOSPC when the arena has no room (the broker
  * can make some, by spilling), E2BIG at the extent limit. */
 int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t capacity) {
-    if (s >= h->slot_count) return ESTALE;
-    struct tfem_slot *slot = slot_at(h, s);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    if (s >= g->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
     if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) return ESTALE;
     uint64_t have = tfem_t_capacity(h, s);
     while (have < capacity) {
         if (slot->extent_count >= TFEM_MAX_EXTENTS) return E2BIG;
-        uint64_t needed = (capacity - have + h->block_size - 1) / h->block_size;
-        uint64_t want = (have - inline_bytes(h, slot)) / h->block_size;
+        uint64_t needed = (capacity - have + g->block_size - 1) / g->block_size;
+        uint64_t want = (have - inline_bytes(g, slot)) / g->block_size;
         if (want < needed) want = needed;
-        if (want > h->block_count) want = h->block_count;
+        if (want > g->block_count) want = g->block_count;
         uint32_t start = 0;
         uint32_t got = tfem_t_claim_blocks(h, s, (uint32_t)(want ? want : 1), &start);
         if (got == 0) return ENOSPC;
         record_extent(slot, start, got);
-        have += (uint64_t)got * h->block_size;
+        have += (uint64_t)got * g->block_size;
     }
     return 0;
 }
@@ -608,13 +633,15 @@ int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t
 
 int tfem_t_transition_locked(struct tfem_header *h, uint32_t s, int event, int64_t generation,
                              uint32_t holder) {
-    if (s >= h->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
-    return transition(slot_at(h, s), event, generation, holder);
+    const struct tfem_geometry *g = tfem_geometry(h);
+    if (s >= g->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
+    return transition(slot_at(g, s), event, generation, holder);
 }
 
 int tfem_t_free_locked(struct tfem_header *h, uint32_t s, int event, uint32_t generation,
                        struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
-    if (s >= h->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
-    return free_slot(h, s, event, generation, out);
+    if (s >= g->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
+    return free_slot(g, s, event, generation, out);
 }
