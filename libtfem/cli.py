@@ -506,6 +506,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from tfem._native import lib
+    from tfem.broker.spill import remove_store
     from tfem.keyfile import read_record
     from tfem.registry.ownership import remove_left_queue
     from tfem.segment import Segment
@@ -531,15 +532,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         instance.socket_path.unlink()
         removed.append(f"socket {instance.socket_path}")
     spill_dir = pathlib.Path(str(state.get("spill_dir") or instance.spill_dir))
-    # Only the store's own files: a --spill-dir may be a directory of the user's.
-    store = [spill_dir / "data.mdb", spill_dir / "lock.mdb"]
-    if any(f.exists() for f in store):
-        for f in store:
-            f.unlink(missing_ok=True)
-        try:
-            spill_dir.rmdir()
-        except OSError:
-            pass
+    if remove_store(spill_dir):
         removed.append(f"spill store {spill_dir}")
     if instance.state_path.exists():
         instance.remove_state()
