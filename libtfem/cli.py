@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from . import launch
 from .client import connect
 from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyfile
 from .errors import TfemError
@@ -236,35 +237,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_child(argv: list[str], what: str) -> subprocess.Popen[bytes]:
-    """Start a server with a ready pipe; return once it has said ready."""
-    read_end, write_end = os.pipe()
-    child = subprocess.Popen([*argv, "--ready-fd", str(write_end), "--die-with-parent", str(os.getpid())],
-                             pass_fds=(write_end,), start_new_session=True)
-    os.close(write_end)
-    try:
-        import select
-
-        ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
-        line = os.read(read_end, 64) if ready else b""
-    finally:
-        os.close(read_end)
-    if line.strip() != b"ready":
-        _stop_child(child)
-        raise TfemError(f"the {what} did not start (exit status {child.returncode})")
-    return child
-
-
-def _stop_child(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
 class _Server:
     """A server `tfem up` runs, and how often it crashed lately."""
 
@@ -276,7 +248,9 @@ class _Server:
         self.next_start = 0.0
 
     def start(self) -> None:
-        self.child = _start_child(self.argv, self.what)
+        # Its own session: Ctrl-C reaches `tfem up` alone, which stops it in order.
+        self.child = launch.start([*self.argv, "--die-with-parent", str(os.getpid())], f"the {self.what}",
+                                  READY_TIMEOUT_S, start_new_session=True)
 
     def supervise(self) -> None:
         """Start it again if it is down and its pause is over."""
@@ -302,7 +276,7 @@ class _Server:
 
     def stop(self) -> None:
         if self.child is not None:
-            _stop_child(self.child)
+            launch.stop(self.child)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
