@@ -42,25 +42,28 @@ def _add_keyfile(p: argparse.ArgumentParser) -> None:
 
 def _add_broker_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("broker")
-    g.add_argument("--slots", type=int, default=4096, help="files held at once (default 4096)")
-    g.add_argument("--buf-size", type=_size, default="8K", metavar="SIZE",
-                   help="inline bytes per slot; smaller files need no arena block (default 8K)")
-    g.add_argument("--block-size", type=_size, default="64K", metavar="SIZE",
-                   help="arena block size, a power of two (default 64K)")
-    g.add_argument("--memory", type=_size, default="512M", metavar="SIZE",
-                   help="arena size for files past their inline buffer (default 512M)")
-    g.add_argument("--spill-dir", type=pathlib.Path, metavar="DIR",
-                   help="LMDB spill store for what does not fit in memory "
-                        "(default: beside the instance's socket in the runtime directory)")
-    g.add_argument("--spill-size", type=_size, default="64G", metavar="SIZE",
-                   help="largest size of the spill store (default 64G)")
-    g.add_argument("--no-spill", action="store_true",
-                   help="never spill: a full arena is an error (ENOSPC)")
-    g.add_argument("--max-file-size", type=_size, metavar="SIZE",
-                   help="largest file: a write past it is EFBIG at once "
-                        "(default: all the instance holds, inline buffer + memory + spill size)")
-    g.add_argument("--keep", action="store_true",
-                   help="on stop, leave the segment and spill store in place")
+    options = [
+        g.add_argument("--slots", type=int, default=4096, help="files held at once (default 4096)"),
+        g.add_argument("--buf-size", type=_size, default="8K", metavar="SIZE",
+                       help="inline bytes per slot; smaller files need no arena block (default 8K)"),
+        g.add_argument("--block-size", type=_size, default="64K", metavar="SIZE",
+                       help="arena block size, a power of two (default 64K)"),
+        g.add_argument("--memory", type=_size, default="512M", metavar="SIZE",
+                       help="arena size for files past their inline buffer (default 512M)"),
+        g.add_argument("--spill-dir", type=pathlib.Path, metavar="DIR",
+                       help="LMDB spill store for what does not fit in memory "
+                            "(default: beside the instance's socket in the runtime directory)"),
+        g.add_argument("--spill-size", type=_size, default="64G", metavar="SIZE",
+                       help="largest size of the spill store (default 64G)"),
+        g.add_argument("--no-spill", action="store_true",
+                       help="never spill: a full arena is an error (ENOSPC)"),
+        g.add_argument("--max-file-size", type=_size, metavar="SIZE",
+                       help="largest file: a write past it is EFBIG at once "
+                            "(default: all the instance holds, inline buffer + memory + spill size)"),
+        g.add_argument("--keep", action="store_true",
+                       help="on stop, leave the segment and spill store in place"),
+    ]
+    p.set_defaults(broker_options=options)  # for `tfem up` to hand on to its broker (_broker_argv)
 
 
 def _add_ready_fd(p: argparse.ArgumentParser) -> None:
@@ -279,20 +282,22 @@ class _Server:
             launch.stop(self.child)
 
 
+def _broker_argv(args: argparse.Namespace) -> list[str]:
+    """The broker options `tfem up` was given, as its broker's arguments."""
+    argv = []
+    for action in args.broker_options:
+        value, option = getattr(args, action.dest), action.option_strings[0]
+        if action.nargs == 0:  # a flag
+            argv += [option] if value else []
+        elif value is not None:
+            argv += [option, str(value)]
+    return argv
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     keyfile = str(resolve_keyfile(args.keyfile))
     base = [sys.executable, "-m", "tfem"] + (["-v"] if args.verbose else [])
-    broker_argv = [*base, "broker", "--keyfile", keyfile, "--slots", str(args.slots),
-                   "--buf-size", str(args.buf_size), "--block-size", str(args.block_size),
-                   "--memory", str(args.memory), "--spill-size", str(args.spill_size)]
-    if args.spill_dir:
-        broker_argv += ["--spill-dir", str(args.spill_dir)]
-    if args.no_spill:
-        broker_argv.append("--no-spill")
-    if args.max_file_size is not None:
-        broker_argv += ["--max-file-size", str(args.max_file_size)]
-    if args.keep:
-        broker_argv.append("--keep")
+    broker_argv = [*base, "broker", "--keyfile", keyfile, *_broker_argv(args)]
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     names = Instance.for_keyfile(keyfile)
     # Without a registry the broker and its clients carry on (only new
