@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from tfem import launch
 from tfem.config import parse_size
 
 
@@ -46,12 +47,8 @@ def main() -> int:
                 f.write(os.urandom(1 << 20))
         names = sorted(p.name for p in small.iterdir())
         keyfile = work / "tfem.key"
-        read_end, write_end = os.pipe()
-        up = subprocess.Popen([sys.executable, "-m", "tfem", "up", "--keyfile", str(keyfile), "--slots",
-                               str(args.files + 16), "--memory",
-                               str(args.big + (64 << 20)), "--ready-fd", str(write_end)], pass_fds=(write_end,))
-        os.close(write_end)
-        assert os.read(read_end, 16).strip() == b"ready"
+        up = launch.start([sys.executable, "-m", "tfem", "up", "--keyfile", str(keyfile), "--slots",
+                           str(args.files + 16), "--memory", str(args.big + (64 << 20))], "tfem up", 60)
         env = dict(os.environ, TFEM_KEYFILE=str(keyfile))
         tfem = [sys.executable, "-m", "tfem"]
         rows = []
@@ -80,8 +77,7 @@ def main() -> int:
         return 0
     finally:
         if up is not None:
-            up.terminate()
-            up.wait()
+            launch.stop(up)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
 

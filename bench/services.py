@@ -16,7 +16,6 @@ import contextlib
 import glob
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -25,6 +24,9 @@ import sys
 import tempfile
 import time
 from typing import Any, Callable
+
+from tfem import launch
+from tfem.errors import TfemError
 
 from . import procs
 from .peers import SHM_PREFIX
@@ -45,16 +47,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _stop_process(process: subprocess.Popen[Any], grace: float) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class TfemInstance:
     """`tfem up` with its own key file and spill directory under `where`."""
 
@@ -64,24 +56,16 @@ class TfemInstance:
         self.spill_dir = os.path.join(where, "spill")
         self.log_path = os.path.join(where, "tfem-up.log")
         self.options = options
-        self.servers: list[int] = []
-        read_end, write_end = os.pipe()
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*TFEM, "up", "--keyfile", self.keyfile, "--spill-dir", self.spill_dir,
-                 "--ready-fd", str(write_end), *options],
-                pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, preexec_fn=_pdeathsig_term)
-        os.close(write_end)
-        try:
-            ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
-            line = os.read(read_end, 64) if ready else b""
-        finally:
-            os.close(read_end)
+            try:
+                self.process = launch.start(
+                    [*TFEM, "up", "--keyfile", self.keyfile, "--spill-dir", self.spill_dir, *options],
+                    f"tfem up {' '.join(options)}", READY_TIMEOUT_S, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, start_new_session=True, preexec_fn=_pdeathsig_term)
+            except TfemError as exc:  # stopped, and its servers with it: what they left remains
+                self.clean()
+                raise RuntimeError(f"{exc}:\n{self.log()}") from None
         self.servers = _children(self.process.pid)  # registry and broker
-        if line.strip() != b"ready":
-            self.stop()
-            raise RuntimeError(f"tfem up {' '.join(options)} did not start:\n{self.log()}")
 
     def log(self) -> str:
         try:
@@ -105,10 +89,14 @@ class TfemInstance:
     def stop(self) -> None:
         """SIGTERM, as a user stops it; kill what will not stop; then
         `tfem clean` removes whatever is left for the key file."""
-        _stop_process(self.process, grace=60)
+        launch.stop(self.process, grace=60)
         for pid in self.servers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # only if `tfem up` could not stop them
+        self.clean()
+
+    def clean(self) -> None:
+        """`tfem clean` for the key file; says so if it found anything."""
         clean = subprocess.run([*TFEM, "clean", "--keyfile", self.keyfile],
                                capture_output=True, text=True, timeout=60)
         said = (clean.stdout + clean.stderr).strip()
@@ -175,7 +163,7 @@ class RedisServer:
         return {"host": "127.0.0.1", "port": self.port}
 
     def stop(self) -> None:
-        _stop_process(self.process, grace=30)
+        launch.stop(self.process, grace=30)
 
 
 def redis_version() -> str:

@@ -28,7 +28,6 @@ import json
 import os
 import pathlib
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -36,6 +35,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from tfem import launch
 
 MIB = 1 << 20
 INSTANCE_OPTIONS = ("--slots", "1024", "--buf-size", "8K", "--block-size", "64K", "--memory", "8M",
@@ -193,29 +194,17 @@ class Driver:
             return
         except tfem.TfemError:
             pass
-        read_end, write_end = os.pipe()
-        log = open(self.tmp / "up.log", "ab")
-        self.up = subprocess.Popen(
-            [sys.executable, "-m", "tfem", "up", "--keyfile", str(self.keyfile), "--spill-dir",
-             str(self.tmp / "spill"), "--ready-fd", str(write_end), *INSTANCE_OPTIONS],
-            pass_fds=(write_end,), stderr=log, stdin=subprocess.DEVNULL)
-        os.close(write_end)
-        log.close()
-        ready, _, _ = select.select([read_end], [], [], 60)
-        line = os.read(read_end, 64) if ready else b""
-        os.close(read_end)
-        if line.strip() != b"ready":
-            raise SystemExit(f"tfem up did not start: {(self.tmp / 'up.log').read_text()}")
+        with open(self.tmp / "up.log", "ab") as log:
+            try:
+                self.up = launch.start(
+                    [sys.executable, "-m", "tfem", "up", "--keyfile", str(self.keyfile), "--spill-dir",
+                     str(self.tmp / "spill"), *INSTANCE_OPTIONS], "tfem up", 60, stderr=log, stdin=subprocess.DEVNULL)
+            except tfem.TfemError as exc:
+                raise SystemExit(f"{exc}: {(self.tmp / 'up.log').read_text()}") from None
 
     def stop_instance(self) -> None:
-        if self.up is not None and self.up.poll() is None:
-            self.up.send_signal(signal.SIGTERM)
-            try:
-                self.up.wait(60)
-            except subprocess.TimeoutExpired:
-                self.up.kill()
-                self.up.wait()
         if self.up is not None:
+            launch.stop(self.up, grace=60)
             subprocess.run([sys.executable, "-m", "tfem", "clean", "--keyfile", str(self.keyfile)],
                            capture_output=True, env=self.env)
         shutil.rmtree(self.tmp, ignore_errors=True)

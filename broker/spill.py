@@ -26,6 +26,7 @@ from tfem._native import lib
 from tfem.errors import NoSpace, TfemError
 
 CHUNK = 1 << 20
+STORE_FILES = ("data.mdb", "lock.mdb")  # what LMDB makes in the store's directory
 _KEY = struct.Struct(">QQ")
 # Pages LMDB writes in a commit besides the values: branch pages, the free
 # list, the meta page. Generous: a few per MiB of values are enough.
@@ -187,12 +188,24 @@ class SpillStore:
 
     def remove(self) -> None:
         """Delete the store's files (the broker's clean stop)."""
-        for name in ("data.mdb", "lock.mdb"):
-            try:
-                os.unlink(self.path / name)
-            except FileNotFoundError:
-                pass
+        remove_store(self.path)
+
+
+def remove_store(path: pathlib.Path) -> bool:
+    """Delete the store in `path`, if there is one: its own files, and then
+    `path` if that leaves it empty (a --spill-dir may be a directory of the
+    user's). Whether there was one. Also `tfem clean`'s, for a store no
+    broker has open."""
+    found = False
+    for name in STORE_FILES:
         try:
-            self.path.rmdir()
+            os.unlink(path / name)
+            found = True
+        except FileNotFoundError:
+            pass
+    if found:
+        try:
+            path.rmdir()
         except OSError:
             pass
+    return found

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from . import launch
 from .client import connect
 from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyfile
 from .errors import TfemError
@@ -41,25 +42,28 @@ def _add_keyfile(p: argparse.ArgumentParser) -> None:
 
 def _add_broker_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("broker")
-    g.add_argument("--slots", type=int, default=4096, help="files held at once (default 4096)")
-    g.add_argument("--buf-size", type=_size, default="8K", metavar="SIZE",
-                   help="inline bytes per slot; smaller files need no arena block (default 8K)")
-    g.add_argument("--block-size", type=_size, default="64K", metavar="SIZE",
-                   help="arena block size, a power of two (default 64K)")
-    g.add_argument("--memory", type=_size, default="512M", metavar="SIZE",
-                   help="arena size for files past their inline buffer (default 512M)")
-    g.add_argument("--spill-dir", type=pathlib.Path, metavar="DIR",
-                   help="LMDB spill store for what does not fit in memory "
-                        "(default: beside the instance's socket in the runtime directory)")
-    g.add_argument("--spill-size", type=_size, default="64G", metavar="SIZE",
-                   help="largest size of the spill store (default 64G)")
-    g.add_argument("--no-spill", action="store_true",
-                   help="never spill: a full arena is an error (ENOSPC)")
-    g.add_argument("--max-file-size", type=_size, metavar="SIZE",
-                   help="largest file: a write past it is EFBIG at once "
-                        "(default: all the instance holds, inline buffer + memory + spill size)")
-    g.add_argument("--keep", action="store_true",
-                   help="on stop, leave the segment and spill store in place")
+    options = [
+        g.add_argument("--slots", type=int, default=4096, help="files held at once (default 4096)"),
+        g.add_argument("--buf-size", type=_size, default="8K", metavar="SIZE",
+                       help="inline bytes per slot; smaller files need no arena block (default 8K)"),
+        g.add_argument("--block-size", type=_size, default="64K", metavar="SIZE",
+                       help="arena block size, a power of two (default 64K)"),
+        g.add_argument("--memory", type=_size, default="512M", metavar="SIZE",
+                       help="arena size for files past their inline buffer (default 512M)"),
+        g.add_argument("--spill-dir", type=pathlib.Path, metavar="DIR",
+                       help="LMDB spill store for what does not fit in memory "
+                            "(default: beside the instance's socket in the runtime directory)"),
+        g.add_argument("--spill-size", type=_size, default="64G", metavar="SIZE",
+                       help="largest size of the spill store (default 64G)"),
+        g.add_argument("--no-spill", action="store_true",
+                       help="never spill: a full arena is an error (ENOSPC)"),
+        g.add_argument("--max-file-size", type=_size, metavar="SIZE",
+                       help="largest file: a write past it is EFBIG at once "
+                            "(default: all the instance holds, inline buffer + memory + spill size)"),
+        g.add_argument("--keep", action="store_true",
+                       help="on stop, leave the segment and spill store in place"),
+    ]
+    p.set_defaults(broker_options=options)  # for `tfem up` to hand on to its broker (_broker_argv)
 
 
 def _add_ready_fd(p: argparse.ArgumentParser) -> None:
@@ -236,35 +240,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_child(argv: list[str], what: str) -> subprocess.Popen[bytes]:
-    """Start a server with a ready pipe; return once it has said ready."""
-    read_end, write_end = os.pipe()
-    child = subprocess.Popen([*argv, "--ready-fd", str(write_end), "--die-with-parent", str(os.getpid())],
-                             pass_fds=(write_end,), start_new_session=True)
-    os.close(write_end)
-    try:
-        import select
-
-        ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
-        line = os.read(read_end, 64) if ready else b""
-    finally:
-        os.close(read_end)
-    if line.strip() != b"ready":
-        _stop_child(child)
-        raise TfemError(f"the {what} did not start (exit status {child.returncode})")
-    return child
-
-
-def _stop_child(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
 class _Server:
     """A server `tfem up` runs, and how often it crashed lately."""
 
@@ -276,7 +251,9 @@ class _Server:
         self.next_start = 0.0
 
     def start(self) -> None:
-        self.child = _start_child(self.argv, self.what)
+        # Its own session: Ctrl-C reaches `tfem up` alone, which stops it in order.
+        self.child = launch.start([*self.argv, "--die-with-parent", str(os.getpid())], f"the {self.what}",
+                                  READY_TIMEOUT_S, start_new_session=True)
 
     def supervise(self) -> None:
         """Start it again if it is down and its pause is over."""
@@ -302,23 +279,25 @@ class _Server:
 
     def stop(self) -> None:
         if self.child is not None:
-            _stop_child(self.child)
+            launch.stop(self.child)
+
+
+def _broker_argv(args: argparse.Namespace) -> list[str]:
+    """The broker options `tfem up` was given, as its broker's arguments."""
+    argv = []
+    for action in args.broker_options:
+        value, option = getattr(args, action.dest), action.option_strings[0]
+        if action.nargs == 0:  # a flag
+            argv += [option] if value else []
+        elif value is not None:
+            argv += [option, str(value)]
+    return argv
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     keyfile = str(resolve_keyfile(args.keyfile))
     base = [sys.executable, "-m", "tfem"] + (["-v"] if args.verbose else [])
-    broker_argv = [*base, "broker", "--keyfile", keyfile, "--slots", str(args.slots),
-                   "--buf-size", str(args.buf_size), "--block-size", str(args.block_size),
-                   "--memory", str(args.memory), "--spill-size", str(args.spill_size)]
-    if args.spill_dir:
-        broker_argv += ["--spill-dir", str(args.spill_dir)]
-    if args.no_spill:
-        broker_argv.append("--no-spill")
-    if args.max_file_size is not None:
-        broker_argv += ["--max-file-size", str(args.max_file_size)]
-    if args.keep:
-        broker_argv.append("--keep")
+    broker_argv = [*base, "broker", "--keyfile", keyfile, *_broker_argv(args)]
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     names = Instance.for_keyfile(keyfile)
     # Without a registry the broker and its clients carry on (only new
@@ -506,6 +485,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from tfem._native import lib
+    from tfem.broker.spill import remove_store
     from tfem.keyfile import read_record
     from tfem.registry.ownership import remove_left_queue
     from tfem.segment import Segment
@@ -531,15 +511,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         instance.socket_path.unlink()
         removed.append(f"socket {instance.socket_path}")
     spill_dir = pathlib.Path(str(state.get("spill_dir") or instance.spill_dir))
-    # Only the store's own files: a --spill-dir may be a directory of the user's.
-    store = [spill_dir / "data.mdb", spill_dir / "lock.mdb"]
-    if any(f.exists() for f in store):
-        for f in store:
-            f.unlink(missing_ok=True)
-        try:
-            spill_dir.rmdir()
-        except OSError:
-            pass
+    if remove_store(spill_dir):
         removed.append(f"spill store {spill_dir}")
     if instance.state_path.exists():
         instance.remove_state()

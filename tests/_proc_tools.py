@@ -17,7 +17,7 @@ import os
 import pathlib
 import platform
 import queue
-import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +27,15 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
+
+import tfem
+from tests._instances import leftovers
+from tfem import launch
+from tfem.broker.spill import STORE_FILES
+from tfem.config import Instance
+from tfem.errors import TfemError
+from tfem.keyfile import registry_pid
+from tfem.segment import Segment
 
 WORKER = str(pathlib.Path(__file__).with_name("_tfem_worker.py"))
 
@@ -195,41 +204,24 @@ def workers() -> Iterator[Callable[..., Worker]]:
         w.kill()
 
 
-# ---- servers started by hand (not through conftest's instance fixtures) ----
+# ---- servers started by hand (not through _instances.py's fixtures) ----
 
 
 def start_server(args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.Popen[bytes]:
     """`python -m tfem ARGS --ready-fd N`; returns once it has said ready.
     Raises AssertionError (with its stderr) if it exits or stays silent."""
-    read_end, write_end = os.pipe()
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: nobody must read it for the server to go on
-        proc = subprocess.Popen([sys.executable, "-m", "tfem", *args, "--ready-fd", str(write_end)],
-                                pass_fds=(write_end,), env=env, stderr=log)
-        os.close(write_end)
         try:
-            ready, _, _ = select.select([read_end], [], [], timeout)
-            line = os.read(read_end, 64) if ready else b""
-        finally:
-            os.close(read_end)
-        if line.strip() != b"ready":
-            stop_server(proc)
+            return launch.start([sys.executable, "-m", "tfem", *args], f"tfem {' '.join(args)}", timeout,
+                                env=env, stderr=log)
+        except TfemError as exc:
             log.seek(0)
-            raise AssertionError(f"tfem {' '.join(args)} did not start: {log.read().decode(errors='replace')}")
-    return proc
+            raise AssertionError(f"{exc}: {log.read().decode(errors='replace')}") from None
 
 
 def stop_server(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
     """Signal a server and wait for it; SIGKILL if it will not stop."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stderr and not proc.stderr.closed:
-        proc.stderr.close()
-    return proc.returncode
+    return launch.stop(proc, sig, timeout)
 
 
 def tfem_cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
@@ -249,11 +241,6 @@ def kill_pid(pid: int | None) -> None:
 def instance_server_pids(keyfile: str) -> list[int]:
     """The live registry and broker of a key file (from the key file and
     the segment header), checked by command line so a reused pid is safe."""
-    from tfem.config import Instance
-    from tfem.errors import TfemError
-    from tfem.keyfile import registry_pid
-    from tfem.segment import Segment
-
     candidates = [registry_pid(pathlib.Path(keyfile))]
     try:
         seg = Segment.attach(Instance.for_keyfile(keyfile).segment)
@@ -304,8 +291,6 @@ def servers() -> Iterator[Any]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if proc.stderr and not proc.stderr.closed:
-            proc.stderr.close()
     for pid in orphans:  # reaped (by their parent, or init): `tfem clean` checks liveness
         wait_until(lambda: pid_gone(pid), 30, f"pid {pid} to be gone")
     for keyfile, env in s.keyfiles:
@@ -366,8 +351,6 @@ class UpInstance:
 
     def __init__(self, where: pathlib.Path, options: tuple[str, ...], keyfile: pathlib.Path | None = None,
                  spill_dir: pathlib.Path | None = None) -> None:
-        from tfem.config import Instance
-
         where.mkdir(parents=True, exist_ok=True)
         self.keyfile = keyfile or where / "tfem.key"
         self.spill_dir = spill_dir or where / "spill"
@@ -383,26 +366,17 @@ class UpInstance:
         return env
 
     def start(self, timeout: float = 60.0) -> UpInstance:
-        read_end, write_end = os.pipe()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tfem", "up", "--keyfile", str(self.keyfile), "--spill-dir",
-                 str(self.spill_dir), "--ready-fd", str(write_end), *self.options],
-                pass_fds=(write_end,), stderr=log, stdin=subprocess.DEVNULL)
-        os.close(write_end)
-        try:
-            ready, _, _ = select.select([read_end], [], [], timeout)
-            line = os.read(read_end, 64) if ready else b""
-        finally:
-            os.close(read_end)
-        if line.strip() != b"ready":
-            self.stop()
-            raise AssertionError(f"tfem up did not start: {self.log()}")
+            try:
+                self.process = launch.start(
+                    [sys.executable, "-m", "tfem", "up", "--keyfile", str(self.keyfile), "--spill-dir",
+                     str(self.spill_dir), *self.options], "tfem up", timeout, stderr=log, stdin=subprocess.DEVNULL)
+            except TfemError as exc:
+                self.stop()  # its servers, should any outlive it
+                raise AssertionError(f"{exc}: {self.log()}") from None
         return self
 
     def connect(self) -> Any:
-        import tfem
-
         return tfem.connect(self.keyfile)
 
     def log(self) -> str:
@@ -417,15 +391,10 @@ class UpInstance:
     def stop(self) -> None:
         """SIGTERM (after SIGCONT, in case a test stopped it); SIGKILL if it
         will not go, then its servers, then `tfem clean`."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGCONT)
+            launch.stop(self.process)
         left = self.server_pids()
         for pid in left:
             kill_pid(pid)
@@ -433,16 +402,11 @@ class UpInstance:
             wait_until(lambda: pid_gone(pid), 30, f"server {pid} to be gone")
 
     def leftovers(self) -> list[str]:
-        try:
-            from .conftest import leftovers
-        except ImportError:
-            from conftest import leftovers
-        return leftovers(self.names) + (["spill store"] if (self.spill_dir / "data.mdb").exists() else [])
+        store = any((self.spill_dir / name).exists() for name in STORE_FILES)
+        return leftovers(self.names) + (["spill store"] if store else [])
 
     def clean(self) -> None:
         tfem_cli("clean", "--keyfile", str(self.keyfile), env=self.env)
-        import shutil
-
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ Each command is answered by one event: {"event": "opened" | "wrote" | "read" |
 watch the process wait inside it.
 
 The streams publish (or consume and check) PREFIX0, PREFIX1, ... of mixed sizes
-(`stream_size`), one "produced"/"consumed" event each, across whatever happens
+(`stream_size` of _tfem_worker.py), one "produced"/"consumed" event each, across whatever happens
 to the broker meanwhile, until told to stop on stdin: the producer on any line,
 the consumer on a line holding the number of files to consume in all.
 
@@ -36,26 +36,7 @@ import select
 import sys
 import time
 
-try:
-    from _tfem_worker import KIB, MIB, content, emit, sha256
-except ImportError:  # imported by the tests as a module of the package
-    from ._tfem_worker import KIB, MIB, content, emit, sha256
-
-
-def stream_size(i: int) -> int:
-    """Sizes for a stream on the small instance (1 KiB inline, 4 KiB blocks,
-    1 MiB arena): empty, inline, a few blocks, dozens of blocks, and every
-    sixteenth past the arena, which must spill."""
-    kind = i % 16
-    if kind == 3:
-        return MIB + 100 * KIB + (i * 7919) % (400 * KIB)
-    if kind in (0, 8):
-        return 0
-    if kind in (1, 2, 9, 10, 11):
-        return 1 + (i * 37) % (KIB - 1)
-    if kind in (4, 5, 12, 13):
-        return KIB + 1 + (i * 2741) % (20 * KIB)
-    return 64 * KIB + (i * 7103) % (160 * KIB)
+from _tfem_worker import content, emit, sha256, stream_size
 
 
 def _error(exc: BaseException, **more: object) -> None:

@@ -9,7 +9,8 @@
 The instance comes from the environment (TFEM_KEYFILE or TFEM_BROKER), as
 for any client. Each worker reports on stdout, one JSON object per line,
 flushed at once, so the test can follow it; failures show in the exit code.
-This module is also imported by the tests for `content` and `catalogue`.
+This module is also imported by the tests for `content`, `catalogue` and
+`stream_size`, and by _steps_worker.py.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ def size_of(i: int) -> int:
     if kind < 18:
         return KIB + 1 + (i * 2741) % (20 * KIB)  # a few blocks
     return 64 * KIB + (i * 7103) % (128 * KIB)  # dozens of blocks
+
+
+def stream_size(i: int) -> int:
+    """Sizes for a stream on the small instance (1 KiB inline, 4 KiB blocks,
+    1 MiB arena): empty, inline, a few blocks, dozens of blocks, and every
+    sixteenth past the arena, which must spill."""
+    kind = i % 16
+    if kind == 3:
+        return MIB + 100 * KIB + (i * 7919) % (400 * KIB)
+    if kind in (0, 8):
+        return 0
+    if kind in (1, 2, 9, 10, 11):
+        return 1 + (i * 37) % (KIB - 1)
+    if kind in (4, 5, 12, 13):
+        return KIB + 1 + (i * 2741) % (20 * KIB)
+    return 64 * KIB + (i * 7103) % (160 * KIB)
 
 
 def catalogue(total: int) -> list[tuple[str, int]]:

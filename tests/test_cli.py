@@ -19,14 +19,9 @@ from tfem.config import Instance
 from tfem.discovery import queue_key
 from tfem.keyfile import registry_pid
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import pid_gone, servers, stop_server, tfem_cli, wait_until  # noqa: F401
-    from ._tfem_worker import KIB, MIB, content
-    from .conftest import SMALL, leftovers
-except ImportError:
-    from _proc_tools import pid_gone, servers, stop_server, tfem_cli, wait_until  # noqa: F401
-    from _tfem_worker import KIB, MIB, content
-    from conftest import SMALL, leftovers
+from tests._instances import SMALL, leftovers
+from tests._proc_tools import pid_gone, stop_server, tfem_cli, wait_until
+from tests._tfem_worker import KIB, MIB, content
 
 
 def out(result):
@@ -299,7 +294,7 @@ def test_up_rejects_a_bad_size(tmp_path, option, value):
     assert not keyfile.exists()
 
 
-def test_up_with_an_unusable_block_size_stops_cleanly(tmp_path, servers):  # noqa: F811
+def test_up_with_an_unusable_block_size_stops_cleanly(tmp_path, servers):
     keyfile = tmp_path / "odd.key"
     servers.track(keyfile)
     result = tfem_cli("up", "--keyfile", str(keyfile), "--block-size", "5000", "--", "true")
@@ -327,7 +322,7 @@ UP_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("status", [0, 7])
-def test_up_runs_a_command_and_exits_with_its_status(tmp_path, servers, status):  # noqa: F811
+def test_up_runs_a_command_and_exits_with_its_status(tmp_path, servers, status):
     keyfile, spill = tmp_path / "cmd.key", tmp_path / "spill"
     servers.track(keyfile)
     result = tfem_cli("up", "--keyfile", str(keyfile), "--spill-dir", str(spill), *SMALL,
@@ -343,7 +338,7 @@ def test_up_runs_a_command_and_exits_with_its_status(tmp_path, servers, status):
     assert not keyfile.exists()  # made by the registry, so removed by it
 
 
-def test_up_with_a_command_removes_its_queue(tmp_path, servers):  # noqa: F811
+def test_up_with_a_command_removes_its_queue(tmp_path, servers):
     """leftovers() can look for the queue only while the key file exists:
     with a key file of the user's own, it stays, and the queue must be gone."""
     keyfile = tmp_path / "q.key"
@@ -358,7 +353,7 @@ def test_up_with_a_command_removes_its_queue(tmp_path, servers):  # noqa: F811
     assert leftovers(Instance.for_keyfile(keyfile)) == []
 
 
-def test_up_with_a_command_that_cannot_run(tmp_path, servers):  # noqa: F811
+def test_up_with_a_command_that_cannot_run(tmp_path, servers):
     keyfile = tmp_path / "nocmd.key"
     servers.track(keyfile)
     result = tfem_cli("up", "--keyfile", str(keyfile), *SMALL, "--", str(tmp_path / "no-such-program"))
@@ -367,7 +362,7 @@ def test_up_with_a_command_that_cannot_run(tmp_path, servers):  # noqa: F811
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_up_stopped_by_a_signal_leaves_nothing(tmp_path, servers, sig):  # noqa: F811
+def test_up_stopped_by_a_signal_leaves_nothing(tmp_path, servers, sig):
     keyfile, spill = tmp_path / "sig.key", tmp_path / "spill"
     servers.track(keyfile)
     up = servers.start("up", "--keyfile", str(keyfile), "--spill-dir", str(spill), *SMALL)
@@ -396,7 +391,7 @@ def test_up_stopped_by_a_signal_leaves_nothing(tmp_path, servers, sig):  # noqa:
     assert time.monotonic() - start < 5  # a client outliving its instance closes promptly
 
 
-def test_clean_after_sigkill_removes_only_that_instance(tmp_path, instance_factory, servers):  # noqa: F811
+def test_clean_after_sigkill_removes_only_that_instance(tmp_path, instance_factory, servers):
     other = instance_factory(*SMALL, subdir="other")
     with other.connect() as c:
         with c.open("other/file", "w") as f:

@@ -19,18 +19,9 @@ import pytest
 
 import tfem
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import (  # noqa: F401  (fixtures)
-        STEPS_WORKER, Worker, in_futex_wait, steps_workers, up_factory, wait_until, workers,
-    )
-    from ._tfem_worker import KIB, MIB, content, sha256
-    from .conftest import SMALL
-except ImportError:
-    from _proc_tools import (  # noqa: F401
-        STEPS_WORKER, Worker, in_futex_wait, steps_workers, up_factory, wait_until, workers,
-    )
-    from _tfem_worker import KIB, MIB, content, sha256
-    from conftest import SMALL
+from tests._instances import SMALL
+from tests._proc_tools import STEPS_WORKER, Worker, in_futex_wait, wait_until
+from tests._tfem_worker import KIB, MIB, content, sha256
 
 BUF, BLOCK = KIB, 4 * KIB  # the small instance's inline buffer and block
 SETTLED_WITHIN = 1.0  # seconds: the kernel tells the broker, nobody polls
@@ -51,7 +42,7 @@ def broker_fds(pid: int) -> int:
 
 # The spilled case writes more than the client gathers before sending (4 MiB).
 @pytest.mark.parametrize("size", [600, 50_000, 5 * MIB + 300 * KIB], ids=["inline", "blocks", "spilled"])
-def test_a_producer_killed_while_writing(up_factory, steps_workers, workers, size):  # noqa: F811
+def test_a_producer_killed_while_writing(up_factory, steps_workers, workers, size):
     instance = up_factory(*SMALL)
     client = instance.connect()
     try:
@@ -60,7 +51,7 @@ def test_a_producer_killed_while_writing(up_factory, steps_workers, workers, siz
         client.close()
 
 
-def _producer_killed_while_writing(client, instance, steps_workers, workers, size):  # noqa: F811
+def _producer_killed_while_writing(client, instance, steps_workers, workers, size):
     put = content("kept", 700)  # inline: never moved to the spill store
     with client.open("kept", "w") as f:
         f.write(put)
@@ -102,13 +93,13 @@ def _producer_killed_while_writing(client, instance, steps_workers, workers, siz
 
 
 @pytest.mark.parametrize("size", [50_000, MIB + 300 * KIB], ids=["blocks", "spilled"])
-def test_a_consumer_killed_while_reading(up_factory, steps_workers, workers, size):  # noqa: F811
+def test_a_consumer_killed_while_reading(up_factory, steps_workers, workers, size):
     instance = up_factory(*SMALL)
     with instance.connect() as client:
         _consumer_killed_while_reading(client, instance, steps_workers, workers, size)
 
 
-def _consumer_killed_while_reading(client, instance, steps_workers, workers, size):  # noqa: F811
+def _consumer_killed_while_reading(client, instance, steps_workers, workers, size):
     data = content("taken", size)
     with client.open("taken", "w") as f:
         f.write(data)
@@ -138,7 +129,7 @@ KEEP_SIZES = (0, 300, BUF, 5000, 20_000, 70_000)
 OPTIONS = ("--slots", "1280", "--buf-size", "1K", "--block-size", "4K", "--memory", "16M")
 
 
-def test_a_thousand_killed_clients_leak_nothing(up_factory):  # noqa: F811
+def test_a_thousand_killed_clients_leak_nothing(up_factory):
     inst = up_factory(*OPTIONS)  # its log goes to a file: a line per death
     keep = {f"keep/{i}": KEEP_SIZES[i % len(KEEP_SIZES)] for i in range(READERS)}
     with inst.connect() as client:
@@ -189,7 +180,7 @@ def test_a_thousand_killed_clients_leak_nothing(up_factory):  # noqa: F811
 SWEEP_S = 2.0  # the broker's sweep interval (broker/server.py SWEEP_INTERVAL_S)
 
 
-def test_blocks_claimed_by_a_writer_killed_before_recording_them_are_freed(up_factory, workers):  # noqa: F811
+def test_blocks_claimed_by_a_writer_killed_before_recording_them_are_freed(up_factory, workers):
     """Growing a file is two steps: set the blocks' bits, then record them
     in the slot. A writer killed between the two leaked them until the next
     adoption. The helper takes the real first step (tfem_t_claim_blocks) and

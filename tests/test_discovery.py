@@ -24,12 +24,8 @@ from tfem.discovery import ask_registry, queue_key
 from tfem.protocol import Action
 from tfem.keyfile import registry_pid
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import servers, stop_server, tfem_cli  # noqa: F401  (servers: a fixture)
-    from .conftest import SMALL, leftovers, stop_instance
-except ImportError:
-    from _proc_tools import servers, stop_server, tfem_cli  # noqa: F401
-    from conftest import SMALL, leftovers, stop_instance
+from tests._instances import SMALL, leftovers, stop_instance
+from tests._proc_tools import stop_server, tfem_cli
 
 QUICK = 2.0  # seconds within which "nothing to find" must be reported
 
@@ -151,7 +147,7 @@ def test_stopped_instance_is_broker_unavailable(instance_factory, tmp_path):
     assert_unavailable_quickly(lambda: tfem.connect(keyfile))
 
 
-def test_registry_without_a_broker_is_broker_unavailable(tmp_path, servers):  # noqa: F811
+def test_registry_without_a_broker_is_broker_unavailable(tmp_path, servers):
     keyfile = tmp_path / "lonely.key"
     servers.track(keyfile)
     registry = servers.start("registry", "--keyfile", str(keyfile))
@@ -165,7 +161,7 @@ def test_registry_without_a_broker_is_broker_unavailable(tmp_path, servers):  # 
         sysv_ipc.MessageQueue(key)
 
 
-def test_killed_registry_is_broker_unavailable(tmp_path, servers):  # noqa: F811
+def test_killed_registry_is_broker_unavailable(tmp_path, servers):
     keyfile = tmp_path / "killed.key"
     servers.track(keyfile)
     registry = servers.start("registry", "--keyfile", str(keyfile))
@@ -196,7 +192,7 @@ def test_registry_list_shows_the_broker_and_its_clients(instance):
     assert after["clients"] == listing["clients"]
 
 
-def test_separate_registry_and_broker_processes(tmp_path, servers):  # noqa: F811
+def test_separate_registry_and_broker_processes(tmp_path, servers):
     keyfile = tmp_path / "split.key"
     spill = tmp_path / "spill"
     servers.track(keyfile)
@@ -324,7 +320,7 @@ def short_runtime_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_jobs_on_one_node_find_only_their_own_instance(short_runtime_dir, servers, monkeypatch):  # noqa: F811
+def test_jobs_on_one_node_find_only_their_own_instance(short_runtime_dir, servers, monkeypatch):
     base = dict(os.environ, XDG_RUNTIME_DIR=short_runtime_dir)
     base.pop("TFEM_KEYFILE", None)
     base.pop("TFEM_BROKER", None)

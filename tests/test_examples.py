@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 import sys
 
-from tests.conftest import leftovers
+from tests._instances import leftovers
 from tfem.config import Instance
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -19,12 +19,8 @@ import pytest
 import tfem
 import tfem.posix
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import wait_until
-    from ._tfem_worker import content, sha256
-except ImportError:
-    from _proc_tools import wait_until
-    from _tfem_worker import content, sha256
+from tests._proc_tools import wait_until
+from tests._tfem_worker import content, sha256
 
 N = 20  # files each way
 

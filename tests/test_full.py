@@ -17,12 +17,8 @@ import pytest
 
 import tfem
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import in_futex_wait, steps_workers, up_factory, wait_until  # noqa: F401  (fixtures)
-    from ._tfem_worker import KIB, MIB, content, sha256
-except ImportError:
-    from _proc_tools import in_futex_wait, steps_workers, up_factory, wait_until  # noqa: F401
-    from _tfem_worker import KIB, MIB, content, sha256
+from tests._proc_tools import in_futex_wait, wait_until
+from tests._tfem_worker import KIB, MIB, content, sha256
 
 GEOMETRY = ("--buf-size", "1K", "--block-size", "4K")
 QUIET = 0.3  # how long a waiting producer must stay silent to count as still waiting
@@ -64,7 +60,7 @@ def asleep_waiting(worker) -> None:
 # ---- the slot table ----
 
 
-def test_a_full_slot_table(up_factory):  # noqa: F811
+def test_a_full_slot_table(up_factory):
     inst = up_factory("--slots", "6", *GEOMETRY, "--memory", "256K")
     files = {"t/empty": 0, "t/inline": 500, "t/blocks": 30_000, "t/spilled": 400_000}
     with inst.connect() as c:
@@ -99,7 +95,7 @@ def test_a_full_slot_table(up_factory):  # noqa: F811
         assert usage(c) == (0, 0, 0, 0)
 
 
-def test_a_producer_waits_for_a_slot(up_factory, steps_workers):  # noqa: F811
+def test_a_producer_waits_for_a_slot(up_factory, steps_workers):
     inst = up_factory("--slots", "4", *GEOMETRY, "--memory", "256K")
     with inst.connect() as c:
         for i in range(4):
@@ -120,7 +116,7 @@ def test_a_producer_waits_for_a_slot(up_factory, steps_workers):  # noqa: F811
         assert opened["writing"] and usage(c) == (0, 0, 0, 0)
 
 
-def test_a_producer_gives_up_waiting_for_a_slot(up_factory, steps_workers):  # noqa: F811
+def test_a_producer_gives_up_waiting_for_a_slot(up_factory, steps_workers):
     inst = up_factory("--slots", "2", *GEOMETRY, "--memory", "256K")
     with inst.connect() as c:
         put(c, "a", 100)
@@ -145,7 +141,7 @@ def test_a_producer_gives_up_waiting_for_a_slot(up_factory, steps_workers):  # n
 NO_SPILL = ("--slots", "16", *GEOMETRY, "--memory", "64K", "--no-spill")
 
 
-def test_a_full_arena_without_spill(up_factory):  # noqa: F811
+def test_a_full_arena_without_spill(up_factory):
     inst = up_factory(*NO_SPILL)
     with inst.connect() as c:
         put(c, "a/waiting", 40_000)  # 10 blocks of 16
@@ -182,7 +178,7 @@ def test_a_full_arena_without_spill(up_factory):  # noqa: F811
         assert stats["spill"] is None and usage(c) == (0, 0, 0, 0)
 
 
-def test_a_writer_waits_for_arena_blocks(up_factory, steps_workers):  # noqa: F811
+def test_a_writer_waits_for_arena_blocks(up_factory, steps_workers):
     inst = up_factory(*NO_SPILL)
     with inst.connect() as c:
         put(c, "b/first", 50_000)  # 13 blocks of 16
@@ -201,7 +197,7 @@ def test_a_writer_waits_for_arena_blocks(up_factory, steps_workers):  # noqa: F8
         assert usage(c) == (0, 0, 0, 0)
 
 
-def test_a_writer_gives_up_waiting_for_arena_blocks(up_factory, steps_workers):  # noqa: F811
+def test_a_writer_gives_up_waiting_for_arena_blocks(up_factory, steps_workers):
     inst = up_factory(*NO_SPILL)
     with inst.connect() as c:
         put(c, "g/first", 50_000)
@@ -222,7 +218,7 @@ def test_a_writer_gives_up_waiting_for_arena_blocks(up_factory, steps_workers): 
 # ---- the spill store ----
 
 
-def test_a_full_spill_store(up_factory):  # noqa: F811
+def test_a_full_spill_store(up_factory):
     """A 1 MiB spill store behind a 64 KiB arena. A producer holding the
     whole arena makes every other file spill, so the store can be filled
     to the page."""

@@ -42,14 +42,8 @@ from tfem.segment import Layout, Segment
 from tfem.states import State, unpack_word
 from tfem.table import SlotTable, name_hash
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import up_factory, wait_until  # noqa: F401  (fixture)
-    from ._tfem_worker import KIB, MIB, content, sha256
-    from .conftest import SMALL
-except ImportError:
-    from _proc_tools import up_factory, wait_until  # noqa: F401
-    from _tfem_worker import KIB, MIB, content, sha256
-    from conftest import SMALL
+from tests._instances import SMALL
+from tests._tfem_worker import KIB, MIB, content, sha256
 
 CASES = int(os.environ.get("TFEM_FUZZ_CASES", "10000"))
 SEED = int(os.environ.get("TFEM_FUZZ_SEED", "20261122"))
@@ -173,7 +167,7 @@ def expects_reply(frames: list[bytes]) -> bool:
         return protocol.request_id_of(frames[0]) is not None
 
 
-def test_fuzz_broker_frames(up_factory):  # noqa: F811
+def test_fuzz_broker_frames(up_factory):
     inst = up_factory(*SMALL)
     survivors = {"keep/inline": 500, "keep/blocks": 30_000, "keep/spilled": MIB + 77 * KIB}
     with inst.connect() as c:
@@ -255,7 +249,7 @@ def msgmax() -> int:
         return int(f.read())
 
 
-def test_fuzz_registry_messages(up_factory):  # noqa: F811
+def test_fuzz_registry_messages(up_factory):
     inst = up_factory(*SMALL)
     keyfile = inst.keyfile
     registry = registry_pid(keyfile)

@@ -14,14 +14,9 @@ import os
 
 import tfem
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import wait_until
-    from ._tfem_worker import KIB, MIB, content
-    from .conftest import RunningInstance
-except ImportError:
-    from _proc_tools import wait_until
-    from _tfem_worker import KIB, MIB, content
-    from conftest import RunningInstance
+from tests._instances import RunningInstance
+from tests._proc_tools import wait_until
+from tests._tfem_worker import KIB, MIB, content
 
 NOTICE_S = 10  # the broker looks every 2 s; room for a loaded machine
 

@@ -22,14 +22,9 @@ import tfem.config
 from tfem.discovery import queue_key
 from tfem.keyfile import registry_pid
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import pid_gone, servers, tfem_cli, up_factory, wait_until  # noqa: F401  (fixtures)
-    from ._tfem_worker import KIB, MIB, content, sha256
-    from .conftest import SMALL
-except ImportError:
-    from _proc_tools import pid_gone, servers, tfem_cli, up_factory, wait_until  # noqa: F401
-    from _tfem_worker import KIB, MIB, content, sha256
-    from conftest import SMALL
+from tests._instances import SMALL
+from tests._proc_tools import pid_gone, tfem_cli, wait_until
+from tests._tfem_worker import KIB, MIB, content, sha256
 
 FILES = {"l/empty": 0, "l/inline": 900, "l/blocks": 70_000, "l/spilled": MIB + 200 * KIB}
 
@@ -66,7 +61,7 @@ def kill_up(up) -> list[int]:
     return [broker, registry]
 
 
-def test_the_next_up_adopts_what_a_killed_up_left(up_factory):  # noqa: F811
+def test_the_next_up_adopts_what_a_killed_up_left(up_factory):
     up = up_factory(*SMALL)
     keeper = up.connect()  # a producer that outlives the instance
     put_all(keeper, FILES)
@@ -109,7 +104,7 @@ def _adopted(up, keeper, held, old_queue, old_socket, old_servers) -> None:
         assert (stats["slots_used"], stats["arena_bytes_used"], stats["spilled_bytes"]) == (0, 0, 0)
 
 
-def test_clean_removes_everything_of_its_key_file_and_nothing_else(up_factory, tmp_path):  # noqa: F811
+def test_clean_removes_everything_of_its_key_file_and_nothing_else(up_factory, tmp_path):
     other = up_factory(*SMALL, subdir="other")  # runs beside it all along
     with other.connect() as c:
         put_all(c, {f"other/{k}": v for k, v in FILES.items()})
@@ -154,7 +149,7 @@ def test_clean_removes_everything_of_its_key_file_and_nothing_else(up_factory, t
         read_all(c, {f"other/{k}": v for k, v in FILES.items()})
 
 
-def test_clean_refuses_while_the_broker_outlives_its_registry(tmp_path, servers):  # noqa: F811
+def test_clean_refuses_while_the_broker_outlives_its_registry(tmp_path, servers):
     keyfile, spill = tmp_path / "half.key", tmp_path / "spill"
     servers.track(keyfile)
     registry = servers.start("registry", "--keyfile", str(keyfile))

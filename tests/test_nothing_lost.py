@@ -32,14 +32,9 @@ from tfem.keyfile import HEADER, registry_pid
 from tfem.errors import TfemError
 from tfem.protocol import Action
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import tfem_cli, up_factory, wait_until  # noqa: F401  (fixtures)
-    from .conftest import SMALL
-    from .test_leftovers import FILES, kill_up, put_all, queue_id, read_all
-except ImportError:
-    from _proc_tools import tfem_cli, up_factory, wait_until  # noqa: F401
-    from conftest import SMALL
-    from test_leftovers import FILES, kill_up, put_all, queue_id, read_all
+from tests._instances import SMALL
+from tests._proc_tools import tfem_cli, wait_until
+from tests.test_leftovers import FILES, kill_up, put_all, queue_id, read_all
 
 
 def colliding_keyfiles(where: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -79,7 +74,7 @@ def client_works(up) -> bool:
 # ---- keys that never collide silently ----
 
 
-def test_colliding_key_files_run_side_by_side(up_factory, tmp_path):  # noqa: F811
+def test_colliding_key_files_run_side_by_side(up_factory, tmp_path):
     first, second = colliding_keyfiles(tmp_path / "keys")
     one = up_factory(*SMALL, subdir="one", keyfile=first)
     two = up_factory(*SMALL, subdir="two", keyfile=second)
@@ -108,7 +103,7 @@ def test_colliding_key_files_run_side_by_side(up_factory, tmp_path):  # noqa: F8
         assert a.list() == []  # everything of one's was read above
 
 
-def test_clean_of_a_colliding_key_file_leaves_the_live_queue(up_factory, tmp_path):  # noqa: F811
+def test_clean_of_a_colliding_key_file_leaves_the_live_queue(up_factory, tmp_path):
     first, second = colliding_keyfiles(tmp_path / "keys")
     one = up_factory(*SMALL, keyfile=first)
     with one.connect() as c:
@@ -125,7 +120,7 @@ def test_clean_of_a_colliding_key_file_leaves_the_live_queue(up_factory, tmp_pat
         read_all(c, FILES)
 
 
-def test_a_queue_of_another_user_under_the_key_is_left_alone(up_factory, tmp_path):  # noqa: F811
+def test_a_queue_of_another_user_under_the_key_is_left_alone(up_factory, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("giving a queue to another user needs root")
     keyfile = tmp_path / "mine.key"
@@ -186,7 +181,7 @@ def test_a_queue_another_user_keeps_from_us_means_the_next_project_id(tmp_path):
 # ---- surviving the removal of the queue ----
 
 
-def test_removed_queue_is_made_again_and_nothing_is_lost(up_factory):  # noqa: F811
+def test_removed_queue_is_made_again_and_nothing_is_lost(up_factory):
     up = up_factory(*SMALL)
     with up.connect() as c:
         put_all(c, FILES)
@@ -215,7 +210,7 @@ DEAD_ASKER = textwrap.dedent("""
 """)  # and exits without reading a reply
 
 
-def test_replies_to_dead_askers_are_drained(up_factory):  # noqa: F811
+def test_replies_to_dead_askers_are_drained(up_factory):
     up = up_factory(*SMALL)
     asker = subprocess.run([sys.executable, "-c", DEAD_ASKER, str(up.keyfile), "20"], capture_output=True)
     assert asker.returncode == 0, asker.stderr.decode()
@@ -238,7 +233,7 @@ def serving_registry(up, not_in: list[int]) -> int | None:
     return pid
 
 
-def test_a_registry_that_keeps_crashing_never_takes_the_data(up_factory):  # noqa: F811
+def test_a_registry_that_keeps_crashing_never_takes_the_data(up_factory):
     up = up_factory(*SMALL)
     with up.connect() as keeper:
         put_all(keeper, FILES)
@@ -264,7 +259,7 @@ def live_broker(up, not_in: list[int]) -> int | None:
     return pid if isinstance(pid, int) and pid not in not_in and lib.tfem_pid_alive(pid) else None
 
 
-def test_a_broker_that_keeps_crashing_leaves_its_data_for_the_next_up(up_factory):  # noqa: F811
+def test_a_broker_that_keeps_crashing_leaves_its_data_for_the_next_up(up_factory):
     up = up_factory(*SMALL)
     with up.connect() as c:
         put_all(c, FILES)
@@ -286,7 +281,7 @@ def test_a_broker_that_keeps_crashing_leaves_its_data_for_the_next_up(up_factory
 # ---- everything found from the key file alone ----
 
 
-def test_clean_from_another_runtime_directory(up_factory, tmp_path, monkeypatch):  # noqa: F811
+def test_clean_from_another_runtime_directory(up_factory, tmp_path, monkeypatch):
     job_runtime, shell_runtime = tmp_path / "job-run", tmp_path / "shell-run"
     for d in (job_runtime, shell_runtime):
         d.mkdir(mode=0o700)

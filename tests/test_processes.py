@@ -10,12 +10,8 @@ block, no spilled byte.
 
 from __future__ import annotations
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import in_futex_wait, wait_until, workers  # noqa: F401  (fixture)
-    from ._tfem_worker import KIB, MIB, catalogue, consumed_by, produced_by
-except ImportError:
-    from _proc_tools import in_futex_wait, wait_until, workers  # noqa: F401  (fixture)
-    from _tfem_worker import KIB, MIB, catalogue, consumed_by, produced_by
+from tests._proc_tools import in_futex_wait, wait_until
+from tests._tfem_worker import KIB, MIB, catalogue, consumed_by, produced_by
 
 N = 4
 TOTAL = 1000
@@ -36,7 +32,7 @@ def test_catalogue_covers_every_size_class():
         assert {produced_by(i, N) for i in range(TOTAL) if consumed_by(i, N) == c} == set(range(N))
 
 
-def test_producers_and_consumers_exchange_1000_files(instance_factory, workers):  # noqa: F811
+def test_producers_and_consumers_exchange_1000_files(instance_factory, workers):
     inst = instance_factory(*OPTIONS)
 
     consumers = [workers(inst.env, "consume", str(i), str(N), str(TOTAL), "--timeout", "60") for i in range(N)]

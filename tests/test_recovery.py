@@ -28,16 +28,9 @@ import tfem
 from tfem._native import ffi
 from tfem.segment import Segment
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import pid_dead, servers, steps_workers, tfem_cli, up_factory, wait_until  # noqa: F401
-    from ._steps_worker import stream_size
-    from ._tfem_worker import KIB, MIB, content, sha256
-    from .conftest import SMALL
-except ImportError:
-    from _proc_tools import pid_dead, servers, steps_workers, tfem_cli, up_factory, wait_until  # noqa: F401
-    from _steps_worker import stream_size
-    from _tfem_worker import KIB, MIB, content, sha256
-    from conftest import SMALL
+from tests._instances import SMALL
+from tests._proc_tools import pid_dead, tfem_cli, wait_until
+from tests._tfem_worker import KIB, MIB, content, sha256, stream_size
 
 BUF, BLOCK = KIB, 4 * KIB  # SMALL's inline buffer and block
 
@@ -149,7 +142,7 @@ STATIC = {  # published before the crash, in WAIT through it
 }
 
 
-def test_broker_killed_mid_workload_loses_nothing(up_factory, steps_workers):  # noqa: F811
+def test_broker_killed_mid_workload_loses_nothing(up_factory, steps_workers):
     up = up_factory(*SMALL)
     c = up.connect()  # connected before the crash, used after it
     try:
@@ -269,7 +262,7 @@ def test_broker_killed_mid_workload_loses_nothing(up_factory, steps_workers):  #
 # ---- brokers started by hand ----
 
 
-def test_a_broker_started_by_hand_adopts_what_a_killed_one_left(tmp_path, servers):  # noqa: F811
+def test_a_broker_started_by_hand_adopts_what_a_killed_one_left(tmp_path, servers):
     keyfile, spill = tmp_path / "hand.key", tmp_path / "spill"
     servers.track(keyfile)
     servers.start("registry", "--keyfile", str(keyfile))
@@ -318,7 +311,7 @@ HEADER_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(HEADER_DAMAGE))
-def test_a_segment_with_a_damaged_header_is_replaced(up_factory, damage):  # noqa: F811
+def test_a_segment_with_a_damaged_header_is_replaced(up_factory, damage):
     up = up_factory(*SMALL)
     before = up.connect()
     try:
@@ -352,7 +345,7 @@ def test_a_segment_with_a_damaged_header_is_replaced(up_factory, damage):  # noq
         assert (stats["slots_used"], stats["arena_bytes_used"], stats["spilled_bytes"]) == (0, 0, 0)
 
 
-def test_corrupted_slots_are_dropped_at_adoption_and_the_rest_kept(up_factory):  # noqa: F811
+def test_corrupted_slots_are_dropped_at_adoption_and_the_rest_kept(up_factory):
     up = up_factory(*SMALL)
     files = {"s/spilled": MIB + 50 * KIB,  # first: it would push files written before it to the spill store
              "s/a": 30_000, "s/bad-name": 20_000, "s/bad-extent": 25_000, "s/overlap-1": 9_000,
@@ -387,7 +380,7 @@ def test_corrupted_slots_are_dropped_at_adoption_and_the_rest_kept(up_factory): 
         assert (stats["slots_used"], stats["arena_bytes_used"], stats["spilled_bytes"]) == (0, 0, 0)
 
 
-def test_a_spilled_size_is_bounded_at_adoption(up_factory):  # noqa: F811
+def test_a_spilled_size_is_bounded_at_adoption(up_factory):
     """A spilled file's size has no extents to be checked against: a
     garbage size is bounded by where the file's spill records end (then it
     is the file again, byte for byte) and by the segment's largest file

@@ -21,16 +21,9 @@ import pytest
 
 import tfem
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import small_disk, up_factory  # noqa: F401  (fixtures)
-    from ._tfem_worker import MIB, content, sha256
-    from .conftest import SMALL
-    from .test_c_api import programs, run  # noqa: F401  (fixture)
-except ImportError:
-    from _proc_tools import small_disk, up_factory  # noqa: F401
-    from _tfem_worker import MIB, content, sha256
-    from conftest import SMALL
-    from test_c_api import programs, run  # noqa: F401
+from tests._instances import SMALL
+from tests._tfem_worker import MIB, content, sha256
+from tests._c_programs import run
 
 CHUNK = 1 << 20  # the spill store's record (broker/spill.py)
 FILE = 3 * MIB  # through SMALL's 1 MiB arena: spilled; six of them fill the 20 MiB disk
@@ -38,7 +31,7 @@ TIB = 1 << 40
 
 
 @pytest.fixture
-def up(small_disk, up_factory):  # noqa: F811
+def up(small_disk, up_factory):
     """SMALL, its spill store on the 20 MiB disk (64G of spill allowed:
     the disk fills long before the store's own limit)."""
     return up_factory(*SMALL, spill_dir=small_disk / "spill")
@@ -95,7 +88,7 @@ def test_a_full_disk_under_the_spill_store_is_no_space(up):
     no_traceback(up)
 
 
-def test_a_full_disk_is_enospc_for_c_callers(up, programs):  # noqa: F811
+def test_a_full_disk_is_enospc_for_c_callers(up, programs):
     result = run(programs["space"], "fill", "c", str(FILE), env=up.env)
     assert result.returncode == 0, result.stderr
     said = dict(line.split(" ", 1) for line in result.stdout.splitlines())
@@ -156,7 +149,7 @@ def test_a_write_at_1_tib_is_efbig_at_once_while_others_are_served(up):
     no_traceback(up)
 
 
-def test_a_write_at_1_tib_is_efbig_for_c_callers(up, programs):  # noqa: F811
+def test_a_write_at_1_tib_is_efbig_for_c_callers(up, programs):
     result = run(programs["space"], "hole", "c/hole", env=up.env)
     said = result.stdout.split()
     assert said[:2] == ["hole", "EFBIG"], result.stdout + result.stderr
@@ -170,7 +163,7 @@ def test_a_write_at_1_tib_is_efbig_for_c_callers(up, programs):  # noqa: F811
 GAP = 4 << 30  # far below the limit (64 GiB of spill), far above the 20 MiB disk
 
 
-def test_a_gap_in_a_spilled_file_is_not_stored(up, programs):  # noqa: F811
+def test_a_gap_in_a_spilled_file_is_not_stored(up, programs):
     head = content("g/py", 2 * MIB)
     size = len(head) + GAP + 1
     with up.connect() as c:

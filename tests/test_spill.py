@@ -15,12 +15,8 @@ import pytest
 
 import tfem
 
-try:  # tests/ may or may not be a package
-    from ._tfem_worker import KIB, MIB, content
-    from .conftest import SMALL
-except ImportError:
-    from _tfem_worker import KIB, MIB, content
-    from conftest import SMALL
+from tests._instances import SMALL
+from tests._tfem_worker import KIB, MIB, content
 
 INLINE = KIB
 MEDIUM = 128 * KIB  # 32 blocks

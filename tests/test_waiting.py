@@ -19,17 +19,13 @@ import pytest
 import tfem
 from tfem.table import WAKE_BUCKETS, name_hash
 
-try:  # tests/ may or may not be a package
-    from ._proc_tools import in_futex_wait, wait_until, workers  # noqa: F401  (workers: a fixture)
-    from ._tfem_worker import content, sha256
-except ImportError:
-    from _proc_tools import in_futex_wait, wait_until, workers  # noqa: F401
-    from _tfem_worker import content, sha256
+from tests._proc_tools import in_futex_wait, wait_until
+from tests._tfem_worker import content, sha256
 
 QUIET = 0.3  # how long a reader must stay silent to count as "not given the file"
 
 
-def start_reader(workers, instance, name, *options):  # noqa: F811
+def start_reader(workers, instance, name, *options):
     """A reader process that has reached tfem's wait for `name`."""
     reader = workers(instance.env, "read", name, *options)
     reader.expect("waiting")
@@ -54,7 +50,7 @@ def assert_all_free(client):
 # ---- waiting for the producer ----
 
 
-def test_reader_waits_for_the_producers_close(client, instance, workers):  # noqa: F811
+def test_reader_waits_for_the_producers_close(client, instance, workers):
     data = content("late", 50_000)  # inline buffer and arena blocks
     reader = start_reader(workers, instance, "late", "--timeout", "30")
     with pytest.raises(tfem.NotFound):
@@ -79,7 +75,7 @@ def test_reader_waits_for_the_producers_close(client, instance, workers):  # noq
     assert_all_free(client)
 
 
-def test_reader_started_after_publish_does_not_wait(client, instance, workers):  # noqa: F811
+def test_reader_started_after_publish_does_not_wait(client, instance, workers):
     data = content("early", 3000)
     with client.open("early", "w") as f:
         f.write(data)
@@ -91,7 +87,7 @@ def test_reader_started_after_publish_does_not_wait(client, instance, workers): 
     assert_all_free(client)
 
 
-def test_many_readers_of_different_names_each_get_their_own(client, instance, workers):  # noqa: F811
+def test_many_readers_of_different_names_each_get_their_own(client, instance, workers):
     names = [f"fan/{i}" for i in range(4)]
     readers = {name: start_reader(workers, instance, name, "--timeout", "30") for name in names}
     for name in reversed(names):
@@ -107,7 +103,7 @@ def test_many_readers_of_different_names_each_get_their_own(client, instance, wo
 # ---- timeouts ----
 
 
-def test_timeout_in_a_reader_process(client, instance, workers):  # noqa: F811
+def test_timeout_in_a_reader_process(client, instance, workers):
     reader = workers(instance.env, "read", "never", "--timeout", "1.0")
     reader.expect("waiting")
     error = reader.expect("error", timeout=10)
@@ -160,7 +156,7 @@ def _same_bucket_names(target: str, count: int) -> list[str]:
     return found
 
 
-def test_wakeups_for_other_names_neither_satisfy_nor_extend_a_wait(client, instance, workers):  # noqa: F811
+def test_wakeups_for_other_names_neither_satisfy_nor_extend_a_wait(client, instance, workers):
     """Publishes of other names that share the reader's wake bucket wake it;
     it must go back to sleep, and still time out on time."""
     noise = workers(instance.env, "churn", *_same_bucket_names("quiet", 3))
@@ -230,7 +226,7 @@ def test_abort_gives_a_file_in_read_back_whole(client):
     assert_all_free(client)
 
 
-def test_a_file_in_read_is_not_given_to_a_second_reader_until_given_back(client, instance, workers):  # noqa: F811
+def test_a_file_in_read_is_not_given_to_a_second_reader_until_given_back(client, instance, workers):
     data = content("shared", 20_000)
     with client.open("shared", "w") as f:
         f.write(data)
@@ -249,7 +245,7 @@ def test_a_file_in_read_is_not_given_to_a_second_reader_until_given_back(client,
     assert_all_free(client)
 
 
-def test_a_consumed_file_is_not_given_to_a_second_reader(client, instance, workers):  # noqa: F811
+def test_a_consumed_file_is_not_given_to_a_second_reader(client, instance, workers):
     old, new = content("once/old", 9000), content("once/new", 5000)
     with client.open("once", "w") as f:
         f.write(old)
@@ -269,7 +265,7 @@ def test_a_consumed_file_is_not_given_to_a_second_reader(client, instance, worke
     assert_all_free(client)
 
 
-def test_a_reader_holding_a_file_blocks_another_process(client, instance, workers):  # noqa: F811
+def test_a_reader_holding_a_file_blocks_another_process(client, instance, workers):
     data = content("held", 30_000)
     with client.open("held", "w") as f:
         f.write(data)
@@ -302,7 +298,7 @@ def test_mode_a_creates_when_absent_and_reads_when_waiting(client):
     assert_all_free(client)
 
 
-def test_mode_a_waits_for_a_file_being_written(client, instance, workers):  # noqa: F811
+def test_mode_a_waits_for_a_file_being_written(client, instance, workers):
     data = content("auto/late", 12_345)
     f = client.open("auto/late", "w")
     f.write(data)
@@ -341,7 +337,7 @@ def test_tfem_auto_flag_through_the_posix_calls(client, instance):
 # ---- producers that give up ----
 
 
-def test_a_producer_leaving_with_an_exception_drops_the_file(client, instance, workers):  # noqa: F811
+def test_a_producer_leaving_with_an_exception_drops_the_file(client, instance, workers):
     reader = start_reader(workers, instance, "doomed", "--timeout", "30")
     with pytest.raises(RuntimeError, match="stage failed"):
         with client.open("doomed", "w") as f:
@@ -379,7 +375,7 @@ def test_unlink_a_waiting_file(client):
     assert_all_free(client)
 
 
-def test_unlink_a_file_being_written(client, instance, workers):  # noqa: F811
+def test_unlink_a_file_being_written(client, instance, workers):
     reader = start_reader(workers, instance, "moving", "--timeout", "30")
     old = content("moving/old", 60_000)
     f = client.open("moving", "w")
