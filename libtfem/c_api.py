@@ -65,7 +65,7 @@ def install(ffi: Any) -> None:
     def _tfem_py_spill_read(slot: int, generation: int, offset: int, buf: Any, count: int) -> int:
         reply = posix.default_client().call(Op.SPILL_READ, {**held(slot, generation), "offset": offset,
                                                             "length": min(count, SPILL_IO_CHUNK)})
-        data = memoryview(reply.data)
+        data = memoryview(reply.payload())
         ffi.memmove(buf, data, len(data))
         return len(data)
 

@@ -78,6 +78,17 @@ class Reply:
     result: Any
     data: bytes | memoryview | None = None
 
+    def payload(self) -> bytes | memoryview:
+        """The data frame, for an op whose reply carries one."""
+        if self.data is None:
+            raise ProtocolError("the reply has no data frame")
+        return self.data
+
+
+def _pack(value: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(value)  # msgpack's functions carry no types
+    return packed
+
 
 def _unpack(frame: bytes | memoryview, what: str) -> list[Any]:
     try:
@@ -113,7 +124,7 @@ def _check_args(what: str, spec: dict[str, type], args: Any) -> dict[str, Any]:
 
 def encode_request(request: Request) -> list[bytes | memoryview]:
     """The frames of a request: header, then data if the op takes it."""
-    header = msgpack.packb([VERSION, request.request_id, request.op.value, request.args])
+    header = _pack([VERSION, request.request_id, request.op.value, request.args])
     if request.op in _TAKES_DATA:
         return [header, request.data if request.data is not None else b""]
     return [header]
@@ -150,7 +161,7 @@ def request_id_of(frame: Any) -> int | None:
 
 
 def encode_reply(reply: Reply) -> list[bytes | memoryview]:
-    header = msgpack.packb([VERSION, reply.request_id, reply.errno, reply.result])
+    header = _pack([VERSION, reply.request_id, reply.errno, reply.result])
     return [header] if reply.data is None else [header, reply.data]
 
 
@@ -197,7 +208,7 @@ class RegistryRequest:
 
 
 def encode_registry_request(request: RegistryRequest) -> bytes:
-    body = msgpack.packb(
+    body = _pack(
         [VERSION, request.request_id, request.action.value, request.pid, request.args]
     )
     if len(body) > MAX_REGISTRY_MESSAGE:
@@ -225,7 +236,7 @@ def decode_registry_request(body: bytes) -> RegistryRequest:
 
 
 def encode_registry_reply(reply: Reply) -> bytes:
-    return msgpack.packb([VERSION, reply.request_id, reply.errno, reply.result])
+    return _pack([VERSION, reply.request_id, reply.errno, reply.result])
 
 
 def decode_registry_reply(body: bytes) -> Reply:
