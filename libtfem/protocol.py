@@ -130,15 +130,21 @@ def encode_request(request: Request) -> list[bytes | memoryview]:
     return [header]
 
 
+def _unpack_header(frame: Any, what: str, fields: str) -> tuple[int, Any, Any]:
+    """The request id and the two fields after it of a broker request's or
+    reply's header, [version, id, a, b]; `fields` names a and b for errors."""
+    value = _unpack(frame, f"{what} header")
+    if len(value) != 4:
+        raise ProtocolError(f"{what} header must be [version, id, {fields}]")
+    _, request_id, first, second = value
+    return _check_uint(request_id, "request id"), first, second
+
+
 def decode_request(frames: list[Any]) -> Request:
     """A request from its frames (bytes or zmq.Frame buffers)."""
     if not frames:
         raise ProtocolError("empty request")
-    value = _unpack(frames[0], "request header")
-    if len(value) != 4:
-        raise ProtocolError("request header must be [version, id, op, args]")
-    _, request_id, op_name, args = value
-    _check_uint(request_id, "request id")
+    request_id, op_name, args = _unpack_header(frames[0], "request", "op, args")
     try:
         op = Op(op_name)
     except ValueError:
@@ -168,11 +174,7 @@ def encode_reply(reply: Reply) -> list[bytes | memoryview]:
 def decode_reply(frames: list[Any]) -> Reply:
     if not frames or len(frames) > 2:
         raise ProtocolError("a reply has one or two frames")
-    value = _unpack(frames[0], "reply header")
-    if len(value) != 4:
-        raise ProtocolError("reply header must be [version, id, errno, result]")
-    _, request_id, code, result = value
-    _check_uint(request_id, "request id")
+    request_id, code, result = _unpack_header(frames[0], "reply", "errno, result")
     _check_uint(code, "errno")
     return Reply(request_id, code, result, frames[1] if len(frames) == 2 else None)
 
