@@ -76,8 +76,9 @@ setup(
     ],
     extras_require={
         # matplotlib: the test of the benchmark harness draws its plots;
-        # numpy: the zero-copy tests use views from numpy, as users will
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "numpy>=1.22"],
+        # numpy: the zero-copy tests use views from numpy, as users will;
+        # mypy (and cffi's stubs): tests/test_types.py type-checks the package
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "numpy>=1.22", "mypy>=1.10", "types-cffi"],
         # python -m bench (also needs redis-server on PATH)
         "bench": ["redis>=4.2", "matplotlib>=3.5"],
     },

@@ -11,18 +11,25 @@ cffi would turn it into a silent 0.
 
 from __future__ import annotations
 
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import posix
 from .errors import TfemError, errno_of
 from .files import SPILL_IO_CHUNK
 from .protocol import Op
 
+if TYPE_CHECKING:  # the embedding module's FFI, as cffi's stubs type it
+    from _cffi_backend import FFI
 
-def install(ffi: Any) -> None:
+EntryPoint = Callable[..., int]
+
+
+def install(ffi: FFI) -> None:
     """Bind the entry points declared in native/tfem_embed.h."""
 
-    def _fail(exc_type: Any, exc: BaseException, tb: Any) -> int:
+    # exc_type is Any: cffi's stubs say an Exception where cffi passes its type
+    def _fail(exc_type: Any, exc: BaseException, tb: TracebackType) -> int:
         ffi.errno = errno_of(exc)
         if not isinstance(exc, (TfemError, OSError, ValueError)):
             import traceback
@@ -30,7 +37,7 @@ def install(ffi: Any) -> None:
             traceback.print_exception(exc_type, exc, tb)  # a bug: say so on stderr
         return -1
 
-    def extern(fn: Any) -> Any:
+    def extern(fn: EntryPoint) -> EntryPoint:
         return ffi.def_extern(name=fn.__name__, error=-1, onerror=_fail)(fn)
 
     def held(slot: int, generation: int) -> dict[str, int]:
@@ -41,7 +48,7 @@ def install(ffi: Any) -> None:
         return 1
 
     @extern
-    def _tfem_py_segment(out: Any, size: int) -> int:
+    def _tfem_py_segment(out: FFI.CData, size: int) -> int:
         name = posix.default_client().table.seg.name.encode()
         if len(name) >= size:
             raise TfemError(f"segment name {name!r} is too long")
@@ -54,7 +61,7 @@ def install(ffi: Any) -> None:
         return 0
 
     @extern
-    def _tfem_py_spill_write(slot: int, generation: int, offset: int, buf: Any, count: int) -> int:
+    def _tfem_py_spill_write(slot: int, generation: int, offset: int, buf: FFI.CData, count: int) -> int:
         client, data, chunk = posix.default_client(), ffi.buffer(buf, count), SPILL_IO_CHUNK
         for start in range(0, count, chunk):
             piece = memoryview(data)[start: start + chunk]
@@ -62,10 +69,10 @@ def install(ffi: Any) -> None:
         return count
 
     @extern
-    def _tfem_py_spill_read(slot: int, generation: int, offset: int, buf: Any, count: int) -> int:
+    def _tfem_py_spill_read(slot: int, generation: int, offset: int, buf: FFI.CData, count: int) -> int:
         reply = posix.default_client().call(Op.SPILL_READ, {**held(slot, generation), "offset": offset,
                                                             "length": min(count, SPILL_IO_CHUNK)})
-        data = memoryview(reply.data)
+        data = memoryview(reply.payload())
         ffi.memmove(buf, data, len(data))
         return len(data)
 

@@ -18,6 +18,7 @@ broker made a new segment (the old one was damaged), is it an error.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import itertools
 import operator
@@ -30,6 +31,7 @@ import zmq
 
 from . import discovery, protocol
 from ._native import ffi, lib
+from .cdata import FileCore
 from .config import ENV_BROKER, Instance
 from .errors import (BrokerUnavailable, InvalidArgument, NoSpace, ProtocolError, TfemError, Timeout, WouldBlock,
                      from_errno)
@@ -97,8 +99,8 @@ class Client:
         self._connect_timeout_ms = int(connect_timeout * 1000)
         self._ids = itertools.count(1)
         self._socket_lock = threading.Lock()  # a ZeroMQ socket serves one thread at a time
-        self.held: set[Any] = set()  # the cores of files open through this client
-        self.pinned: dict[Any, TfemFile] = {}  # ... of them, those with views out (getbuffer)
+        self.held: set[FileCore] = set()  # the cores of files open through this client
+        self.pinned: dict[FileCore, TfemFile] = {}  # ... of them, those with views out (getbuffer)
         self._replaced: list[Segment] = []  # segments the broker replaced, kept for files still open on them
         self._connect()
 
@@ -135,6 +137,7 @@ class Client:
         self.segment = segment
         self.table = SlotTable(segment, self.pid)
         self._header = segment.header
+        assert segment.view is not None  # a segment is mapped until closed
         self.memory = segment.view
         self.base = int(ffi.cast("uintptr_t", self._header))
 
@@ -181,8 +184,8 @@ class Client:
             if op not in (Op.HELLO, Op.BYE) and (reply is None or reply.errno == errno.ENOTCONN):
                 self._rejoin()  # the broker restarted: introduce ourselves, ask again
                 reply = self._exchange(Request(next(self._ids), op, args, data), wait_ms)
-                if reply is None:
-                    raise BrokerUnavailable(f"the broker at {self.endpoint} died again")
+        if reply is None:  # HELLO and BYE are not asked again
+            raise BrokerUnavailable(f"the broker at {self.endpoint} died before answering")
         if reply.errno:
             raise from_errno(reply.errno, str(reply.result))
         return reply
@@ -192,7 +195,8 @@ class Client:
         (or was replaced) before answering."""
         if self._socket is None:
             raise ValueError("the tfem client is closed")
-        broker = self.segment.header.broker_pid if self.segment is not None else 0
+        header = self.segment.header if self.segment is not None else None  # none before the first HELLO
+        broker = header.broker_pid if header is not None else 0
         self._socket.send_multipart(protocol.encode_request(request), copy=False)
         deadline = time.monotonic() + wait_ms / 1000
         while True:
@@ -201,7 +205,7 @@ class Client:
                 raise BrokerUnavailable(f"the broker at {self.endpoint} did not answer within "
                                         f"{wait_ms / 1000:g} s")
             if not self._socket.poll(min(left_ms, LIVENESS_POLL_MS)):
-                if broker and (self.segment.header.broker_pid != broker or not lib.tfem_pid_alive(broker)):
+                if header is not None and broker and (header.broker_pid != broker or not lib.tfem_pid_alive(broker)):
                     return None
                 continue
             frames = self._socket.recv_multipart(copy=False)
@@ -257,7 +261,7 @@ class Client:
         if self._epoch != forks.epoch:
             self._check_fork()
         try:  # the common name: short, plain text
-            raw = name.encode() if type(name) is str else None  # type: ignore[union-attr]
+            raw = name.encode() if type(name) is str else None
         except UnicodeEncodeError:
             raw = None
         if raw is None or not 0 < len(raw) <= NAME_MAX or b"\0" in raw:
@@ -367,7 +371,7 @@ class Client:
         self._check_current()
         return [f.name for f in self.table.list()]
 
-    def list_stats(self) -> list[FileStat]:
+    def list_stats(self) -> builtins.list[FileStat]:
         self._check_current()
         return self.table.list()
 

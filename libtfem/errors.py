@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import errno as _errno
 import io
+from typing import Any
 
 
 class TfemError(OSError):
     """Base of every tfem error. ``errno`` says which."""
 
     errno_value = _errno.EIO
+
+    def __init_subclass__(cls, errno: int | None = None, **kwargs: Any) -> None:
+        """`class NotFound(TfemError, errno=ENOENT)`: a subclass names its errno value."""
+        super().__init_subclass__(**kwargs)
+        if errno is not None:
+            cls.errno_value = errno
 
     def __init__(self, message: str) -> None:
         super().__init__(self.errno_value, message)
@@ -28,103 +35,83 @@ class TfemError(OSError):
 # ---- the caller's mistake ----
 
 
-class InvalidArgument(TfemError, ValueError):
-    errno_value = _errno.EINVAL
+class InvalidArgument(TfemError, ValueError, errno=_errno.EINVAL):
+    pass
 
 
-class NameTooLong(InvalidArgument):
-    errno_value = _errno.ENAMETOOLONG
+class NameTooLong(InvalidArgument, errno=_errno.ENAMETOOLONG):
+    pass
 
 
-class BadDescriptor(TfemError):
-    errno_value = _errno.EBADF
+class BadDescriptor(TfemError, errno=_errno.EBADF):
+    pass
 
 
-class WrongMode(TfemError, io.UnsupportedOperation):
+class WrongMode(TfemError, io.UnsupportedOperation, errno=_errno.EBADF):
     """Read on a write handle, write on a read handle."""
 
-    errno_value = _errno.EBADF
 
-
-class AlreadyExists(TfemError, FileExistsError):
-    errno_value = _errno.EEXIST
+class AlreadyExists(TfemError, FileExistsError, errno=_errno.EEXIST):
+    pass
 
 
 # ---- the state of the store ----
 
 
-class NotFound(TfemError, FileNotFoundError):
-    errno_value = _errno.ENOENT
+class NotFound(TfemError, FileNotFoundError, errno=_errno.ENOENT):
+    pass
 
 
-class WouldBlock(TfemError, BlockingIOError):
+class WouldBlock(TfemError, BlockingIOError, errno=_errno.EAGAIN):
     """Non-blocking open of a name that is not ready."""
 
-    errno_value = _errno.EAGAIN
+
+class Timeout(TfemError, TimeoutError, errno=_errno.ETIMEDOUT):
+    pass
 
 
-class Timeout(TfemError, TimeoutError):
-    errno_value = _errno.ETIMEDOUT
-
-
-class NoSpace(TfemError):
+class NoSpace(TfemError, errno=_errno.ENOSPC):
     """The slot table, the arena or the spill store is full."""
 
-    errno_value = _errno.ENOSPC
 
-
-class FileTooLarge(NoSpace):
+class FileTooLarge(NoSpace, errno=_errno.EFBIG):
     """A write past the per-file limit (the broker's --max-file-size). A
     NoSpace, so that handlers of a full store catch it too."""
 
-    errno_value = _errno.EFBIG
+
+class Busy(TfemError, errno=_errno.EBUSY):
+    pass
 
 
-class Busy(TfemError):
-    errno_value = _errno.EBUSY
-
-
-class ChecksumMismatch(TfemError):
+class ChecksumMismatch(TfemError, errno=_errno.EBADMSG):
     """A file's bytes do not match the checksum its producer took."""
 
-    errno_value = _errno.EBADMSG
 
-
-class HandleInvalidated(TfemError):
+class HandleInvalidated(TfemError, errno=_errno.ESTALE):
     """The slot behind a handle was freed or taken over by someone else."""
-
-    errno_value = _errno.ESTALE
 
 
 class SegmentCorrupt(TfemError):
     """The segment does not carry a header this version understands."""
 
 
-class SegmentExists(TfemError):
+class SegmentExists(TfemError, errno=_errno.EEXIST):
     """A segment of that name exists already (a broker runs, or crashed)."""
-
-    errno_value = _errno.EEXIST
 
 
 # ---- the other side ----
 
 
-class BrokerUnavailable(TfemError, ConnectionError):
+class BrokerUnavailable(TfemError, ConnectionError, errno=_errno.ECONNREFUSED):
     """No registry or broker answers for this key file."""
 
-    errno_value = _errno.ECONNREFUSED
 
-
-class UnknownClient(TfemError):
+class UnknownClient(TfemError, errno=_errno.ENOTCONN):
     """The broker has no HELLO from this connection (it restarted)."""
 
-    errno_value = _errno.ENOTCONN
 
-
-class ProtocolError(TfemError):
+class ProtocolError(TfemError, errno=_errno.EPROTO):
     """A message that does not follow the wire format."""
-
-    errno_value = _errno.EPROTO
 
 
 _BY_ERRNO: dict[int, type[TfemError]] = {

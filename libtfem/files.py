@@ -29,6 +29,7 @@ from typing import Any, Iterator, Protocol
 
 from . import forks
 from ._native import ffi, lib
+from .cdata import CharPtr, FileCore, FileInfo
 from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
 from .protocol import Op, Reply
 from .table import Deadline
@@ -45,8 +46,8 @@ class Owner(Protocol):
     memory: memoryview  # the segment's mapping
     base: int  # its address
     pid: int
-    held: set[Any]  # the cores of files open through it
-    pinned: dict[Any, TfemFile]  # ... of them, those with views (getbuffer)
+    held: set[FileCore]  # the cores of files open through it
+    pinned: dict[FileCore, TfemFile]  # ... of them, those with views (getbuffer)
 
     def call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply: ...
 
@@ -55,18 +56,18 @@ class Owner(Protocol):
     def room_seen(self) -> int: ...
 
 
-def _source(data: Any) -> tuple[Any, int]:
+def _source(data: Any) -> tuple[CharPtr | bytes, int]:
     """Bytes to write, as the core takes them, and their length."""
     if type(data) is bytes:
         return data, len(data)
     try:
-        buf = ffi.from_buffer(data)
+        buf: CharPtr | bytes = ffi.from_buffer(data)
     except (TypeError, ValueError, BufferError):  # not contiguous
         buf = memoryview(data).tobytes()
     return buf, len(buf)
 
 
-def _target(buffer: Any) -> tuple[Any, int]:
+def _target(buffer: Any) -> tuple[CharPtr, int]:
     """A buffer to read into, as the core takes it, and its length."""
     out = ffi.from_buffer(buffer, require_writable=True)
     return out, len(out)
@@ -82,7 +83,7 @@ class TfemFile(io.RawIOBase):
 
     _room_timeout: float | None = 0  # how long a write may wait for memory
 
-    def __init__(self, core: Any, name: str, owner: Owner, room_timeout: float | None = 0) -> None:
+    def __init__(self, core: FileCore, name: str, owner: Owner, room_timeout: float | None = 0) -> None:
         self._f = core  # struct tfem_file *, this object's alone
         self._owner = owner
         # The mapping the file lives in: its client may map a new segment
@@ -90,7 +91,7 @@ class TfemFile(io.RawIOBase):
         self._memory, self._base = owner.memory, owner.base
         self.name = name
         self._epoch = forks.epoch
-        self._writing = writing = core.writing
+        self._writing = writing = bool(core.writing)
         if writing:
             if room_timeout:
                 self._room_timeout = room_timeout
@@ -301,7 +302,7 @@ class TfemFile(io.RawIOBase):
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a tfem file has no operating-system descriptor")
 
-    def fstat(self) -> Any:
+    def fstat(self) -> FileInfo:
         """The held slot's facts (struct tfem_fileinfo): right even after the
         name was unlinked or reused."""
         self._check_open()
@@ -378,7 +379,7 @@ class TfemFile(io.RawIOBase):
             pos += run
         return views
 
-    def _read_rest(self, out: Any, n: int, got: int) -> int:
+    def _read_rest(self, out: CharPtr, n: int, got: int) -> int:
         f = self._f
         if got < 0:
             raise self._fail(-got)
@@ -389,7 +390,7 @@ class TfemFile(io.RawIOBase):
             done += k
         return done
 
-    def _write_rest(self, buf: Any, n: int, done: int) -> None:
+    def _write_rest(self, buf: CharPtr | bytes, n: int, done: int) -> None:
         f = self._f
         while True:
             if done < 0:
@@ -480,7 +481,7 @@ class TfemFile(io.RawIOBase):
             length = min(max(len(out), SPILL_IO_CHUNK), f.size - pos)
             reply = self._owner.call(
                 Op.SPILL_READ, {"slot": f.index, "generation": f.generation, "offset": pos, "length": length})
-            self._cache, self._cache_offset = memoryview(reply.data), pos
+            self._cache, self._cache_offset = memoryview(reply.payload()), pos
         start = pos - self._cache_offset
         n = min(len(out), len(self._cache) - start)
         out[0:n] = self._cache[start: start + n]

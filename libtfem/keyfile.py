@@ -46,7 +46,8 @@ def identity(path: pathlib.Path, pid: int) -> KeyIdentity:
 
 def ftok(path: pathlib.Path, project: int) -> int:
     """The queue key of key file `path` under ftok project id `project`."""
-    return sysv_ipc.ftok(str(path), project, silence_warning=True)
+    key: int = sysv_ipc.ftok(str(path), project, silence_warning=True)  # sysv_ipc carries no types
+    return key
 
 
 def format_record(record: KeyRecord) -> str:

@@ -78,6 +78,17 @@ class Reply:
     result: Any
     data: bytes | memoryview | None = None
 
+    def payload(self) -> bytes | memoryview:
+        """The data frame, for an op whose reply carries one."""
+        if self.data is None:
+            raise ProtocolError("the reply has no data frame")
+        return self.data
+
+
+def _pack(value: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(value)  # msgpack's functions carry no types
+    return packed
+
 
 def _unpack(frame: bytes | memoryview, what: str) -> list[Any]:
     try:
@@ -113,21 +124,27 @@ def _check_args(what: str, spec: dict[str, type], args: Any) -> dict[str, Any]:
 
 def encode_request(request: Request) -> list[bytes | memoryview]:
     """The frames of a request: header, then data if the op takes it."""
-    header = msgpack.packb([VERSION, request.request_id, request.op.value, request.args])
+    header = _pack([VERSION, request.request_id, request.op.value, request.args])
     if request.op in _TAKES_DATA:
         return [header, request.data if request.data is not None else b""]
     return [header]
+
+
+def _unpack_header(frame: Any, what: str, fields: str) -> tuple[int, Any, Any]:
+    """The request id and the two fields after it of a broker request's or
+    reply's header, [version, id, a, b]; `fields` names a and b for errors."""
+    value = _unpack(frame, f"{what} header")
+    if len(value) != 4:
+        raise ProtocolError(f"{what} header must be [version, id, {fields}]")
+    _, request_id, first, second = value
+    return _check_uint(request_id, "request id"), first, second
 
 
 def decode_request(frames: list[Any]) -> Request:
     """A request from its frames (bytes or zmq.Frame buffers)."""
     if not frames:
         raise ProtocolError("empty request")
-    value = _unpack(frames[0], "request header")
-    if len(value) != 4:
-        raise ProtocolError("request header must be [version, id, op, args]")
-    _, request_id, op_name, args = value
-    _check_uint(request_id, "request id")
+    request_id, op_name, args = _unpack_header(frames[0], "request", "op, args")
     try:
         op = Op(op_name)
     except ValueError:
@@ -150,18 +167,14 @@ def request_id_of(frame: Any) -> int | None:
 
 
 def encode_reply(reply: Reply) -> list[bytes | memoryview]:
-    header = msgpack.packb([VERSION, reply.request_id, reply.errno, reply.result])
+    header = _pack([VERSION, reply.request_id, reply.errno, reply.result])
     return [header] if reply.data is None else [header, reply.data]
 
 
 def decode_reply(frames: list[Any]) -> Reply:
     if not frames or len(frames) > 2:
         raise ProtocolError("a reply has one or two frames")
-    value = _unpack(frames[0], "reply header")
-    if len(value) != 4:
-        raise ProtocolError("reply header must be [version, id, errno, result]")
-    _, request_id, code, result = value
-    _check_uint(request_id, "request id")
+    request_id, code, result = _unpack_header(frames[0], "reply", "errno, result")
     _check_uint(code, "errno")
     return Reply(request_id, code, result, frames[1] if len(frames) == 2 else None)
 
@@ -197,7 +210,7 @@ class RegistryRequest:
 
 
 def encode_registry_request(request: RegistryRequest) -> bytes:
-    body = msgpack.packb(
+    body = _pack(
         [VERSION, request.request_id, request.action.value, request.pid, request.args]
     )
     if len(body) > MAX_REGISTRY_MESSAGE:
@@ -225,7 +238,7 @@ def decode_registry_request(body: bytes) -> RegistryRequest:
 
 
 def encode_registry_reply(reply: Reply) -> bytes:
-    return msgpack.packb([VERSION, reply.request_id, reply.errno, reply.result])
+    return _pack([VERSION, reply.request_id, reply.errno, reply.result])
 
 
 def decode_registry_reply(body: bytes) -> Reply:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Any
 
 import posix_ipc
 
 from ._native import ffi, lib
+from .cdata import CharPtr, Header, Slot
 from .errors import InvalidArgument, NoSpace, NotFound, SegmentCorrupt, SegmentExists
 
 PAGE = mmap.PAGESIZE
@@ -72,7 +72,7 @@ class Layout:
             raise InvalidArgument("the largest file must be between 1 byte and 2^63")
 
 
-def _header_problem(h: Any, size: int) -> str | None:
+def _header_problem(h: Header, size: int) -> str | None:
     """Why a header cannot be trusted, or None. Every offset is recomputed
     from the four parameters and must match, so no garbage offset is ever
     followed."""
@@ -106,7 +106,7 @@ class Segment:
 
     # Class-level defaults so close() is safe after a failed constructor.
     _mmap: mmap.mmap | None = None
-    _base: Any = None
+    _base: CharPtr | None = None
     view: memoryview | None = None
 
     def __init__(self, name: str, mapping: mmap.mmap, inode: int) -> None:
@@ -114,8 +114,9 @@ class Segment:
         self.inode = inode  # of the shared-memory file the name led to when mapped
         self._mmap = mapping
         self.view = memoryview(mapping)
-        self._base = ffi.from_buffer(mapping)
-        self.header = ffi.cast("struct tfem_header *", self._base)
+        self._base = base = ffi.from_buffer(mapping)
+        self.size = len(mapping)  # bytes mapped
+        self.header = ffi.cast("struct tfem_header *", base)
         h = self.header
         self.slot_count: int = h.slot_count
         self.slot_size: int = h.slot_size
@@ -126,9 +127,9 @@ class Segment:
         self.slots_offset: int = h.slots_offset
         self.arena_offset: int = h.arena_offset
         self.inline_offset = ffi.sizeof("struct tfem_slot")
-        self.index = ffi.cast("uint32_t *", self._base + h.index_offset)
-        self.free_stack = ffi.cast("uint32_t *", self._base + h.free_stack_offset)
-        self.bitmap = ffi.cast("uint64_t *", self._base + h.bitmap_offset)
+        self.index = ffi.cast("uint32_t *", base + h.index_offset)
+        self.free_stack = ffi.cast("uint32_t *", base + h.free_stack_offset)
+        self.bitmap = ffi.cast("uint64_t *", base + h.bitmap_offset)
 
     # ---- life cycle ----
 
@@ -222,7 +223,7 @@ class Segment:
         """Give the native core its own checked copy of where things are: it
         never follows the shared header's offsets, which any process that
         maps the segment could damage later."""
-        why = lib.tfem_geometry_attach(self.header, len(self._mmap))
+        why = lib.tfem_geometry_attach(self.header, self.size)
         if why != ffi.NULL:
             reason = ffi.string(why).decode()
             self.close()
@@ -230,7 +231,7 @@ class Segment:
 
     def close(self) -> None:
         """Detach. Idempotent; the segment stays for the other processes."""
-        if self._mmap is None:
+        if self._mmap is None or self.view is None or self._base is None:  # all three, or none
             return
         lib.tfem_geometry_detach(self.header)
         self.view.release()
@@ -271,7 +272,8 @@ class Segment:
 
     # ---- typed access ----
 
-    def slot(self, index: int) -> Any:
+    def slot(self, index: int) -> Slot:
+        assert self._base is not None, "the segment is closed"
         return ffi.cast("struct tfem_slot *", self._base + self.slots_offset + index * self.slot_size)
 
     def slot_offset(self, index: int) -> int:

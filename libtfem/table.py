@@ -25,9 +25,10 @@ import os
 import threading
 import time
 import zlib
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 from ._native import ffi, lib
+from .cdata import Claim, FileInfo, Header
 from .errors import InvalidArgument, NameTooLong, NoSpace, TfemError, Timeout, from_errno
 from .segment import Segment
 from .states import EVENT_NUMBER, Event, State, unpack_word
@@ -118,7 +119,7 @@ class FileStat:
     slot: int
 
 
-def table_error(rc: int, what: str, header: Any) -> TfemError:
+def table_error(rc: int, what: str, header: Header) -> TfemError:
     """The error for a table operation's errno value, said of `what`: the
     messages are here, the classes are errors.py's."""
     if rc in (errno.ESTALE, errno.EPERM):
@@ -132,7 +133,7 @@ def table_error(rc: int, what: str, header: Any) -> TfemError:
     return from_errno(rc, message)
 
 
-def file_stat(info: Any) -> FileStat:
+def file_stat(info: FileInfo) -> FileStat:
     """A FileStat from the core's struct tfem_fileinfo."""
     return FileStat(
         name=ffi.buffer(info.name, info.name_len)[:].decode(errors="replace"),
@@ -158,8 +159,8 @@ class SlotTable:
         self._space_waiters = ffi.addressof(h, "space_waiters")
         self._local = threading.local()  # a result struct per thread, reused
 
-    def _claim_struct(self) -> Any:
-        claim = getattr(self._local, "claim", None)
+    def _claim_struct(self) -> Claim:
+        claim: Claim | None = getattr(self._local, "claim", None)
         if claim is None:
             claim = self._local.claim = ffi.new("struct tfem_claim *")
         return claim
@@ -180,7 +181,7 @@ class SlotTable:
             raise table_error(rc, what, self._h)
 
     @staticmethod
-    def _discard(claim: Any) -> int | None:
+    def _discard(claim: Claim) -> int | None:
         return claim.discard_id or None
 
     def state_of(self, s: int) -> tuple[State, int, int]:

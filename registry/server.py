@@ -134,7 +134,8 @@ class Registry:
 
     def _queue_in_place(self) -> bool:
         try:
-            return sysv_ipc.MessageQueue(ftok(self.keyfile, self.record.project)).id == self.queue.id
+            in_place: bool = sysv_ipc.MessageQueue(ftok(self.keyfile, self.record.project)).id == self.queue.id
+            return in_place  # annotated: sysv_ipc carries no types
         except (sysv_ipc.Error, OSError):
             return False
 
