@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any, Callable
 
+import zmq
+
 from tfem import protocol
 from tfem._native import lib
 from tfem.errors import FileTooLarge, InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient, errno_of
@@ -45,7 +47,7 @@ class Dispatch:
             Op.ROOM: self._room, Op.ALLOC: self._alloc, Op.SPILL_WRITE: self._spill_write,
             Op.SPILL_READ: self._spill_read, Op.DISCARD: self._discard, Op.CHECKSUM: self._checksum}
 
-    def reply_to(self, frames: list[Any]) -> tuple[bytes, Reply] | None:
+    def reply_to(self, frames: list[zmq.Frame]) -> tuple[bytes, Reply] | None:
         """The peer's identity and the reply to one request's frames; None
         for a request too malformed to answer."""
         identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
