@@ -129,9 +129,9 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
                 state = None
             holder = holder_of(word)
             if state in (State.INVALID, State.WAIT) and holder:  # nobody holds these: no pid to ask about
-                slot.state = word = pack_word(state, generation_of(word), 0)
+                slot.state = pack_word(state, generation_of(word), 0)
             if state is State.INVALID:
-                slot.extent_count = slot.flags = slot.name_len = 0
+                table.empty_locked(s)
                 continue
             # A WAIT file cannot have been unlinked and kept: unlink frees it.
             problem = "unknown state" if state is None else \
@@ -140,8 +140,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
                 _slot_problem(table, s, claimed)
             if problem is not None:
                 log.warning("slot %d dropped at adoption: %s", s, problem)
-                slot.state = pack_word(State.INVALID, generation_of(word), 0)
-                slot.extent_count = slot.flags = slot.name_len = 0
+                table.empty_locked(s)
                 report.dropped_corrupt += 1
                 continue
             if slot.flags & lib.TFEM_SLOT_SPILLED:
@@ -168,17 +167,12 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
             slot = seg.slot(s)
             raw = ffi.buffer(slot.name, slot.name_len)[:]
             if not slot.flags & lib.TFEM_SLOT_DOOMED:
-                if raw in indexed:  # two live slots with one name: keep the first
-                    slot.state = pack_word(State.INVALID, generation_of(slot.state), 0)
-                    slot.extent_count = slot.flags = slot.name_len = 0
-                    keep_spill.discard(slot.file_id)
-                    report.dropped_corrupt += 1
-                    continue
+                duplicate = raw in indexed  # two live slots with one name: keep the first
                 indexed.add(raw)
-                if not table.index_insert(s):  # more names of one stripe than it holds: damage
-                    slot.state = pack_word(State.INVALID, generation_of(slot.state), 0)
-                    slot.extent_count = slot.flags = slot.name_len = 0
+                # More names of one stripe than the index holds is damage too.
+                if duplicate or not table.index_insert(s):
                     keep_spill.discard(slot.file_id)
+                    table.empty_locked(s)
                     report.dropped_corrupt += 1
                     continue
             for i in range(slot.extent_count):

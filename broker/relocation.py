@@ -30,10 +30,11 @@ from tfem._native import ffi, lib
 from tfem.errors import NoSpace, TfemError
 from tfem.files import TfemFile
 from tfem.protocol import Op, Reply
-from tfem.segment import Segment
+from tfem.segment import Layout, Segment
 from tfem.states import State
 from tfem.table import Deadline, SlotTable
 
+from .holdings import Holdings, Slot
 from .spill import CHUNK, SpillStore
 
 log = logging.getLogger("tfem.broker")
@@ -46,7 +47,8 @@ class OwnWrites:
     client would ask over the socket goes straight to the broker."""
 
     def __init__(self, segment: Segment, ask: Ask) -> None:
-        self.memory = segment.view
+        assert segment.view is not None, "the segment is mapped"
+        self.memory: memoryview = segment.view
         self.base = int(ffi.cast("uintptr_t", segment.header))
         self.pid = os.getpid()
         self.held: set[Any] = set()
@@ -118,7 +120,7 @@ class Relocation:
             spill.discard(slot.file_id)
         self.moved += 1
 
-    def _make_whole(self, core: Any, slot: Any, into: OwnWrites) -> None:
+    def _make_whole(self, core: Any, slot: Slot, into: OwnWrites) -> None:
         """A file made whole for views (Client.create) is made whole again,
         if the new arena has such a run; else its bytes go in pieces."""
         checked = not slot.flags & lib.TFEM_SLOT_UNCHECKED
@@ -138,3 +140,33 @@ class Relocation:
             start = self.old.buf_size
             for offset in range(start, size, CHUNK):
                 yield offset, memoryview(spill.read(slot.file_id, offset - start, min(CHUNK, size - offset)))
+
+
+def replace_segment(holdings: Holdings, ask: Ask) -> None:
+    """Make the segment again under its removed name, with its layout, and
+    start moving the old one's files there."""
+    old, h = holdings.segment, holdings.segment.header
+    layout = Layout(h.slot_count, h.buf_size, h.block_size, h.block_count * h.block_size, h.max_file_size)
+    try:
+        new = Segment.create(old.name, layout, replacing=old)
+    except TfemError as exc:
+        log.error("the segment %s was removed and cannot be made again: %s", old.name, exc)
+        return
+    holdings.segment, holdings.table = new, SlotTable(new, os.getpid())
+    holdings.relocations.append(Relocation(old))
+    holdings.segments_replaced += 1
+    log.warning("the segment %s was removed: made it again, moving its files there", old.name)
+    move_files(holdings, ask)
+
+
+def move_files(holdings: Holdings, ask: Ask) -> None:
+    """Move what can go now out of every replaced segment; let go of those
+    left empty."""
+    into = OwnWrites(holdings.segment, ask)
+    for relocation in list(holdings.relocations):
+        relocation.move_published(into, holdings.spill)
+        if relocation.finished():
+            log.info("moved %d file(s) out of the replaced segment", relocation.moved)
+            relocation.old.close()
+            holdings.relocations.remove(relocation)
+

@@ -300,3 +300,7 @@ class Segment:
 
     def blocks_in_use(self) -> int:
         return lib.tfem_blocks_in_use(self.bitmap, self.block_count)
+
+    def longest_free_run(self) -> int:
+        """The most arena blocks free in a row."""
+        return lib.tfem_blocks_longest_run(self.bitmap, self.block_count)

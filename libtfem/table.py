@@ -31,7 +31,7 @@ from ._native import ffi, lib
 from .cdata import Claim, FileInfo, Header
 from .errors import InvalidArgument, NameTooLong, NoSpace, TfemError, Timeout, from_errno
 from .segment import Segment
-from .states import EVENT_NUMBER, Event, State, unpack_word
+from .states import EVENT_NUMBER, Event, State, generation_of, pack_word, unpack_word
 
 WAKE_BUCKETS = lib.TFEM_WAKE_BUCKETS
 LIST_BATCH = 256
@@ -158,6 +158,7 @@ class SlotTable:
         self._space_seq = ffi.addressof(h, "space_seq")
         self._space_waiters = ffi.addressof(h, "space_waiters")
         self._local = threading.local()  # a result struct per thread, reused
+        self._reclaim_scratch: tuple[Any, Any] | None = None
 
     def _claim_struct(self) -> Claim:
         claim: Claim | None = getattr(self._local, "claim", None)
@@ -256,6 +257,27 @@ class SlotTable:
             pos += length
         return out
 
+    def grow(self, s: int, generation: int, pid: int, capacity: int) -> int:
+        """Give slot s, written by `pid`, arena blocks to hold `capacity`
+        bytes (the broker, for a writer whose own claim fell short). 0 when
+        done, ENOSPC when the arena has too few free blocks, E2BIG when the
+        file has all the extents it may: the caller decides what then. Any
+        other failure raises."""
+        rc = lib.tfem_t_grow(self._h, s, generation, pid, capacity)
+        if rc not in (0, errno.ENOSPC, errno.E2BIG):
+            raise InvalidArgument(f"slot {s} cannot grow: {os.strerror(rc)}")
+        return rc
+
+    def reclaim_blocks(self) -> int:
+        """Free arena blocks in use that no slot records: claimed by writers
+        that died before recording them (the broker's sweep). Returns how
+        many; 0 also when a live writer's claim was under way or the lock
+        was busy, for the next sweep to try again."""
+        if self._reclaim_scratch is None:  # the C look's scratch: a bit per block, a word per slot
+            self._reclaim_scratch = (ffi.new("uint64_t[]", max(1, (self.seg.block_count + 63) // 64)),
+                                     ffi.new("uint32_t[]", self.seg.slot_count))
+        return max(0, lib.tfem_t_reclaim_blocks(self._h, self.pid, *self._reclaim_scratch))
+
     def release_extents(self, s: int) -> None:
         """Free a file's arena blocks (the broker, after moving its bytes to
         the spill store)."""
@@ -274,6 +296,14 @@ class SlotTable:
         """Enter slot s in the name index (rebuilding it, under the lock);
         False if its stripe of the index is full."""
         return lib.tfem_t_index_insert(self._h, s) == 0
+
+    def empty_locked(self, s: int) -> None:
+        """Make slot s free and empty, its generation kept (adoption
+        dropping a slot, under the lock; the caller rebuilds the free-slot
+        stack and the index)."""
+        slot = self.seg.slot(s)
+        slot.state = pack_word(State.INVALID, generation_of(slot.state), 0)
+        slot.extent_count = slot.flags = slot.name_len = 0
 
     def push_free(self, s: int) -> None:
         """Put slot s on the free-slot stack (rebuilding it, under the lock)."""

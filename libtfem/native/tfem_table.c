@@ -306,8 +306,18 @@ int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
     return rc;
 }
 
-int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
-                   uint64_t size, uint32_t checksum, uint64_t now_ns, struct tfem_claim *out) {
+/* What a writer records as it publishes. */
+struct published {
+    uint64_t size;
+    uint32_t checksum;
+    uint64_t now_ns;
+};
+
+/* A holder of slot s in `state` lets go of it by `event`: publishing it
+ * (`done` says what to record) or giving it back unread. A file unlinked
+ * meanwhile is freed instead (out->for_write = -1). */
+static int let_go(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, int state, int event,
+                  const struct published *done, struct tfem_claim *out) {
     const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
     if (s >= g->slot_count) return ESTALE;
@@ -315,21 +325,29 @@ int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     uint32_t hash = slot->name_hash; /* fixed while the file is held */
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     int rc;
-    if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) {
+    if (!held_by(slot, generation, pid, state)) {
         rc = ESTALE;
-    } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while written: freed */
+    } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while held: freed */
         rc = free_slot(g, s, TFEM_EVENT_UNLINK, generation, out);
         out->for_write = -1;
     } else {
-        slot->size = size;
-        slot->checksum = checksum;
-        slot->waiting_ns = now_ns;
-        rc = transition(slot, TFEM_EVENT_CLOSE_WRITE, generation, 0);
-        if (rc == 0) __atomic_fetch_add(&h->closed_write, 1, SC);
+        if (done) {
+            slot->size = done->size;
+            slot->checksum = done->checksum;
+            slot->waiting_ns = done->now_ns;
+        }
+        rc = transition(slot, event, generation, 0);
+        if (rc == 0 && done) __atomic_fetch_add(&h->closed_write, 1, SC);
     }
     unlock_stripe(h, stripe_of(hash));
     if (rc == 0) out->for_write == 0 ? publish_bucket(h, hash) : publish_space(h);
     return rc;
+}
+
+int tfem_t_publish(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
+                   uint64_t size, uint32_t checksum, uint64_t now_ns, struct tfem_claim *out) {
+    const struct published done = {size, checksum, now_ns};
+    return let_go(h, s, generation, pid, TFEM_STATE_WRITE, TFEM_EVENT_CLOSE_WRITE, &done, out);
 }
 
 static int drop_held(const struct tfem_geometry *g, uint32_t s, uint32_t generation, uint32_t pid, int state,
@@ -359,24 +377,7 @@ int tfem_t_consume(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
 
 int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
                    struct tfem_claim *out) {
-    const struct tfem_geometry *g = tfem_geometry(h);
-    memset(out, 0, sizeof *out);
-    if (s >= g->slot_count) return ESTALE;
-    struct tfem_slot *slot = slot_at(g, s);
-    uint32_t hash = slot->name_hash;
-    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
-    int rc;
-    if (!held_by(slot, generation, pid, TFEM_STATE_READ)) {
-        rc = ESTALE;
-    } else if (slot->flags & TFEM_SLOT_DOOMED) { /* unlinked while read: freed */
-        rc = free_slot(g, s, TFEM_EVENT_UNLINK, generation, out);
-        out->for_write = -1;
-    } else {
-        rc = transition(slot, TFEM_EVENT_RELEASE_READ, generation, 0);
-    }
-    unlock_stripe(h, stripe_of(hash));
-    if (rc == 0) out->for_write == 0 ? publish_bucket(h, hash) : publish_space(h);
-    return rc;
+    return let_go(h, s, generation, pid, TFEM_STATE_READ, TFEM_EVENT_RELEASE_READ, NULL, out);
 }
 
 int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,

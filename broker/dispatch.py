@@ -1,0 +1,180 @@
+"""The broker's requests: from the socket's frames to a reply.
+
+Theory of operation: a malformed or mistaken request gets an error reply;
+nothing a client sends can stop the broker. A client says HELLO first (its
+pid, for settling its files if it dies); each later request goes to the
+handler its op maps to in `Dispatch`, which checks a slot it names against
+what that client holds there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import zmq
+
+from tfem import protocol
+from tfem._native import lib
+from tfem.errors import FileTooLarge, InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient, errno_of
+from tfem.protocol import Op, Reply, Request
+from tfem.states import State
+
+from .clients import Clients
+from .holdings import Holdings, Slot
+from .memory import Memory
+
+log = logging.getLogger("tfem.broker")
+
+Handler = Callable[[int, Request], Reply]  # (the client's pid, its request)
+
+
+class Dispatch:
+    def __init__(self, holdings: Holdings, memory: Memory, clients: Clients,
+                 stats: Callable[[], dict[str, Any]]) -> None:
+        self.holdings = holdings
+        self.memory = memory
+        self.clients = clients
+        self._stats = stats
+        self.served: dict[str, int] = {op.value: 0 for op in Op}
+        self.errors = 0
+        # Requests of any peer: they name no slot.
+        self._greetings: dict[Op, Callable[[bytes, Request], Reply]] = {
+            Op.HELLO: self._hello, Op.STATS: self._stats_of, Op.BYE: self._bye}
+        # Requests of a client that said hello.
+        self._handlers: dict[Op, Handler] = {
+            Op.ROOM: self._room, Op.ALLOC: self._alloc, Op.SPILL_WRITE: self._spill_write,
+            Op.SPILL_READ: self._spill_read, Op.DISCARD: self._discard, Op.CHECKSUM: self._checksum}
+
+    def reply_to(self, frames: list[zmq.Frame]) -> tuple[bytes, Reply] | None:
+        """The peer's identity and the reply to one request's frames; None
+        for a request too malformed to answer."""
+        identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
+        try:
+            request = protocol.decode_request(body)
+        except ProtocolError as exc:
+            self.errors += 1
+            rid = protocol.request_id_of(body[0]) if body else None
+            log.debug("malformed request: %s", exc)
+            return None if rid is None else (identity, Reply(rid, errno_of(exc), str(exc)))
+        self.served[request.op.value] += 1
+        try:
+            reply = self._handle(identity, request)
+        except TfemError as exc:
+            self.errors += 1
+            reply = Reply(request.request_id, errno_of(exc), str(exc))
+        except Exception as exc:  # a bug must not take the broker down
+            self.errors += 1
+            log.exception("error serving %s", request.op.value)
+            reply = Reply(request.request_id, 5, f"broker error: {exc}")
+        return identity, reply
+
+    def _handle(self, identity: bytes, request: Request) -> Reply:
+        greeting = self._greetings.get(request.op)
+        if greeting is not None:
+            return greeting(identity, request)
+        pid = self.clients.pids.get(identity)
+        if pid is None:
+            raise UnknownClient("this broker does not know you (it may have restarted): say hello")
+        return self.serve_client(pid, request)
+
+    def serve_client(self, pid: int, request: Request) -> Reply:
+        handler = self._handlers.get(request.op)
+        if handler is None:
+            raise ProtocolError(f"unhandled op {request.op.value}")
+        return handler(pid, request)
+
+    def ask_self(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
+        """A request of the broker's own, as a client (moving files into a
+        new segment: relocation.py)."""
+        return self.serve_client(os.getpid(), Request(0, op, args, data))
+
+    # ---- any peer ----
+
+    def _hello(self, identity: bytes, request: Request) -> Reply:
+        self.clients.hello(identity, request.args["pid"])
+        seg = self.holdings.segment
+        return Reply(request.request_id, 0, {"segment": seg.name, "broker_pid": os.getpid(),
+                                             "instance_id": seg.header.instance_id})
+
+    def _stats_of(self, identity: bytes, request: Request) -> Reply:
+        return Reply(request.request_id, 0, self._stats())
+
+    def _bye(self, identity: bytes, request: Request) -> Reply:
+        self.clients.bye(identity)
+        return Reply(request.request_id, 0, {})
+
+    # ---- clients ----
+
+    def _room(self, pid: int, request: Request) -> Reply:
+        blocks, block_count = request.args["blocks"], self.holdings.segment.block_count
+        if not 0 < blocks <= block_count:
+            raise NoSpace(f"{blocks} blocks is more than the arena's {block_count}")
+        return Reply(request.request_id, 0, {"room": self.memory.make_run(blocks)})
+
+    def _alloc(self, pid: int, request: Request) -> Reply:
+        args = request.args
+        self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
+        self._check_size(args["capacity"])
+        spilled = self.memory.alloc(args["slot"], args["generation"], pid, args["capacity"])
+        return Reply(request.request_id, 0, {"spilled": spilled})
+
+    def _spill_write(self, pid: int, request: Request) -> Reply:
+        args, spill = request.args, self.holdings.spill
+        slot = self._check_spilled(args, pid, State.WRITE)
+        assert spill is not None and request.data is not None
+        self._check_size(args["offset"] + len(request.data))
+        spill.write(slot.file_id, args["offset"] - self.holdings.segment.buf_size, memoryview(request.data))
+        return Reply(request.request_id, 0, {})
+
+    def _spill_read(self, pid: int, request: Request) -> Reply:
+        args, spill = request.args, self.holdings.spill
+        slot = self._check_spilled(args, pid, State.READ)
+        assert spill is not None
+        length = max(0, min(args["length"], slot.size - args["offset"], 64 << 20))
+        data = spill.read(slot.file_id, args["offset"] - self.holdings.segment.buf_size, length)
+        return Reply(request.request_id, 0, {}, memoryview(data))
+
+    def _discard(self, pid: int, request: Request) -> Reply:
+        self.memory.discard(request.args["file_id"])
+        return Reply(request.request_id, 0, {})
+
+    def _checksum(self, pid: int, request: Request) -> Reply:
+        args, spill = request.args, self.holdings.spill
+        slot = self._check_holder(args["slot"], args["generation"], pid, State.WRITE, State.READ, anywhere=True)
+        if not slot.flags & lib.TFEM_SLOT_SPILLED or spill is None:
+            raise InvalidArgument(f"slot {args['slot']} is not spilled")
+        crc = spill.checksum(slot.file_id, max(0, slot.size - self.holdings.segment.buf_size),
+                             args["crc"] & 0xFFFFFFFF)
+        return Reply(request.request_id, 0, {"crc": crc})
+
+    # ---- checks ----
+
+    def _check_holder(self, s: int, generation: int, pid: int, *states: State, anywhere: bool = False) -> Slot:
+        """Slot s, held by `pid` in one of `states`: in the segment, or with
+        `anywhere` in a replaced one too (whose files live on until their
+        holders let go; their spilled bytes are in the same store)."""
+        if s >= self.holdings.segment.slot_count:
+            raise InvalidArgument(f"no slot {s}")
+        for table in self.holdings.tables() if anywhere else [self.holdings.table]:
+            actual, gen, holder = table.state_of(s)
+            if actual in states and gen == generation and holder == pid:
+                slot: Slot = table.seg.slot(s)
+                return slot
+        raise InvalidArgument(f"slot {s} is not held in {'/'.join(s.name for s in states)} by pid {pid}")
+
+    def _check_size(self, end: int) -> None:
+        """The clients' cores refuse writes past the limit themselves; this
+        is for a request that did not come through one."""
+        largest = self.holdings.segment.header.max_file_size
+        if end > largest:
+            raise FileTooLarge(f"{end} bytes is past the largest file, {largest} bytes")
+
+    def _check_spilled(self, args: dict[str, int], pid: int, state: State) -> Slot:
+        slot = self._check_holder(args["slot"], args["generation"], pid, state, anywhere=True)
+        if not slot.flags & lib.TFEM_SLOT_SPILLED or self.holdings.spill is None:
+            raise InvalidArgument(f"slot {args['slot']} is not spilled")
+        if args["offset"] < self.holdings.segment.buf_size:
+            raise InvalidArgument("spilled bytes start after the inline buffer")
+        return slot

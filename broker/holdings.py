@@ -1,0 +1,61 @@
+"""What the broker holds for its clients, shared by its parts: the segment
+clients use now and its table, the spill store, and replaced segments whose
+files are still moving out (relocation.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Iterable, Protocol
+
+from tfem.segment import Segment
+from tfem.table import SlotTable
+
+from .spill import SpillStore
+
+if TYPE_CHECKING:
+    from .relocation import Relocation
+
+
+class Slot(Protocol):
+    """The fields of a slot (a cffi struct tfem_slot) the broker reads."""
+
+    file_id: int
+    size: int
+    flags: int
+    extent_count: int
+    waiting_ns: int
+
+
+@dataclasses.dataclass
+class Holdings:
+    segment: Segment  # replaced when its name is removed (relocation.py)
+    table: SlotTable  # the segment's, for the broker's pid
+    spill: SpillStore | None = None  # None: spilling is off
+    relocations: list[Relocation] = dataclasses.field(default_factory=list)
+    segments_replaced: int = 0
+
+    def tables(self) -> list[SlotTable]:
+        """The segment's table, and those of replaced segments still in use."""
+        return [self.table, *(r.table for r in self.relocations)]
+
+    def discard(self, file_ids: Iterable[int]) -> None:
+        """Drop the spill records of files that are gone."""
+        if self.spill is not None:
+            for file_id in file_ids:
+                self.spill.discard(file_id)
+
+    def close(self, destroy: bool) -> None:
+        """Unmap every segment and close the spill store; with `destroy`,
+        also remove the store and the segment's name."""
+        if self.spill is not None:
+            self.spill.close()
+            if destroy:
+                self.spill.remove()
+            self.spill = None
+        for relocation in self.relocations:
+            relocation.old.close()
+        self.relocations.clear()
+        name = self.segment.name
+        self.segment.close()
+        if destroy:
+            Segment.unlink(name)

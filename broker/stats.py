@@ -1,0 +1,55 @@
+"""What the broker reports of itself (STATS, `tfem status`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from tfem.states import State
+
+from .clients import Clients
+from .dispatch import Dispatch
+from .holdings import Holdings
+from .recovery import Recovery
+
+
+def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint: str, started: float,
+          recovery: Recovery | None) -> dict[str, Any]:
+    seg, table, spill = holdings.segment, holdings.table, holdings.spill
+    by_state = {state.name: 0 for state in State}
+    for s in range(seg.slot_count):
+        by_state[table.state_of(s)[0].name] += 1
+    used_blocks = seg.blocks_in_use()
+    h = seg.header
+    return {
+        "broker_pid": os.getpid(),
+        "endpoint": endpoint,
+        "segment": seg.name,
+        "uptime_s": round(time.time() - started, 1),
+        "slots_total": seg.slot_count,
+        "slots_used": seg.slot_count - by_state["INVALID"],
+        "slots_free": by_state["INVALID"],
+        "files_by_state": {k: v for k, v in by_state.items() if k != "INVALID"},
+        "buf_size": seg.buf_size,
+        "block_size": seg.block_size,
+        "arena_bytes_total": seg.block_count * seg.block_size,
+        "arena_bytes_used": used_blocks * seg.block_size,
+        "arena_bytes_free": (seg.block_count - used_blocks) * seg.block_size,
+        "max_file_size": h.max_file_size,
+        "spill": str(spill.path) if spill else None,
+        "spilled_bytes": spill.bytes_used if spill else 0,
+        "spilled_files": len(spill.file_ids()) if spill else 0,
+        "clients": len(clients.pids),
+        "requests_served": dict(dispatch.served),
+        "request_errors": dispatch.errors,
+        "dead_clients_settled": clients.settled,
+        "segments_replaced": holdings.segments_replaced,
+        "recovery": {k: v for k, v in dataclasses.asdict(recovery).items()
+                     if k != "discard_file_ids"} if recovery else None,
+        "opened_for_write": h.opened_write,
+        "opened_for_read": h.opened_read,
+        "published": h.closed_write,
+        "consumed": h.closed_read,
+    }
