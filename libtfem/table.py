@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import zlib
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from ._native import ffi, lib
 from .cdata import Claim, FileInfo, Header
