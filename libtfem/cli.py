@@ -82,6 +82,16 @@ def _die_with_parent(args: argparse.Namespace) -> None:
             raise TfemError("the parent that started this server has already exited")
 
 
+def _command(sub: Any, name: str, run: Callable[[argparse.Namespace], int], help: str,
+             description: str | None = None, keyfile: bool = True) -> argparse.ArgumentParser:
+    """A subcommand running `run`, with --keyfile unless it acts on no instance."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    if keyfile:
+        _add_keyfile(p)
+    p.set_defaults(run=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfem",
@@ -91,90 +101,70 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("up", help="run a registry and a broker in the foreground",
-                       description="Run a registry and a broker for the key file until SIGINT "
-                                   "or SIGTERM, then remove the queue, segment and spill files "
-                                   "(unless --keep). With a command after --, run it with "
-                                   f"{ENV_KEYFILE} set, stop when it ends, and exit with its status.")
-    _add_keyfile(p)
+    p = _command(sub, "up", cmd_up, help="run a registry and a broker in the foreground",
+                 description="Run a registry and a broker for the key file until SIGINT "
+                             "or SIGTERM, then remove the queue, segment and spill files "
+                             "(unless --keep). With a command after --, run it with "
+                             f"{ENV_KEYFILE} set, stop when it ends, and exit with its status.")
     _add_broker_options(p)
     _add_ready_fd(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help="a command to run against the instance")
-    p.set_defaults(run=cmd_up)
 
-    p = sub.add_parser("registry", help="run only the registry (SysV queue)",
-                       description="Run the registry for the key file: brokers announce "
-                                   "themselves to it and clients ask it for a broker.")
-    _add_keyfile(p)
+    p = _command(sub, "registry", cmd_registry, help="run only the registry (SysV queue)",
+                 description="Run the registry for the key file: brokers announce "
+                             "themselves to it and clients ask it for a broker.")
     _add_ready_fd(p)
-    p.set_defaults(run=cmd_registry)
 
-    p = sub.add_parser("broker", help="run only a broker",
-                       description="Run a broker: create the shared segment, serve allocation "
-                                   "and spill requests, announce itself to the registry.")
-    _add_keyfile(p)
+    p = _command(sub, "broker", cmd_broker, help="run only a broker",
+                 description="Run a broker: create the shared segment, serve allocation "
+                             "and spill requests, announce itself to the registry.")
     _add_broker_options(p)
     p.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: an ipc:// socket "
                                       "in the runtime directory)")
     _add_ready_fd(p)
-    p.set_defaults(run=cmd_broker)
 
-    p = sub.add_parser("put", help="copy local files into tfem",
-                       description="Copy LOCAL (or - for standard input) to NAME. With several "
-                                   "LOCAL files, NAME is a prefix ending in / and each file keeps "
-                                   "its base name.")
-    _add_keyfile(p)
+    p = _command(sub, "put", cmd_put, help="copy local files into tfem",
+                 description="Copy LOCAL (or - for standard input) to NAME. With several "
+                             "LOCAL files, NAME is a prefix ending in / and each file keeps "
+                             "its base name.")
     p.add_argument("paths", nargs="+", metavar="LOCAL... NAME")
-    p.set_defaults(run=cmd_put)
 
-    p = sub.add_parser("get", help="take files out of tfem (consumes them)",
-                       description="Read NAME into LOCAL (or - for standard output) and free it. "
-                                   "With several names, LOCAL is a directory. Waits for a name "
-                                   "that is not ready yet.")
-    _add_keyfile(p)
+    p = _command(sub, "get", cmd_get, help="take files out of tfem (consumes them)",
+                 description="Read NAME into LOCAL (or - for standard output) and free it. "
+                             "With several names, LOCAL is a directory. Waits for a name "
+                             "that is not ready yet.")
     p.add_argument("paths", nargs="+", metavar="NAME... LOCAL")
     p.add_argument("--timeout", type=float, help="seconds to wait for each name (default: no limit)")
     p.add_argument("--no-wait", action="store_true", help="fail at once if a name is not ready")
-    p.set_defaults(run=cmd_get)
 
-    p = sub.add_parser("ls", help="list the names held")
-    _add_keyfile(p)
+    p = _command(sub, "ls", cmd_ls, help="list the names held")
     p.add_argument("prefix", nargs="?", default="", help="only names starting with this")
     p.add_argument("-l", "--long", action="store_true", help="show state and size")
-    p.set_defaults(run=cmd_ls)
 
-    p = sub.add_parser("stat", help="show a file's size and state")
-    _add_keyfile(p)
+    p = _command(sub, "stat", cmd_stat, help="show a file's size and state")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_stat)
 
-    p = sub.add_parser("rm", help="remove names")
-    _add_keyfile(p)
+    p = _command(sub, "rm", cmd_rm, help="remove names")
     p.add_argument("names", nargs="+")
-    p.set_defaults(run=cmd_rm)
 
-    p = sub.add_parser("status", help="show the broker's slots, memory, spill and requests")
-    _add_keyfile(p)
+    p = _command(sub, "status", cmd_status, help="show the broker's slots, memory, spill and requests")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_status)
 
-    p = sub.add_parser("config", help="compiler flags for C programs using libtfem",
-                       description="Print what a C compiler needs to use tfem.h and libtfem.so: "
-                                   "gcc prog.c $(tfem config --cflags --libs). The library runs "
-                                   "Python inside the C program, the interpreter tfem was installed "
-                                   "with (override with TFEM_PYTHON).")
+    p = _command(sub, "config", cmd_config, help="compiler flags for C programs using libtfem",
+                 description="Print what a C compiler needs to use tfem.h and libtfem.so: "
+                             "gcc prog.c $(tfem config --cflags --libs). The library runs "
+                             "Python inside the C program, the interpreter tfem was installed "
+                             "with (override with TFEM_PYTHON).", keyfile=False)
     p.add_argument("--cflags", action="store_true", help="include flags")
     p.add_argument("--libs", action="store_true", help="link flags, with an rpath to the library")
     p.add_argument("--pkg-config-path", action="store_true", help="the directory holding tfem.pc")
-    p.set_defaults(run=cmd_config)
 
-    p = sub.add_parser("clean", help="remove what a killed instance left behind",
-                       description="Remove the queue, segment, socket and spill store of the "
-                                   "key file, data included. Refuses while its registry runs.")
-    _add_keyfile(p)
-    p.set_defaults(run=cmd_clean)
+    p = _command(sub, "clean", cmd_clean, help="remove what a killed instance left behind",
+                 description="Remove the queue, segment, socket and spill store of the "
+                             "key file, data included. Refuses while its registry runs.")
+
     return parser
 
 
