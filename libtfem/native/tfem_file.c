@@ -146,6 +146,7 @@ int tfem_f_reload(struct tfem_file *f) {
     struct tfem_slot *slot = f->slot;
     f->spilled = (slot->flags & TFEM_SLOT_SPILLED) != 0;
     f->memory_end = f->spilled ? f->g->buf_size : tfem_t_capacity(f->h, f->index);
+    f->inline_size = slot->flags & TFEM_SLOT_ARENA ? 0 : f->g->buf_size;
     return 0;
 }
 
@@ -215,13 +216,13 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
 /* The address of file offset `pos` and how many bytes follow it there,
  * within the file's memory; NULL past it. */
 static char *locate(struct tfem_file *f, uint64_t pos, uint64_t *run) {
-    const struct tfem_geometry *g = f->g;
-    uint64_t start = f->slot->flags & TFEM_SLOT_ARENA ? 0 : g->buf_size;
+    uint64_t start = f->inline_size;
     if (pos < start) {
         *run = start - pos;
         return tfem_inline_data(f->slot) + pos;
     }
     if (!f->spilled) {
+        const struct tfem_geometry *g = f->g;
         struct tfem_slot *slot = f->slot;
         for (uint32_t i = 0; i < slot->extent_count && i < TFEM_MAX_EXTENTS; i++) {
             uint64_t length = (uint64_t)slot->extents[i].count * g->block_size;

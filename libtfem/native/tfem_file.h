@@ -41,6 +41,7 @@ struct tfem_file {
     uint64_t pos;        /* the file position */
     uint64_t size;       /* bytes in the file */
     uint64_t memory_end; /* bytes [0, memory_end) live in the segment */
+    uint64_t inline_size; /* bytes [0, inline_size) are in the slot's inline buffer */
     uint64_t want;       /* TFEM_NEED_ROOM: the capacity asked for */
     uint64_t crc_end;    /* bytes [0, crc_end) are covered by crc */
     uint64_t discard_id; /* after close or abort: a file id whose spill records must go, or 0 */

@@ -48,6 +48,7 @@ const char *tfem_geometry_attach(struct tfem_header *h, uint64_t size) {
     g->free_stack_offset = h->free_stack_offset;
     g->bitmap_offset = h->bitmap_offset;
     g->arena_offset = h->arena_offset;
+    g->arena = (char *)h + h->arena_offset;
     g->slot_count = h->slot_count;
     g->slot_size = h->slot_size;
     g->buf_size = h->buf_size;

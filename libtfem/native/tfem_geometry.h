@@ -19,6 +19,7 @@
 struct tfem_geometry {
     struct tfem_header *h; /* the mapping described; NULL once detached */
     struct tfem_geometry *next;
+    char *arena; /* the arena's address in this mapping */
     uint64_t size;
     uint64_t slots_offset;
     uint64_t index_offset;

@@ -15,7 +15,7 @@ static inline struct tfem_slot *tfem_slot_at(const struct tfem_geometry *g, uint
 }
 static inline char *tfem_inline_data(struct tfem_slot *slot) { return (char *)(slot + 1); }
 static inline char *tfem_block_data(const struct tfem_geometry *g, uint32_t block) {
-    return (char *)g->h + g->arena_offset + (uint64_t)block * g->block_size;
+    return g->arena + (uint64_t)block * g->block_size;
 }
 static inline uint64_t *tfem_bitmap_of(const struct tfem_geometry *g) {
     return (uint64_t *)((char *)g->h + g->bitmap_offset);
