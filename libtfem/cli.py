@@ -445,6 +445,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f" of {_mib(stats['arena_bytes_total'])}\n"
           f"spill       {_mib(stats['spilled_bytes'])} in {stats['spilled_files']} files"
           f" ({stats['spill'] or 'off'})\n"
+          f"files up to {_mib(stats['max_file_size'])} each\n"
+          f"recovered   {stats['dead_clients_settled']} dead clients settled,"
+          f" {stats['segments_replaced']} removed segments made again\n"
           f"handoffs    {stats['published']} published, {stats['consumed']} consumed\n"
           f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
           f" {stats['clients']} clients")

@@ -258,6 +258,8 @@ def test_status(instance, client):
     assert stats["spilled_bytes"] >= 2 * MIB - KIB
     assert stats["requests_served"]["hello"] >= 1
     assert all(isinstance(v, int) for v in stats["requests_served"].values())
+    assert f"files up to {stats['max_file_size'] / MIB:.1f} MiB each" in text, text
+    assert "0 removed segments made again" in text, text
     instance.tfem("rm", "s/mem", "s/big")
     stats = json.loads(out(instance.tfem("status", "--json")))
     assert (stats["slots_used"], stats["arena_bytes_used"], stats["spilled_bytes"]) == (0, 0, 0)
