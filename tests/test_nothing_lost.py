@@ -297,3 +297,31 @@ def test_clean_from_another_runtime_directory(up_factory, tmp_path, monkeypatch)
     assert cleaned.returncode == 0, cleaned.stderr.decode()
     assert up.leftovers() == []
     assert not up.names.state_path.exists()
+
+
+def test_a_key_file_read_while_it_is_rewritten_is_read_whole(tmp_path: pathlib.Path) -> None:
+    """A registry rewrites its key file in place (its inode is part of the
+    key): truncated, then written. A reader at that instant must get the
+    record, not an empty or half file (a half one could name the wrong
+    project id)."""
+    from tfem import keyfile
+
+    path = tmp_path / "tfem.key"
+    record = keyfile.KeyRecord(pid=os.getpid(), segment="/tfem-rewritten", project=91, queue=7,
+                               runtime=str(tmp_path))
+    keyfile.write_record(path, record)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, sys
+        from tfem import keyfile
+        record = keyfile.read_record(pathlib.Path({str(path)!r}))
+        print("ready", flush=True)
+        while True:
+            keyfile.write_record(pathlib.Path({str(path)!r}), record)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "ready\n"
+        reads = [keyfile.read_record(path) for _ in range(3000)]
+    finally:
+        writer.kill()
+        writer.wait()
+    assert reads.count(record) == len(reads), f"{len(reads) - reads.count(record)} of {len(reads)} reads were wrong"
