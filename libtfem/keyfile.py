@@ -9,6 +9,7 @@ the key file alone, whatever the reader's environment. One line each:
     project 84                            the queue key is ftok(key file, project)
     queue 98310                           the msqid of the queue the registry made
     runtime /run/user/0/tfem              the directory of the socket and state file
+    end                                   the record is whole
 
 ftok keeps 16 bits of the inode, so two key files can share a key: the
 registry then takes another project id and records it here. The file is
@@ -20,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import time
 
 import sysv_ipc
 
 from .protocol import KeyIdentity
 
 HEADER = "tfem registry key file; pid "
+END = "end"  # the last line: a reader that does not see it caught the file being rewritten
+REWRITE_WAIT_S = 0.05  # how long a reader waits for a rewrite to finish before it takes what is there
 DEFAULT_PROJECT = ord("T")
 
 
@@ -56,7 +60,7 @@ def format_record(record: KeyRecord) -> str:
         lines.append(f"queue {record.queue}")
     if record.runtime is not None:
         lines.append(f"runtime {record.runtime}")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, END]) + "\n"
 
 
 def parse_record(text: str) -> KeyRecord | None:
@@ -77,10 +81,19 @@ def parse_record(text: str) -> KeyRecord | None:
 
 
 def read_record(path: pathlib.Path) -> KeyRecord | None:
-    try:
-        return parse_record(path.read_text())
-    except (OSError, UnicodeDecodeError):
-        return None
+    """The record in a key file. The registry rewrites it in place
+    (truncated, then written), so a file that does not end with the END
+    line is read again for a moment: it may be one being rewritten, or
+    simply empty (a stopped instance's)."""
+    deadline = time.monotonic() + REWRITE_WAIT_S
+    while True:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if text.endswith(f"\n{END}\n") or time.monotonic() > deadline:
+            return parse_record(text)
+        time.sleep(0.001)
 
 
 def registry_pid(path: pathlib.Path) -> int | None:

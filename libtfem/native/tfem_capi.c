@@ -90,11 +90,17 @@ static int segment_from_keyfile(char *segment, size_t size) {
     const char *chosen = getenv("TFEM_KEYFILE");
     if (chosen && *chosen) snprintf(path, sizeof path, "%s", chosen);
     else if (default_keyfile(path, sizeof path)) return ECONNREFUSED;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ECONNREFUSED;
-    ssize_t n = read(fd, text, sizeof text - 1);
-    close(fd);
-    text[n > 0 ? n : 0] = 0;
+    /* The registry rewrites it in place (truncated, then written): a text
+     * without its last line "end" is read again for up to 50 ms. */
+    for (int tries = 0;; tries++) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return ECONNREFUSED;
+        ssize_t n = read(fd, text, sizeof text - 1);
+        close(fd);
+        text[n > 0 ? n : 0] = 0;
+        if (strstr(text, "\nend\n") || tries == 50) break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
     if (strncmp(text, KEYFILE_HEADER, strlen(KEYFILE_HEADER)) != 0) return ECONNREFUSED;
     long pid = strtol(text + strlen(KEYFILE_HEADER), NULL, 10);
     if (pid <= 0 || !tfem_pid_alive((int32_t)pid)) return ECONNREFUSED; /* it died without cleaning up */
