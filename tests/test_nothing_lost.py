@@ -311,12 +311,13 @@ def test_a_key_file_read_while_it_is_rewritten_is_read_whole(tmp_path: pathlib.P
                                runtime=str(tmp_path))
     keyfile.write_record(path, record)
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import pathlib, sys
+        import pathlib, time
         from tfem import keyfile
         record = keyfile.read_record(pathlib.Path({str(path)!r}))
         print("ready", flush=True)
-        while True:
+        while True:  # a thousand times a second: a registry does it once at start
             keyfile.write_record(pathlib.Path({str(path)!r}), record)
+            time.sleep(0.001)
         """)], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "ready\n"
