@@ -18,7 +18,7 @@ import os
 import signal
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 _CTX = multiprocessing.get_context("fork")
 _LIVE: list[Worker] = []
@@ -147,3 +147,14 @@ def sleep_until(when: float) -> None:
         if left <= 0:
             return
         time.sleep(min(left, 0.05))
+
+
+def orders(conn: Any) -> Iterator[tuple[Any, ...]]:
+    """A worker's messages from the parent, up to its ("stop",)."""
+    while (msg := conn.recv())[0] != "stop":
+        yield msg
+
+
+def first_order(conn: Any) -> tuple[Any, ...] | None:
+    """The one message of a worker that does one run; None for ("stop",)."""
+    return next(orders(conn), None)

@@ -31,7 +31,7 @@ import time
 from typing import Any, Iterator
 
 from .peers import Peer
-from .procs import Worker, WorkerError, die_with_parent
+from .procs import Worker, WorkerError, die_with_parent, first_order
 from .stats import median, summary
 from .workloads import SMALL, Context, make_payload, pair_id, rotated, touched
 
@@ -95,8 +95,8 @@ def _producer(conn: Any, peer: Peer, channel: Any, acks: tuple[int, int], prefix
     try:
         data = memoryview(make_payload(SMALL))
         conn.send("ready")
-        msg = conn.recv()
-        if msg[0] == "stop":
+        msg = first_order(conn)
+        if msg is None:
             return
         _, count, seconds = msg
         starts: list[int] = []
@@ -128,7 +128,7 @@ def _consumer(conn: Any, peer: Peer, channel: Any, acks: tuple[int, int], prefix
     try:
         out = touched(SMALL)
         conn.send("ready")
-        if conn.recv()[0] == "stop":
+        if first_order(conn) is None:
             return
         ends: list[int] = []
         cpu0 = 0.0

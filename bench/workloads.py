@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from .peers import FilePeer, Peer, RedisPeer, ShmPeer, TfemPeer
 from .plan import K, M, Plan
-from .procs import Worker, WorkerError, sleep_until
+from .procs import Worker, WorkerError, first_order, orders, sleep_until
 from .services import RedisServer, Services, TfemInstance
 from .stats import median, quantile, summary
 
@@ -160,10 +160,7 @@ def _handoff_producer(conn: Any, peer: Peer, channel: Any) -> None:
         data: bytearray | None = None
         view: memoryview | None = None
         conn.send("ready")
-        while True:
-            msg = conn.recv()
-            if msg[0] == "stop":
-                return
+        for msg in orders(conn):
             if msg[0] == "size":
                 if view is not None:
                     view.release()
@@ -188,10 +185,7 @@ def _handoff_consumer(conn: Any, peer: Peer, channel: Any) -> None:
         out: bytearray | None = None
         size = 0
         conn.send("ready")
-        while True:
-            msg = conn.recv()
-            if msg[0] == "stop":
-                return
+        for msg in orders(conn):
             if msg[0] == "size":
                 out = None
                 size = msg[1]
@@ -409,11 +403,7 @@ def _zerocopy_producer(conn: Any, variant: str, where: str, published: tuple[int
     os.close(published[0])
     client = _zerocopy_client(variant, where)
     conn.send("ready")
-    while True:
-        msg = conn.recv()
-        if msg[0] == "stop":
-            break
-        _, name, seq = msg
+    for _, name, seq in orders(conn):
         if client is not None:
             f = client.create(name, size, checksum=variant == "tfem-checked")
             view = f.getbuffer()
@@ -445,11 +435,7 @@ def _zerocopy_consumer(conn: Any, variant: str, where: str, published: tuple[int
     os.close(published[1])
     client = _zerocopy_client(variant, where)
     conn.send("ready")
-    while True:
-        msg = conn.recv()
-        if msg[0] == "stop":
-            break
-        _, name, seq = msg
+    for _, name, seq in orders(conn):
         conn.send("waiting")
         if client is not None:
             g = client.open(name, "r")
@@ -538,8 +524,8 @@ def _flow_producer(conn: Any, peer: Peer, channel: Any, credit_fds: tuple[int, i
     try:
         data = memoryview(make_payload(SMALL))
         conn.send("ready")
-        msg = conn.recv()
-        if msg[0] == "stop":
+        msg = first_order(conn)
+        if msg is None:
             return
         _, start, end = msg
         sleep_until(start)
