@@ -73,6 +73,11 @@ setup(
         # crc32c: file checksums at memory speed (SSE4.2/ARMv8 CRC
         # instructions, ~10 GB/s here against zlib.crc32's 2.8).
         "crc32c>=2.3",
+        # --spill-compress: per-record codecs for the spill store. Both are
+        # bindings to the reference C libraries, which a client needs to read
+        # a compressed record back, so they are not optional.
+        "lz4>=4",
+        "zstandard>=0.22",
     ],
     extras_require={
         # matplotlib: the test of the benchmark harness draws its plots;

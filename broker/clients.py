@@ -18,7 +18,6 @@ import zmq
 
 from tfem._native import lib
 from tfem.errors import InvalidArgument
-from tfem.states import State
 
 from .holdings import Holdings
 
@@ -92,20 +91,6 @@ class Clients:
         freed = self.holdings.table.reclaim_blocks()
         if freed > 0:
             log.info("freed %d arena block(s) a writer claimed and died before recording", freed)
-        if self.holdings.spill is not None and self.holdings.spill.file_ids():
-            self._discard_orphans()
-
-    def _discard_orphans(self) -> None:
-        """A client that frees a spilled file asks for its records to be
-        discarded; one killed between the two leaves them behind (the soak
-        run found 160 KB after 85 kills). Every record the broker wrote
-        belongs to a slot flagged SPILLED and held or waiting, and the broker
-        does its moves between sweeps, so any other record is an orphan."""
-        assert self.holdings.spill is not None
-        spilled = lib.TFEM_SLOT_SPILLED
-        owned = {table.seg.slot(s).file_id for table in self.holdings.tables() for s in range(table.seg.slot_count)
-                 if table.seg.slot(s).flags & spilled and table.state_of(s)[0] is not State.INVALID}
-        self.holdings.discard(self.holdings.spill.file_ids() - owned)
 
     def close(self) -> None:
         for fd in self._pidfds.values():

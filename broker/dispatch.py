@@ -44,8 +44,7 @@ class Dispatch:
             Op.HELLO: self._hello, Op.STATS: self._stats_of, Op.BYE: self._bye}
         # Requests of a client that said hello.
         self._handlers: dict[Op, Handler] = {
-            Op.ROOM: self._room, Op.ALLOC: self._alloc, Op.SPILL_WRITE: self._spill_write,
-            Op.SPILL_READ: self._spill_read, Op.DISCARD: self._discard, Op.CHECKSUM: self._checksum}
+            Op.ROOM: self._room, Op.ALLOC: self._alloc, Op.SPILL_WRITE: self._spill_write}
 
     def reply_to(self, frames: list[zmq.Frame]) -> tuple[bytes, Reply] | None:
         """The peer's identity and the reply to one request's frames; None
@@ -94,9 +93,11 @@ class Dispatch:
 
     def _hello(self, identity: bytes, request: Request) -> Reply:
         self.clients.hello(identity, request.args["pid"])
-        seg = self.holdings.segment
-        return Reply(request.request_id, 0, {"segment": seg.name, "broker_pid": os.getpid(),
-                                             "instance_id": seg.header.instance_id})
+        seg, spill = self.holdings.segment, self.holdings.spill
+        return Reply(request.request_id, 0, {
+            "segment": seg.name, "broker_pid": os.getpid(), "instance_id": seg.header.instance_id,
+            # where clients read spilled bytes themselves (spill_reader.py)
+            "spill": {"path": str(spill.path), "map_size": spill.map_size} if spill else None})
 
     def _stats_of(self, identity: bytes, request: Request) -> Reply:
         return Reply(request.request_id, 0, self._stats())
@@ -122,32 +123,11 @@ class Dispatch:
 
     def _spill_write(self, pid: int, request: Request) -> Reply:
         args, spill = request.args, self.holdings.spill
-        slot = self._check_spilled(args, pid, State.WRITE)
+        slot = self._check_spilled(args, pid)
         assert spill is not None and request.data is not None
         self._check_size(args["offset"] + len(request.data))
         spill.write(slot.file_id, args["offset"] - self.holdings.segment.buf_size, memoryview(request.data))
         return Reply(request.request_id, 0, {})
-
-    def _spill_read(self, pid: int, request: Request) -> Reply:
-        args, spill = request.args, self.holdings.spill
-        slot = self._check_spilled(args, pid, State.READ)
-        assert spill is not None
-        length = max(0, min(args["length"], slot.size - args["offset"], 64 << 20))
-        data = spill.read(slot.file_id, args["offset"] - self.holdings.segment.buf_size, length)
-        return Reply(request.request_id, 0, {}, memoryview(data))
-
-    def _discard(self, pid: int, request: Request) -> Reply:
-        self.memory.discard(request.args["file_id"])
-        return Reply(request.request_id, 0, {})
-
-    def _checksum(self, pid: int, request: Request) -> Reply:
-        args, spill = request.args, self.holdings.spill
-        slot = self._check_holder(args["slot"], args["generation"], pid, State.WRITE, State.READ, anywhere=True)
-        if not slot.flags & lib.TFEM_SLOT_SPILLED or spill is None:
-            raise InvalidArgument(f"slot {args['slot']} is not spilled")
-        crc = spill.checksum(slot.file_id, max(0, slot.size - self.holdings.segment.buf_size),
-                             args["crc"] & 0xFFFFFFFF)
-        return Reply(request.request_id, 0, {"crc": crc})
 
     # ---- checks ----
 
@@ -171,8 +151,9 @@ class Dispatch:
         if end > largest:
             raise FileTooLarge(f"{end} bytes is past the largest file, {largest} bytes")
 
-    def _check_spilled(self, args: dict[str, int], pid: int, state: State) -> Slot:
-        slot = self._check_holder(args["slot"], args["generation"], pid, state, anywhere=True)
+    def _check_spilled(self, args: dict[str, int], pid: int) -> Slot:
+        """The spilled slot `pid` writes, named by a SPILL_WRITE."""
+        slot = self._check_holder(args["slot"], args["generation"], pid, State.WRITE, anywhere=True)
         if not slot.flags & lib.TFEM_SLOT_SPILLED or self.holdings.spill is None:
             raise InvalidArgument(f"slot {args['slot']} is not spilled")
         if args["offset"] < self.holdings.segment.buf_size:

@@ -38,11 +38,15 @@ class Holdings:
         """The segment's table, and those of replaced segments still in use."""
         return [self.table, *(r.table for r in self.relocations)]
 
+    def owned_spilled(self) -> set[int]:
+        """The ids of spilled files a slot of any table holds: every record
+        the broker wrote belongs to one, until its file is freed."""
+        return set[int]().union(*(table.spilled_ids() for table in self.tables()))
+
     def discard(self, file_ids: Iterable[int]) -> None:
         """Drop the spill records of files that are gone."""
         if self.spill is not None:
-            for file_id in file_ids:
-                self.spill.discard(file_id)
+            self.spill.discard(file_ids)
 
     def close(self, destroy: bool) -> None:
         """Unmap every segment and close the spill store; with `destroy`,

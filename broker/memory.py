@@ -9,8 +9,10 @@ Theory of operation:
   published WAIT files to the spill store (holding each as its reader so no
   consumer takes it mid-move), and if that is not enough, moves the
   requesting file itself. The memory tier is thus the spill store's cache.
-  Bytes past a spilled file's inline buffer are read and written through
-  the broker (SPILL_READ, SPILL_WRITE).
+  Bytes past a spilled file's inline buffer are written through the broker
+  (SPILL_WRITE); consumers read them from the store themselves, and a
+  consumer freeing a spilled file tells nobody: the broker finds records no
+  slot owns and deletes them (server.py, `_tidy_spill`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from tfem.errors import InvalidArgument, NoSpace
 from tfem.states import State
 
 from .holdings import Holdings
+
+EVICT_AHEAD = 32  # an eviction frees at least this share of the arena (1/32)
 
 
 class Memory:
@@ -72,14 +76,11 @@ class Memory:
         seg, table, spill = self.holdings.segment, self.holdings.table, self.holdings.spill
         if spill is None:
             return False
-        candidates = []
-        for s in range(seg.slot_count):
-            slot = seg.slot(s)
-            if slot.extent_count and not slot.flags & (lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_ARENA) \
-                    and table.state_of(s)[0] is State.WAIT:
-                candidates.append((slot.waiting_ns, s))
+        # A little past what is needed: each look over the slots serves
+        # several writers' requests.
+        blocks_needed = max(blocks_needed, seg.block_count // EVICT_AHEAD)
         moved = False
-        for _, s in sorted(candidates):
+        for s in table.evictable():
             handle = table.hold_waiting(s)
             if handle is None:
                 continue
@@ -88,47 +89,25 @@ class Memory:
             finally:
                 unlinked = table.release(handle)  # freed instead, if unlinked meanwhile
                 if unlinked is not None:
-                    spill.discard(unlinked)
+                    spill.discard([unlinked])
             moved = True
             if seg.block_count - seg.blocks_in_use() >= blocks_needed:
                 break
         return moved
 
     def _move_to_spill(self, s: int) -> None:
-        """Copy bytes past the inline buffer to the spill store, free the
-        extents, flag the slot. The caller holds the slot."""
+        """Copy bytes past the inline buffer to the spill store, in one
+        transaction, free the extents, flag the slot. The caller holds the
+        slot."""
         seg, table, spill = self.holdings.segment, self.holdings.table, self.holdings.spill
         assert spill is not None and seg.view is not None
         slot = seg.slot(s)
         size = slot.size
-        try:
-            for file_offset, seg_offset, length in table.pieces(s)[1 if seg.buf_size else 0:]:
-                n = max(0, min(length, size - file_offset))
-                if n:
-                    spill.write(slot.file_id, file_offset - seg.buf_size, seg.view[seg_offset: seg_offset + n])
-        except BaseException:
-            # One transaction per piece: the pieces already stored would
-            # never be discarded (the file is not flagged), so they go now.
-            spill.discard(slot.file_id)
-            raise
+        pieces = []
+        for file_offset, seg_offset, length in table.pieces(s)[1 if seg.buf_size else 0:]:
+            n = max(0, min(length, size - file_offset))
+            if n:
+                pieces.append((file_offset - seg.buf_size, seg.view[seg_offset: seg_offset + n]))
+        spill.write_pieces(slot.file_id, pieces)
         table.set_flag(s, lib.TFEM_SLOT_SPILLED)
         table.release_extents(s)
-
-    def discard(self, file_id: int) -> None:
-        """Drop a freed file's spill records (DISCARD), unless a slot still
-        holds the file."""
-        seg, table = self.holdings.segment, self.holdings.table
-        if self.holdings.spill is None:
-            return
-
-        def held(s: int) -> bool:
-            return seg.slot(s).file_id == file_id and table.state_of(s)[0] is not State.INVALID
-
-        for s in range(seg.slot_count):
-            if held(s):
-                # A client claiming the freed slot sets its state before its
-                # new file id: look again once that claim is complete.
-                with table.locked():
-                    if held(s):
-                        raise InvalidArgument(f"file {file_id} is still held")
-        self.holdings.spill.discard(file_id)

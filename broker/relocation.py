@@ -31,11 +31,12 @@ from tfem.errors import NoSpace, TfemError
 from tfem.files import TfemFile
 from tfem.protocol import Op, Reply
 from tfem.segment import Layout, Segment
+from tfem.spill_format import RECORD_MAX
 from tfem.states import State
 from tfem.table import Deadline, SlotTable
 
 from .holdings import Holdings, Slot
-from .spill import CHUNK, SpillStore
+from .spill import SpillStore
 
 log = logging.getLogger("tfem.broker")
 
@@ -46,7 +47,7 @@ class OwnWrites:
     """files.Owner for the broker writing into its own segment: what a
     client would ask over the socket goes straight to the broker."""
 
-    def __init__(self, segment: Segment, ask: Ask) -> None:
+    def __init__(self, segment: Segment, ask: Ask, spill: SpillStore | None) -> None:
         assert segment.view is not None, "the segment is mapped"
         self.memory: memoryview = segment.view
         self.base = int(ffi.cast("uintptr_t", segment.header))
@@ -54,6 +55,12 @@ class OwnWrites:
         self.held: set[Any] = set()
         self.pinned: dict[Any, TfemFile] = {}
         self._ask = ask
+        self._spill = spill
+
+    @property
+    def spill(self) -> SpillStore:
+        assert self._spill is not None, "a file spilled with spilling off"
+        return self._spill
 
     def call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
         return self._ask(op, args, data)
@@ -117,7 +124,7 @@ class Relocation:
             log.error("cannot move %r into the new segment yet: %s", raw, exc)
             return
         if slot.flags & lib.TFEM_SLOT_SPILLED and spill is not None:
-            spill.discard(slot.file_id)
+            spill.discard([slot.file_id])
         self.moved += 1
 
     def _make_whole(self, core: Any, slot: Slot, into: OwnWrites) -> None:
@@ -138,8 +145,10 @@ class Relocation:
                 yield offset, self.old.view[at: at + n]
         if slot.flags & lib.TFEM_SLOT_SPILLED and spill is not None:
             start = self.old.buf_size
-            for offset in range(start, size, CHUNK):
-                yield offset, memoryview(spill.read(slot.file_id, offset - start, min(CHUNK, size - offset)))
+            for offset in range(start, size, RECORD_MAX):
+                out = memoryview(bytearray(min(RECORD_MAX, size - offset)))
+                spill.read_into(slot.file_id, offset - start, out)
+                yield offset, out
 
 
 def replace_segment(holdings: Holdings, ask: Ask) -> None:
@@ -162,7 +171,7 @@ def replace_segment(holdings: Holdings, ask: Ask) -> None:
 def move_files(holdings: Holdings, ask: Ask) -> None:
     """Move what can go now out of every replaced segment; let go of those
     left empty."""
-    into = OwnWrites(holdings.segment, ask)
+    into = OwnWrites(holdings.segment, ask, holdings.spill)
     for relocation in list(holdings.relocations):
         relocation.move_published(into, holdings.spill)
         if relocation.finished():

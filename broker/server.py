@@ -33,6 +33,7 @@ from tfem.config import Instance
 from tfem.errors import SegmentCorrupt, SegmentExists, TfemError
 from tfem.protocol import Reply
 from tfem.segment import Layout, Segment
+from tfem.spill_format import Codec
 from tfem.table import SlotTable
 
 from .clients import Clients
@@ -41,13 +42,16 @@ from .holdings import Holdings
 from .memory import Memory
 from .recovery import Recovery, adopt
 from .relocation import move_files, replace_segment
-from .spill import SpillStore
+from .spill import SpillStore, default_limit
 from .stats import stats
 
 log = logging.getLogger("tfem.broker")
 
 SWEEP_INTERVAL_S = 2.0  # how often holders nobody introduced, and the segment's and socket's names, are checked
 MOVE_INTERVAL_S = 0.05  # while a replaced segment has files: how often they are moved
+# While the spill store holds files: how often the records of freed ones
+# are looked for (one pass over the slots in C, ~10 us for 4096) and deleted.
+TIDY_INTERVAL_S = 0.05
 
 
 @dataclasses.dataclass
@@ -59,7 +63,8 @@ class BrokerConfig:
     memory: int = 512 << 20
     spill_dir: pathlib.Path | None = None  # None: the instance's default
     spill: bool = True
-    spill_size: int = 64 << 30  # LMDB map size: address space, not disk
+    spill_size: int | None = None  # None: half of what the spill directory's disk has free at start
+    spill_codec: Codec = Codec.NONE
     max_file_size: int | None = None  # None: all the instance holds (inline + memory + spill)
     endpoint: str | None = None  # default: ipc:// socket of the instance
     keep: bool = False  # leave segment and spill files on stop
@@ -83,13 +88,15 @@ class Broker:
         self._next_sweep = 0.0
         self._socket_inode = 0  # of the ipc:// socket file, to notice its removal
         self._next_move = 0.0
+        self._next_tidy = 0.0
 
     # ---- start ----
 
     def start(self) -> None:
         c = self.config
         layout = Layout(c.slots, c.buf_size, c.block_size, c.memory)  # checks the geometry first
-        held = layout.max_file_size + (c.spill_size if c.spill else 0)  # all the instance holds
+        spill_limit = (c.spill_size if c.spill_size is not None else default_limit(self.spill_dir)) if c.spill else 0
+        held = layout.max_file_size + spill_limit  # all the instance holds
         layout = Layout(c.slots, c.buf_size, c.block_size, c.memory, held if c.max_file_size is None else c.max_file_size)
         try:
             segment = Segment.create(self.instance.segment, layout)
@@ -102,7 +109,7 @@ class Broker:
         self.dispatch = Dispatch(holdings, self.memory, self.clients, self.stats)
         try:
             if c.spill:
-                holdings.spill = SpillStore(self.spill_dir, c.spill_size)
+                holdings.spill = SpillStore(self.spill_dir, spill_limit, c.spill_codec, holdings.owned_spilled)
             if not self._owns_segment:
                 self._adopt(holdings)
             elif holdings.spill is not None and holdings.spill.file_ids():
@@ -212,6 +219,9 @@ class Broker:
                     if answer is not None:
                         self._send(*answer)
             self.clients.exited(events)
+            if holdings.spill is not None and holdings.spill.bytes_by_file and time.monotonic() >= self._next_tidy:
+                self._next_tidy = time.monotonic() + TIDY_INTERVAL_S
+                self._tidy_spill()
             if holdings.relocations and time.monotonic() >= self._next_move:
                 self._next_move = time.monotonic() + MOVE_INTERVAL_S
                 move_files(holdings, self.dispatch.ask_self)
@@ -228,8 +238,9 @@ class Broker:
 
     def stats(self) -> dict[str, Any]:
         assert self.holdings is not None, "the broker has not started"
+        limit_from = "--spill-size" if self.config.spill_size is not None else "half the disk's free room at start"
         return stats(self.holdings, self.dispatch, self.clients, endpoint=self.endpoint, started=self.started,
-                     recovery=self.recovery)
+                     recovery=self.recovery, limit_from=limit_from)
 
     # ---- the sweep ----
 
@@ -239,12 +250,25 @@ class Broker:
         this broker."""
         self._check_names()
         self.clients.sweep()
+        if self.holdings is not None and self.holdings.spill is not None:
+            dead = self.holdings.spill.reader_check()
+            if dead:
+                log.info("freed %d spill store reader slot(s) of clients that died reading", dead)
+            self._tidy_spill()
         if self._announced:
             try:
                 discovery.ask_registry(self.instance.keyfile, protocol.Action.ANNOUNCE,
                                        {"endpoint": self.endpoint, "load": 0}, timeout=1.0)
             except TfemError as exc:
                 log.debug("registry not reached: %s", exc)
+
+    def _tidy_spill(self) -> None:
+        """Delete the records of freed files; make an emptied store afresh."""
+        assert self.holdings is not None and self.holdings.spill is not None
+        spill = self.holdings.spill
+        spill.tidy()
+        if spill.renew():
+            log.info("the spill store %s emptied: made it afresh, its disk room given back", spill.path)
 
     def _check_names(self) -> None:
         """Make the socket and the segment again if their names were removed

@@ -1,15 +1,28 @@
 """The spill store: file bytes that do not fit in memory, in LMDB.
 
-Opened by the broker alone. Keys are (file id, chunk number), big-endian so
-one file's chunks sort together; a chunk holds CHUNK bytes of the file past
-its inline buffer. Transactions commit on a clean exit and abort on an
+The broker alone writes it; clients read it themselves (tfem.spill_reader,
+which also has the record reading used here). Records and their keys are
+tfem.spill_format's. Transactions commit on a clean exit and abort on an
 exception (py-lmdb's context managers), so a failed write leaves nothing
 half-done; a full store is NoSpace to the caller, and what was stored stays.
 A full disk under the store is a full store too: see `_write_failed`.
-Durability is not the point of a temp-file cache, so LMDB runs with sync
-off: a crash of the machine loses spilled data, a crash of the broker not.
-No writemap: a write through a mapping onto a full disk is a SIGBUS, a
-write() is an error we can report.
+
+Theory of operation:
+- A write puts its bytes as records straight from the caller's buffer (an
+  arena extent, a request's frame): one copy, into LMDB's pages. Only the
+  records a write overlaps are read back, to keep their parts outside it;
+  sequential writes and evictions never overlap anything.
+- Nobody asks for a freed file's records to go: `tidy` finds the records
+  no slot owns (`owned`: one pass over the slots, in C) and deletes them in
+  one transaction, every few tens of ms while the store holds files, and
+  at once when a write finds the store full. So a consumer's close never
+  waits for the broker, and a client that dies leaves nothing behind.
+- A store that has emptied is made afresh (`renew`): LMDB never shrinks its
+  data file, and a new one is a few pages. Readers notice by the inode.
+- Durability is not the point of a temp-file cache, so LMDB runs with sync
+  off: a crash of the machine loses spilled data, a crash of the broker not.
+  No writemap: a write through a mapping onto a full disk is a SIGBUS, a
+  write() is an error we can report.
 """
 
 from __future__ import annotations
@@ -17,20 +30,21 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import struct
+from typing import Callable, Iterable
 
-import crc32c
 import lmdb
 
-from tfem._native import lib
+from tfem import spill_format, spill_reader
 from tfem.errors import NoSpace, TfemError
+from tfem.spill_format import RECORD_MAX, Codec, Record
 
-CHUNK = 1 << 20
 STORE_FILES = ("data.mdb", "lock.mdb")  # what LMDB makes in the store's directory
-_KEY = struct.Struct(">QQ")
 # Pages LMDB writes in a commit besides the values: branch pages, the free
 # list, the meta page. Generous: a few per MiB of values are enough.
-COMMIT_SLACK = 2 * CHUNK
+COMMIT_SLACK = 2 * RECORD_MAX
+RENEW_AT = 4 << 20  # an empty store whose data file is larger is made afresh
+MAX_READERS = 4096  # LMDB's reader table: every client process reading at once
+LOCK_BYTES = MAX_READERS * 64 + 4096  # its lock file: 64 B per reader, and a header
 log = logging.getLogger("tfem.broker")
 
 
@@ -42,55 +56,129 @@ def delete_reserve(map_size: int) -> int:
     return max(1 << 20, map_size // 64)
 
 
+def default_limit(path: pathlib.Path) -> int:
+    """Half of what the file system under `path` has free now: the store
+    never promises room the disk does not have, and leaves the rest to
+    everyone else on the node."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    vfs = os.statvfs(probe)
+    return vfs.f_bavail * vfs.f_frsize // 2
+
+
 class SpillStore:
-    def __init__(self, path: pathlib.Path, map_size: int) -> None:
+    def __init__(self, path: pathlib.Path, limit: int, codec: Codec, owned: Callable[[], set[int]]) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
-        self.limit = map_size  # pages of stored data, at most; writes past it are NoSpace
-        self.env = lmdb.open(str(path), map_size=map_size + delete_reserve(map_size), sync=False,
-                             metasync=False, max_dbs=0, mode=0o600)
-        self._db = self.env.open_db()
-        self.bytes_by_file: dict[int, int] = {}
+        # The ids of spilled files some slot holds. Every record the broker
+        # writes belongs to one, before its write returns (moves to the
+        # store flag the slot in the same step), so any other is an orphan.
+        self.owned = owned
+        self.limit = limit  # pages of stored data, at most; writes past it are NoSpace
+        self.map_size = limit + delete_reserve(limit)  # what readers map too
+        self.codec = codec
+        self.bytes_by_file: dict[int, int] = {}  # stored (maybe compressed) bytes
+        self.raw_bytes = 0  # what the stored records hold, uncompressed
+        self.renewals = 0
+        self.env = self._open()
         with self.env.begin() as txn:
             for key, value in txn.cursor():
-                file_id, _ = _KEY.unpack(key)
-                self.bytes_by_file[file_id] = self.bytes_by_file.get(file_id, 0) + len(value)
+                record = spill_format.parse_key(key)
+                self.bytes_by_file[record.file_id] = self.bytes_by_file.get(record.file_id, 0) + len(value)
+                self.raw_bytes += record.length
+
+    def _open(self) -> lmdb.Environment:
+        self._reserve_lock_file()
+        env = lmdb.open(str(self.path), map_size=self.map_size, sync=False, metasync=False, max_dbs=0,
+                        mode=0o600, max_readers=MAX_READERS)
+        self._db = env.open_db()
+        return env
+
+    def bytes_of(self, file_ids: Iterable[int]) -> int:
+        """Stored bytes of these files."""
+        return sum(self.bytes_by_file.get(file_id, 0) for file_id in file_ids)
+
+    def _reserve_lock_file(self) -> None:
+        """Make LMDB's lock file with its disk blocks taken. LMDB sizes it
+        with ftruncate and maps it; on a full tmpfs the first touch of a
+        page that has no block is a SIGBUS, in the broker and in every
+        reader. Taken now, a full disk is an error here instead."""
+        fd = os.open(self.path / STORE_FILES[1], os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < LOCK_BYTES:
+                os.posix_fallocate(fd, 0, LOCK_BYTES)
+        except OSError as exc:
+            raise NoSpace(f"the spill store {self.path} has no room for its lock file: {exc.strerror}") from None
+        finally:
+            os.close(fd)
 
     @property
-    def bytes_used(self) -> int:
-        return sum(self.bytes_by_file.values())
+    def file_bytes(self) -> int:
+        """The size of the store's data file on disk."""
+        try:
+            return os.stat(self.path / STORE_FILES[0]).st_blocks * 512
+        except FileNotFoundError:
+            return 0
 
     def write(self, file_id: int, offset: int, data: memoryview) -> None:
         """Store `data` at `offset` (counted from the end of the inline buffer)."""
-        added = 0
+        self.write_pieces(file_id, [(offset, data)])
+
+    def write_pieces(self, file_id: int, pieces: Iterable[tuple[int, memoryview]]) -> None:
+        """Store each (offset, bytes) of `pieces`, all or none. A full store
+        first lets go of the records of freed files, then is NoSpace."""
+        pieces = list(pieces)
         try:
-            with self.env.begin(write=True) as txn:
-                pos, end = offset, offset + len(data)
-                while pos < end:
-                    chunk, within = divmod(pos, CHUNK)
-                    n = min(CHUNK - within, end - pos)
-                    key = _KEY.pack(file_id, chunk)
-                    piece = data[pos - offset: pos - offset + n]
-                    old = txn.get(key)
-                    if old is None and within == 0:
-                        value = bytes(piece)
-                    else:
-                        buf = bytearray(old or b"")
-                        if len(buf) < within + n:
-                            buf.extend(bytes(within + n - len(buf)))
-                        buf[within: within + n] = piece
-                        value = bytes(buf)
-                    added += len(value) - (len(old) if old else 0)
-                    txn.put(key, value)
-                    pos += n
+            self._write(file_id, pieces)
+        except NoSpace:
+            if not self.tidy():
+                raise
+            self._write(file_id, pieces)
+
+    def _write(self, file_id: int, pieces: list[tuple[int, memoryview]]) -> None:
+        added = raw_added = 0
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                for offset, data in pieces:
+                    removed, raw_removed = self._cut(txn, file_id, offset, offset + len(data))
+                    added -= removed
+                    raw_added -= raw_removed
+                    for at in range(0, len(data), RECORD_MAX):
+                        part = data[at: at + RECORD_MAX]
+                        codec, value = spill_format.encode(self.codec, part)
+                        txn.put(Record(file_id, offset + at, len(part), codec).key, value)
+                        added += len(value)
+                        raw_added += len(part)
                 st = txn.stat(self._db)
                 if (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"] > self.limit:
                     raise NoSpace(f"the spill store {self.path} is full ({self.limit >> 20} MiB)")  # aborts
         except lmdb.MapFullError:
             raise NoSpace(f"the spill store {self.path} is full") from None
         except lmdb.Error as exc:
-            raise self._write_failed(exc, len(data)) from None
+            raise self._write_failed(exc, sum(len(data) for _, data in pieces)) from None
         self.bytes_by_file[file_id] = self.bytes_by_file.get(file_id, 0) + added
+        self.raw_bytes += raw_added
+
+    def _cut(self, txn: lmdb.Transaction, file_id: int, start: int, end: int) -> tuple[int, int]:
+        """Make room for a write of [start, end): delete the records it
+        overlaps, keeping their parts outside it as records of their own.
+        The stored and raw bytes deleted, net of those kept."""
+        overlapped = [(record, bytes(spill_format.decode(record, value)), len(value))
+                      for record, value in spill_reader.records(txn, file_id, start, end)]
+        stored = raw = 0
+        for record, data, size in overlapped:
+            txn.delete(record.key)
+            stored += size
+            raw += record.length
+            for part in spill_format.split(record, start, end):
+                if part is not None:
+                    lo, hi = part
+                    codec, value = spill_format.encode(self.codec, memoryview(data)[lo - record.start: hi - record.start])
+                    txn.put(Record(file_id, lo, hi - lo, codec).key, value)
+                    stored -= len(value)
+                    raw -= hi - lo
+        return stored, raw
 
     def _write_failed(self, exc: lmdb.Error, size: int) -> TfemError:
         """What a failed write transaction of `size` bytes means to the writer.
@@ -118,70 +206,80 @@ class SpillStore:
         log.error("the spill store %s cannot write: %s", self.path, exc)
         return TfemError(f"the spill store {self.path} cannot write: {exc}")
 
-    def read(self, file_id: int, offset: int, length: int) -> bytearray:
-        """`length` bytes at `offset`; never-written bytes read as zeros."""
-        out = bytearray(length)
+    # ---- reading (moving files between segments: the broker as a client) ----
+
+    def acquire(self) -> None:
+        """Open already: the broker's store is open from start to stop."""
+
+    def release(self) -> None:
+        """Stays open."""
+
+    def read_into(self, file_id: int, offset: int, out: memoryview) -> None:
         with self.env.begin(buffers=True) as txn:
-            pos, end = offset, offset + length
-            while pos < end:
-                chunk, within = divmod(pos, CHUNK)
-                n = min(CHUNK - within, end - pos)
-                value = txn.get(_KEY.pack(file_id, chunk))
-                if value is not None:
-                    have = max(0, min(n, len(value) - within))
-                    out[pos - offset: pos - offset + have] = value[within: within + have]
-                pos += n
-        return out
+            spill_reader.read_into(txn, file_id, offset, out)
 
     def checksum(self, file_id: int, length: int, crc: int) -> int:
-        """Continue crc32c `crc` over the first `length` spilled bytes. The
-        file's records are visited in order; the zeros between them (bytes
-        never written) are checksummed without being made, so a gap of any
-        size costs next to nothing."""
-        done = 0
         with self.env.begin(buffers=True) as txn:
-            cursor = txn.cursor()
-            if cursor.set_range(_KEY.pack(file_id, 0)):
-                for key, value in cursor:
-                    owner, chunk = _KEY.unpack(key)
-                    start = chunk * CHUNK
-                    if owner != file_id or start >= length:
-                        break
-                    crc = lib.tfem_crc32c_zeros(crc, start - done)
-                    have = min(len(value), length - start)
-                    crc = crc32c.crc32c(value[:have], crc)
-                    done = start + have
-        return lib.tfem_crc32c_zeros(crc, length - done)
-
-    def discard(self, file_id: int) -> None:
-        """Delete a file's records. If the disk cannot take even that (a
-        delete writes pages too), they stay, still counted: the broker's
-        sweep discards records no file owns, and tries again."""
-        try:
-            with self.env.begin(write=True) as txn:
-                cursor = txn.cursor()
-                if cursor.set_range(_KEY.pack(file_id, 0)):
-                    while cursor.key()[:8] == _KEY.pack(file_id, 0)[:8]:
-                        if not cursor.delete():
-                            break
-        except lmdb.Error as exc:
-            log.warning("records of file %d stay in the spill store for now: %s", file_id, exc)
-            return
-        self.bytes_by_file.pop(file_id, None)
+            return spill_reader.checksum(txn, file_id, length, crc)
 
     def stored_end(self, file_id: int) -> int:
         """Where the file's records end (offset past the inline buffer):
         no byte past it was ever written."""
         with self.env.begin(buffers=True) as txn:
-            cursor = txn.cursor()
-            found = cursor.prev() if cursor.set_range(_KEY.pack(file_id + 1, 0)) else cursor.last()
-            if not found:
-                return 0
-            owner, chunk = _KEY.unpack(cursor.key())
-            return chunk * CHUNK + len(cursor.value()) if owner == file_id else 0
+            return spill_reader.stored_end(txn, file_id)
 
     def file_ids(self) -> set[int]:
+        """The files with records."""
         return set(self.bytes_by_file)
+
+    # ---- deleting ----
+
+    def tidy(self) -> int:
+        """Delete the records of files no slot holds (freed, or left by a
+        client that died). How many files' records went."""
+        before = len(self.bytes_by_file)
+        if before:
+            self.discard(self.file_ids() - self.owned())
+        return before - len(self.bytes_by_file)
+
+    def discard(self, file_ids: Iterable[int]) -> None:
+        """Delete files' records, in one transaction. If the disk cannot
+        take even that (a delete writes pages too), they stay, still
+        counted: the broker's sweep discards records no file owns, and
+        tries again."""
+        file_ids = sorted(set(file_ids) & set(self.bytes_by_file))
+        if not file_ids:
+            return
+        raw = 0
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                for file_id in file_ids:
+                    for record, _ in list(spill_reader.records(txn, file_id, 0, 2**64 - 1)):
+                        txn.delete(record.key)
+                        raw += record.length
+        except lmdb.Error as exc:
+            log.warning("records of %d file(s) stay in the spill store for now: %s", len(file_ids), exc)
+            return
+        for file_id in file_ids:
+            self.bytes_by_file.pop(file_id, None)
+        self.raw_bytes -= raw
+
+    def renew(self) -> bool:
+        """Make an empty store afresh if its data file has grown past
+        RENEW_AT, so the disk gets the room back. Whether it did."""
+        if self.bytes_by_file or self.file_bytes <= RENEW_AT:
+            return False
+        self.env.close()
+        remove_store(self.path, keep_directory=True)
+        self.env = self._open()
+        self.raw_bytes = 0
+        self.renewals += 1
+        return True
+
+    def reader_check(self) -> int:
+        """Free the reader slots of client processes that died mid-read (a
+        stale one would keep freed pages from reuse). How many."""
+        return int(self.env.reader_check())
 
     def close(self) -> None:
         self.env.close()
@@ -191,7 +289,7 @@ class SpillStore:
         remove_store(self.path)
 
 
-def remove_store(path: pathlib.Path) -> bool:
+def remove_store(path: pathlib.Path, keep_directory: bool = False) -> bool:
     """Delete the store in `path`, if there is one: its own files, and then
     `path` if that leaves it empty (a --spill-dir may be a directory of the
     user's). Whether there was one. Also `tfem clean`'s, for a store no
@@ -203,7 +301,7 @@ def remove_store(path: pathlib.Path) -> bool:
             found = True
         except FileNotFoundError:
             pass
-    if found:
+    if found and not keep_directory:
         try:
             path.rmdir()
         except OSError:

@@ -16,8 +16,10 @@ from .recovery import Recovery
 
 
 def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint: str, started: float,
-          recovery: Recovery | None) -> dict[str, Any]:
+          recovery: Recovery | None, limit_from: str) -> dict[str, Any]:
     seg, table, spill = holdings.segment, holdings.table, holdings.spill
+    # Freed files' records wait for the broker's next tidy: not counted.
+    held_spilled = spill.file_ids() & holdings.owned_spilled() if spill else set()
     by_state = {state.name: 0 for state in State}
     for s in range(seg.slot_count):
         by_state[table.state_of(s)[0].name] += 1
@@ -39,8 +41,11 @@ def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint:
         "arena_bytes_free": (seg.block_count - used_blocks) * seg.block_size,
         "max_file_size": h.max_file_size,
         "spill": str(spill.path) if spill else None,
-        "spilled_bytes": spill.bytes_used if spill else 0,
-        "spilled_files": len(spill.file_ids()) if spill else 0,
+        "spilled_bytes": spill.bytes_of(held_spilled) if spill else 0,
+        "spilled_files": len(held_spilled),
+        "spill_store": {"limit": spill.limit, "limit_from": limit_from, "codec": spill.codec.name.lower(),
+                        "raw_bytes": spill.raw_bytes, "file_bytes": spill.file_bytes,
+                        "renewals": spill.renewals} if spill else None,
         "clients": len(clients.pids),
         "requests_served": dict(dispatch.served),
         "request_errors": dispatch.errors,

@@ -3,9 +3,9 @@
 The public functions are plain C over the native core (native/
 tfem_capi.c, compiled with the core's sources into the library): a C
 program whose files fit in memory never starts an interpreter. The calls
-that need the broker's protocol (native/tfem_embed.h: room in a full
-arena, spilled bytes, their checksum, discarding spill records) go to the
-embedded Python runtime, started on first use. Starting it ourselves,
+that need the broker or the spill store (native/tfem_embed.h: room in a
+full arena, spilled bytes and their checksum) go to the embedded Python
+runtime, started on first use. Starting it ourselves,
 rather than leaving it to cffi, lets us:
 - name the interpreter this library was built for (program_name), so
   sys.prefix is the virtual environment it was installed into whatever

@@ -1,9 +1,10 @@
 """The Python side of libtfem.so: the `_tfem_py_*` entry points.
 
 libtfem.so does everything on the memory path in C (native/tfem_capi.c);
-it calls these only for what needs the broker's protocol: room in a full
-arena, the bytes and checksum of a spilled file, discarding spill records,
-and the segment's name when only a broker endpoint is known. Each runs over
+it calls these only for what needs the broker or the spill store: room in
+a full arena, the writing, reading and checksum of a spilled file's bytes
+(written through the broker, read from the store), and the segment's name
+when only a broker endpoint is known. Each runs over
 the process's default client (tfem.posix). Every error becomes -1 with
 errno set, in one place (`_fail`); an exception never escapes to C, where
 cffi would turn it into a silent 0.
@@ -69,19 +70,18 @@ def install(ffi: FFI) -> None:
         return count
 
     @extern
-    def _tfem_py_spill_read(slot: int, generation: int, offset: int, buf: FFI.CData, count: int) -> int:
-        reply = posix.default_client().call(Op.SPILL_READ, {**held(slot, generation), "offset": offset,
-                                                            "length": min(count, SPILL_IO_CHUNK)})
-        data = memoryview(reply.payload())
-        ffi.memmove(buf, data, len(data))
-        return len(data)
-
-    @extern
-    def _tfem_py_checksum(slot: int, generation: int, crc: int) -> int:
-        reply = posix.default_client().call(Op.CHECKSUM, {**held(slot, generation), "crc": crc})
-        return int(reply.result["crc"])
-
-    @extern
-    def _tfem_py_discard(file_id: int) -> int:
-        posix.default_client().call(Op.DISCARD, {"file_id": file_id})
+    def _tfem_py_spill_hold(hold: int) -> int:
+        spill = posix.default_client().spill
+        spill.acquire() if hold else spill.release()
         return 0
+
+    @extern
+    def _tfem_py_spill_read(file_id: int, offset: int, buf: FFI.CData, count: int) -> int:
+        posix.default_client().spill.read_into(file_id, offset, memoryview(ffi.buffer(buf, count)))
+        return count
+
+    @extern
+    def _tfem_py_checksum(file_id: int, length: int, crc: int) -> int:
+        return posix.default_client().spill.checksum(file_id, length, crc)
+
+

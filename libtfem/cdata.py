@@ -103,7 +103,6 @@ class FileCore(Protocol):
     memory_end: int
     want: int
     crc_end: int
-    discard_id: int
     max_size: int
     crc: int
     index: int

@@ -19,6 +19,7 @@ from . import launch
 from .client import connect
 from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyfile
 from .errors import TfemError
+from .spill_format import CODECS
 
 READY_TIMEOUT_S = 60.0
 # A server crashing more than MAX_RESTARTS times in RESTART_WINDOW_S: `tfem up`
@@ -53,8 +54,12 @@ def _add_broker_options(p: argparse.ArgumentParser) -> None:
         g.add_argument("--spill-dir", type=pathlib.Path, metavar="DIR",
                        help="LMDB spill store for what does not fit in memory "
                             "(default: beside the instance's socket in the runtime directory)"),
-        g.add_argument("--spill-size", type=_size, default="64G", metavar="SIZE",
-                       help="largest size of the spill store (default 64G)"),
+        g.add_argument("--spill-size", type=_size, metavar="SIZE",
+                       help="largest size of the spill store (default: half of what its disk has free "
+                            "when the broker starts; `tfem status` shows it)"),
+        g.add_argument("--spill-compress", choices=sorted(CODECS), default="none",
+                       help="compress spilled bytes per 1 MiB record; a record that would shrink by "
+                            "less than 10%% is stored as it is (default none: see README, Spill)"),
         g.add_argument("--no-spill", action="store_true",
                        help="never spill: a full arena is an error (ENOSPC)"),
         g.add_argument("--max-file-size", type=_size, metavar="SIZE",
@@ -194,7 +199,8 @@ def _broker_config(args: argparse.Namespace) -> Any:
 
     return BrokerConfig(keyfile=args.keyfile, slots=args.slots, buf_size=args.buf_size,
                         block_size=args.block_size, memory=args.memory, spill_dir=args.spill_dir,
-                        spill=not args.no_spill, spill_size=args.spill_size, max_file_size=args.max_file_size,
+                        spill=not args.no_spill, spill_size=args.spill_size, spill_codec=CODECS[args.spill_compress],
+                        max_file_size=args.max_file_size,
                         endpoint=getattr(args, "endpoint", None), keep=args.keep)
 
 
@@ -443,8 +449,7 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"files       {files}\n"
           f"arena       {_mib(stats['arena_bytes_used'])} used, {_mib(stats['arena_bytes_free'])} free"
           f" of {_mib(stats['arena_bytes_total'])}\n"
-          f"spill       {_mib(stats['spilled_bytes'])} in {stats['spilled_files']} files"
-          f" ({stats['spill'] or 'off'})\n"
+          f"{_spill_lines(stats)}"
           f"files up to {_mib(stats['max_file_size'])} each\n"
           f"recovered   {stats['dead_clients_settled']} dead clients settled,"
           f" {stats['segments_replaced']} removed segments made again\n"
@@ -452,6 +457,17 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
           f" {stats['clients']} clients")
     return 0
+
+
+def _spill_lines(stats: dict[str, Any]) -> str:
+    store = stats["spill_store"]
+    if store is None:
+        return "spill       off\n"
+    return (f"spill       {_mib(stats['spilled_bytes'])} stored in {stats['spilled_files']} files"
+            f" ({_mib(store['raw_bytes'])} before compression: {store['codec']}),"
+            f" limit {_mib(store['limit'])} ({store['limit_from']})\n"
+            f"spill disk  data file {_mib(store['file_bytes'])} in {stats['spill']},"
+            f" made afresh {store['renewals']} times once empty\n")
 
 
 def _mib(n: int) -> str:

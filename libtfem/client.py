@@ -39,6 +39,7 @@ from . import forks
 from .files import TfemFile
 from .protocol import Op, Reply, Request
 from .segment import Segment
+from .spill_reader import SpillReader, reader_for
 from .states import State
 from .table import NAME_MAX, Deadline, FileStat, SlotTable, encode_name, table_error
 
@@ -90,6 +91,7 @@ class Client:
     _context: Any = None
     _broker_pid = 0  # the broker of the last HELLO
     segment: Segment | None = None
+    _spill_store: dict[str, Any] | None = None  # where the broker's spill store is (HELLO)
 
     def __init__(self, endpoint: str, *, registry: Instance | None = None,
                  reply_timeout: float = REPLY_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -125,7 +127,7 @@ class Client:
     def _connect(self) -> None:
         hello = self._open_socket()
         self._instance_id = hello.result["instance_id"]
-        self._broker_pid = hello.result["broker_pid"]
+        self._heard(hello)
         try:
             self._use(Segment.attach(hello.result["segment"]))
         except BaseException:
@@ -146,6 +148,7 @@ class Client:
         see broker/relocation.py) and moves the files into the new one: map
         that. Files open on the old one keep it until this client closes."""
         hello = self.call(Op.HELLO, {"pid": self.pid})
+        self._heard(hello)
         segment = Segment.attach(hello.result["segment"])
         assert self.segment is not None
         self._replaced.append(self.segment)
@@ -164,9 +167,21 @@ class Client:
             self._socket_lock = threading.Lock()  # another thread may have held it at fork
             self.held = set()
             self.pinned = {}
-            self._broker_pid = self._open_socket().result["broker_pid"]
+            self._heard(self._open_socket())
             assert self.segment is not None
             self.table = SlotTable(self.segment, self.pid)
+
+    def _heard(self, hello: Reply) -> None:
+        """Note what a broker's HELLO says of it."""
+        self._broker_pid = hello.result["broker_pid"]
+        self._spill_store = hello.result.get("spill")
+
+    @property
+    def spill(self) -> SpillReader:
+        """The broker's spill store, read straight from its files."""
+        if self._spill_store is None:
+            raise TfemError(f"the broker at {self.endpoint} has no spill store")
+        return reader_for(self._spill_store["path"], self._spill_store["map_size"])
 
     # ---- requests ----
 
@@ -238,7 +253,7 @@ class Client:
             if hello.result.get("instance_id") != self._instance_id:
                 raise BrokerUnavailable("the broker restarted with a new, empty segment (the old one was "
                                         "damaged): files this process had open are lost; connect again")
-            self._broker_pid = hello.result["broker_pid"]
+            self._heard(hello)
             return
         raise BrokerUnavailable(f"the broker at {self.endpoint} died and none took over within {timeout:g} s")
 
@@ -362,9 +377,7 @@ class Client:
         """Remove a name. A file being written or read is freed when its
         holder closes it; its name is free at once."""
         self._check_current()
-        discard = self.table.unlink(encode_name(name))
-        if discard is not None:
-            self.call(Op.DISCARD, {"file_id": discard})
+        self.table.unlink(encode_name(name))
 
     def list(self) -> list[str]:
         """The names held, in any state."""
@@ -395,11 +408,6 @@ class Client:
                         continue  # a view lives: the file stays held, and mapped, until it goes
                 self.held.discard(core)
                 lib.tfem_f_abort(core) if core.writing else lib.tfem_f_close(core)
-                if core.discard_id:
-                    try:
-                        self._call(Op.DISCARD, {"file_id": int(core.discard_id)})
-                    except Exception:
-                        pass  # the broker's sweep discards what no file owns
             try:
                 self._call(Op.BYE, {}, timeout_ms=int(BYE_TIMEOUT_S * 1000))
             except Exception:

@@ -4,8 +4,9 @@ Every method on the memory path is one call into the core (native/
 tfem_file.c), which moves bytes straight between the caller's buffer and the
 shared segment and keeps the checksum as it goes. What the core cannot do
 alone it reports, and this module asks the broker: room in the arena when
-it is full (ALLOC, which spills), and the bytes of a spilled file past its
-inline buffer (SPILL_WRITE, SPILL_READ; writes coalesced, reads read ahead).
+it is full (ALLOC, which spills), and the writing of a spilled file's bytes
+past its inline buffer (SPILL_WRITE, coalesced). Those bytes are read from
+the spill store itself (the owner's `spill`, a spill_reader.SpillSource).
 
 A producer's file is published (WRITE -> WAIT) by close(); leaving a `with`
 block through an exception drops it instead, so a half-written file is
@@ -15,7 +16,7 @@ through an exception gives it back (READ -> WAIT), so nothing is lost.
 Every file carries a crc32c of its bytes. A consumer reading in order is
 checked as it reads, before it sees the end of the file; a damaged file is
 ChecksumMismatch and is given back at close, never consumed. A spilled file
-is checked when it is opened (the broker holds most of its bytes).
+is checked when it is opened (its bytes are in the spill store).
 """
 
 from __future__ import annotations
@@ -32,22 +33,26 @@ from ._native import ffi, lib
 from .cdata import CharPtr, FileCore, FileInfo
 from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
 from .protocol import Op, Reply
+from .spill_reader import SpillSource
 from .table import Deadline
 
-SPILL_IO_CHUNK = 4 << 20  # bytes per spill request
+SPILL_IO_CHUNK = 4 << 20  # bytes per spill write request
 BIG_READ = 1 << 20  # read() this large copies once from views; smaller, through readinto
 CRC_NONE = 2**64 - 1  # the core's mark for "no running checksum"
 
 class Owner(Protocol):
     """What a file needs of its client: the mapping, the broker (for room
-    and spilled bytes), and the set of files it must let go of when it
-    closes."""
+    and spill writes), the spill store (None before a spilled file is
+    met), and the set of files it must let go of when it closes."""
 
     memory: memoryview  # the segment's mapping
     base: int  # its address
     pid: int
     held: set[FileCore]  # the cores of files open through it
     pinned: dict[FileCore, TfemFile]  # ... of them, those with views (getbuffer)
+
+    @property
+    def spill(self) -> SpillSource: ...
 
     def call(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply: ...
 
@@ -77,8 +82,7 @@ class TfemFile(io.RawIOBase):
     # The spill path's state, made per file only when a file spills.
     _pending: bytearray | None = None  # spill writes not yet sent
     _pending_offset = 0
-    _cache: Any = b""  # spill read-ahead
-    _cache_offset = 0
+    _spill: SpillSource | None = None  # the store, held open while a consumer reads it
     _view_bases: list[memoryview] | None = None  # what getbuffer()'s views hold exports of
 
     _room_timeout: float | None = 0  # how long a write may wait for memory
@@ -203,7 +207,7 @@ class TfemFile(io.RawIOBase):
                 self.abort()  # never half-published, never left held
                 raise
         rc = lib.tfem_f_close(f)
-        if rc == errno.EXDEV:  # a spilled file: the broker holds most of its bytes
+        if rc == errno.EXDEV:  # a spilled file: the core has not seen the bytes in the store
             try:
                 crc = self._spilled_checksum()
             except BaseException:
@@ -211,7 +215,8 @@ class TfemFile(io.RawIOBase):
                 raise
             rc = lib.tfem_f_publish(f, crc)
         self._owner.held.discard(f)
-        if rc or f.discard_id:
+        self._let_go_of_spill()
+        if rc:
             self._after_release(rc)
 
     def abort(self) -> None:
@@ -224,7 +229,8 @@ class TfemFile(io.RawIOBase):
             self._release_views()
         rc = lib.tfem_f_abort(f)
         self._owner.held.discard(f)
-        if rc or f.discard_id:
+        self._let_go_of_spill()
+        if rc:
             self._after_release(rc)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -349,9 +355,7 @@ class TfemFile(io.RawIOBase):
         return from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
 
     def _after_release(self, rc: int) -> None:
-        """After a close or abort that failed, or freed spilled bytes."""
-        if self._f.discard_id:
-            self._owner.call(Op.DISCARD, {"file_id": int(self._f.discard_id)})
+        """After a close or abort that failed."""
         if rc not in (0, errno.EBADF):
             raise from_errno(rc, f"{self.name!r}: {os.strerror(rc)}")
 
@@ -430,16 +434,29 @@ class TfemFile(io.RawIOBase):
         lib.tfem_f_reload(f)
 
     def _spilled_checksum(self) -> int:
-        """crc32c of the whole file: the memory part here, the spilled part
-        by the broker, which holds it."""
+        """crc32c of the whole file: the memory part, then the spilled part
+        (a producer's, at close, with the store opened for the look alone)."""
         f = self._f
-        reply = self._owner.call(Op.CHECKSUM, {"slot": f.index, "generation": f.generation,
-                                                "crc": lib.tfem_f_memory_crc(f)})
-        return int(reply.result["crc"])
+        spill = self._spill or self._owner.spill
+        if spill is not self._spill:
+            spill.acquire()
+        try:
+            return spill.checksum(f.file_id, max(0, f.size - f.memory_end), lib.tfem_f_memory_crc(f))
+        finally:
+            if spill is not self._spill:
+                spill.release()
+
+    def _let_go_of_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.release()
+            self._spill = None
 
     def _verify_spilled(self) -> None:
         f = self._f
         try:
+            spill = self._owner.spill
+            spill.acquire()
+            self._spill = spill
             actual = self._spilled_checksum()
         except BaseException:
             self.abort()
@@ -476,13 +493,6 @@ class TfemFile(io.RawIOBase):
         self._owner.call(Op.SPILL_WRITE, {"slot": f.index, "generation": f.generation, "offset": pos}, data)
 
     def _read_spilled(self, pos: int, out: Any) -> int:
-        if not self._cache_offset <= pos < self._cache_offset + len(self._cache):
-            f = self._f
-            length = min(max(len(out), SPILL_IO_CHUNK), f.size - pos)
-            reply = self._owner.call(
-                Op.SPILL_READ, {"slot": f.index, "generation": f.generation, "offset": pos, "length": length})
-            self._cache, self._cache_offset = memoryview(reply.payload()), pos
-        start = pos - self._cache_offset
-        n = min(len(out), len(self._cache) - start)
-        out[0:n] = self._cache[start: start + n]
-        return n
+        assert self._spill is not None, "a consumer of a spilled file holds the store from open"
+        self._spill.read_into(self._f.file_id, pos - self._f.memory_end, memoryview(out))
+        return len(out)

@@ -40,9 +40,6 @@ class Op(str, enum.Enum):
     HELLO = "hello"  # a client introduces itself: pid
     ALLOC = "alloc"  # grow a file held for write past its capacity
     SPILL_WRITE = "spill_write"  # data frame at offset of a spilled file
-    SPILL_READ = "spill_read"  # bytes at offset of a spilled file
-    DISCARD = "discard"  # a spilled file's records may go
-    CHECKSUM = "checksum"  # continue a crc32c over a spilled file's records
     ROOM = "room"  # spill until the arena has a run of free blocks this long (zero copy)
     STATS = "stats"
     BYE = "bye"
@@ -53,9 +50,6 @@ _ARGS: dict[Op, dict[str, type]] = {
     Op.HELLO: {"pid": int},
     Op.ALLOC: {"slot": int, "generation": int, "capacity": int},
     Op.SPILL_WRITE: {"slot": int, "generation": int, "offset": int},
-    Op.SPILL_READ: {"slot": int, "generation": int, "offset": int, "length": int},
-    Op.DISCARD: {"file_id": int},
-    Op.CHECKSUM: {"slot": int, "generation": int, "crc": int},
     Op.ROOM: {"blocks": int},
     Op.STATS: {},
     Op.BYE: {},

@@ -212,13 +212,12 @@ class SlotTable:
 
     # ---- anyone ----
 
-    def unlink(self, raw: bytes) -> int | None:
+    def unlink(self, raw: bytes) -> None:
         """Remove a name. A WAIT file is freed now; a held file leaves the
         index now and is freed when its holder closes it."""
         claim = self._claim_struct()
         self._check(lib.tfem_t_unlink(self._h, raw, len(raw), name_hash(raw), self.pid, claim),
                     repr(raw.decode()))
-        return self._discard(claim)
 
     def stat(self, raw: bytes) -> FileStat:
         info = ffi.new("struct tfem_fileinfo *")
@@ -352,6 +351,19 @@ class SlotTable:
         self._check(lib.tfem_t_transition_locked(self._h, s, EVENT_NUMBER[event], generation, holder))
 
     # ---- the broker's hold for spilling ----
+
+    def evictable(self) -> builtins_list[int]:
+        """Slots of files that could be spilled (WAIT, in arena blocks, not
+        made whole for views), least recently published first."""
+        count = self.seg.slot_count
+        slots, since = ffi.new("uint32_t[]", count), ffi.new("uint64_t[]", count)
+        n = lib.tfem_t_evictable(self._h, slots, since, count)
+        return [slots[i] for i in sorted(range(n), key=since.__getitem__)]
+
+    def spilled_ids(self) -> set[int]:
+        """The file ids of spilled files a slot holds."""
+        ids = ffi.new("uint64_t[]", self.seg.slot_count)
+        return {ids[i] for i in range(lib.tfem_t_spilled_ids(self._h, ids, self.seg.slot_count))}
 
     def hold_waiting(self, s: int) -> Handle | None:
         """Take a WAIT file as its reader (the broker, to move it to the

@@ -149,8 +149,7 @@ def broker_case(r: random.Random, rid: int, pids: list[int], slots: int) -> list
     if kind == 6:  # bye: the next ops come from a stranger again
         return [msgpack.packb([VERSION, rid, "bye", {}])]
     # well-formed ops with wrong slots, generations, offsets, lengths, capacities
-    op = r.choice([Op.ALLOC, Op.ALLOC, Op.SPILL_READ, Op.SPILL_READ, Op.SPILL_WRITE, Op.CHECKSUM, Op.DISCARD,
-                   Op.STATS])
+    op = r.choice([Op.ALLOC, Op.ALLOC, Op.SPILL_WRITE, Op.SPILL_WRITE, Op.ROOM, Op.STATS])
     args = mutated_args(r, protocol._ARGS[op], pids, slots)
     frames = [pack([VERSION, rid, op.value, args])]
     if op is Op.SPILL_WRITE and r.random() < 0.9:

@@ -78,6 +78,6 @@ def test_producers_and_consumers_exchange_1000_files(instance_factory, workers):
         assert stats["spilled_files"] == 0
         assert stats["published"] == TOTAL
         assert stats["consumed"] == TOTAL
-        # The files past the arena went through the spill store.
+        # The files past the arena went through the spill store (read back
+        # from it by their consumers themselves).
         assert stats["requests_served"]["spill_write"] > 0
-        assert stats["requests_served"]["spill_read"] > 0

@@ -20,13 +20,15 @@ import os
 import queue
 import signal
 import struct
+import subprocess
+import sys
 
-import lmdb
 import pytest
 
 import tfem
 from tfem._native import ffi
 from tfem.segment import Segment
+from tfem.spill_format import RECORD_MAX, Codec, Record
 
 from tests._instances import SMALL
 from tests._proc_tools import pid_dead, tfem_cli, wait_until
@@ -471,26 +473,35 @@ def test_damaged_bytes_in_the_segment_are_a_checksum_mismatch(instance, client, 
     assert client.stats()["slots_used"] == 0
 
 
+FLIP_A_BIT = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], max_dbs=0, subdir=True)
+with env.begin(write=True) as txn:
+    key = bytes.fromhex(sys.argv[2])
+    value = bytearray(txn.get(key))
+    value[1000] ^= 0x01
+    txn.put(key, bytes(value))
+env.close()
+"""
+
+
 def test_damaged_spilled_bytes_are_a_checksum_mismatch(instance, client):
     name, size = "crc/spilled", MIB + 300 * KIB
     put(client, name, size)
     st = client.stat(name)
     assert st.spilled
     with mapped(instance.names.segment) as seg:
-        file_id = seg.slot(st.slot).file_id
-    key = struct.pack(">QQ", file_id, 1)  # the second spilled chunk
+        file_id, buf_size = seg.slot(st.slot).file_id, seg.buf_size
+    # The second spilled record: raw bytes from 1 MiB past the inline buffer.
+    key = Record(file_id, RECORD_MAX, size - buf_size - RECORD_MAX, Codec.NONE).key
 
     def flip() -> None:
-        # Nobody writes meanwhile; LMDB takes a second process's write
-        # transaction safely (its lock file serialises writers).
-        env = lmdb.open(str(instance.spill_dir), map_size=64 << 30, max_dbs=0, subdir=True)
-        try:
-            with env.begin(write=True) as txn:
-                value = bytearray(txn.get(key))
-                value[1000] ^= 0x01
-                txn.put(key, bytes(value))
-        finally:
-            env.close()
+        # In a process of its own: this one has the store open to read, and
+        # py-lmdb opens an environment once per process. Nobody writes
+        # meanwhile; LMDB takes a second process's write transaction safely
+        # (its lock file serialises writers).
+        subprocess.run([sys.executable, "-c", FLIP_A_BIT, str(instance.spill_dir), key.hex()], check=True,
+                       timeout=60)
 
     flip()
     with pytest.raises(tfem.ChecksumMismatch) as caught:

@@ -20,21 +20,22 @@ import time
 import pytest
 
 import tfem
+from tfem.spill_format import RECORD_MAX
 
 from tests._instances import SMALL
 from tests._tfem_worker import MIB, content, sha256
 from tests._c_programs import run
 
-CHUNK = 1 << 20  # the spill store's record (broker/spill.py)
 FILE = 3 * MIB  # through SMALL's 1 MiB arena: spilled; six of them fill the 20 MiB disk
 TIB = 1 << 40
 
 
 @pytest.fixture
 def up(small_disk, up_factory):
-    """SMALL, its spill store on the 20 MiB disk (64G of spill allowed:
-    the disk fills long before the store's own limit)."""
-    return up_factory(*SMALL, spill_dir=small_disk / "spill")
+    """SMALL, its spill store on the 20 MiB disk, 64G of spill allowed
+    (not the default, half the disk): the disk fills long before the
+    store's own limit."""
+    return up_factory(*SMALL, "--spill-size", "64G", spill_dir=small_disk / "spill")
 
 
 def pattern(n: int, size: int) -> bytes:
@@ -176,7 +177,7 @@ def test_a_gap_in_a_spilled_file_is_not_stored(up, programs):
         st = c.stat("g/py")
         assert (st.size, st.spilled) == (size, True)
         stored = c.stats()["spilled_bytes"]
-        assert stored <= len(head) + CHUNK, f"{stored} bytes stored for {len(head)} bytes and one"
+        assert stored <= len(head) + RECORD_MAX, f"{stored} bytes stored for {len(head)} bytes and one"
         assert wrote < 5.0
 
         result = run(programs["space"], "gap", "g/c", str(2 * MIB), str(GAP), env=up.env)

@@ -47,6 +47,7 @@ struct descriptor {
     int64_t room_timeout_ns; /* how long a write may wait for memory */
     pid_t owner;             /* the process that opened it */
     int in_use;
+    int spill_held;          /* a consumer of a spilled file: the spill store is open for it */
 };
 
 /* Descriptors live in pages that never move, so a look-up takes no lock:
@@ -183,6 +184,10 @@ static struct descriptor *new_descriptor(int *index) {
 }
 
 static void free_descriptor(struct descriptor *d) {
+    if (d->spill_held) {
+        _tfem_py_spill_hold(0);
+        d->spill_held = 0;
+    }
     pthread_mutex_lock(&table_mutex);
     d->in_use = 0;
     pthread_mutex_unlock(&table_mutex);
@@ -234,17 +239,32 @@ static int check_name(const char *name, uint32_t *len) {
 
 /* ---- what needs the broker ---- */
 
-static void discard(uint64_t file_id) {
-    if (file_id && tfem_python_ready() == 0) _tfem_py_discard(file_id); /* else the broker's sweep does it */
+/* crc32c of a spilled file: its memory part here, the rest in the spill
+ * store, which the caller holds open. */
+static int64_t spilled_checksum(struct tfem_file *f) {
+    uint64_t spilled = f->size > f->memory_end ? f->size - f->memory_end : 0;
+    return _tfem_py_checksum(f->file_id, spilled, tfem_f_memory_crc(f));
 }
 
-static int verify_spilled(struct tfem_file *f) {
-    if (tfem_python_ready()) return errno;
-    int64_t crc = _tfem_py_checksum(f->index, f->generation, tfem_f_memory_crc(f));
+/* A consumer of a spilled file holds the spill store open until close. */
+static int verify_spilled(struct descriptor *d) {
+    if (tfem_python_ready() || _tfem_py_spill_hold(1) < 0) return errno;
+    d->spill_held = 1;
+    int64_t crc = spilled_checksum(&d->f);
     if (crc < 0) return errno;
-    if ((uint32_t)crc != f->slot->checksum) return EBADMSG;
-    f->checked = 1;
+    if ((uint32_t)crc != d->f.slot->checksum) return EBADMSG;
+    d->f.checked = 1;
     return 0;
+}
+
+/* A producer's spilled file, at close: the store is opened for the look alone. */
+static int64_t producer_checksum(struct tfem_file *f) {
+    if (tfem_python_ready() || _tfem_py_spill_hold(1) < 0) return -1;
+    int64_t crc = spilled_checksum(f);
+    int saved = errno;
+    _tfem_py_spill_hold(0);
+    errno = saved;
+    return crc;
 }
 
 /* ---- the API ---- */
@@ -273,7 +293,7 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
         if (rc == EIDRM && (h = connected()) == NULL) rc = errno;
         else if (rc != EINTR && rc != EIDRM) break;
     }
-    if (rc == 0 && !d->f.writing && d->f.spilled && (rc = verify_spilled(&d->f)) != 0) {
+    if (rc == 0 && !d->f.writing && d->f.spilled && (rc = verify_spilled(d)) != 0) {
         tfem_f_abort(&d->f); /* given back, left in place */
     }
     if (rc) {
@@ -350,7 +370,7 @@ ssize_t tfem_read(int fd, void *buf, size_t count) {
     struct tfem_file *f = &d->f;
     uint64_t want = count - (uint64_t)n < f->size - f->pos ? count - (uint64_t)n : f->size - f->pos;
     if (tfem_python_ready()) return -1;
-    int64_t more = _tfem_py_spill_read(f->index, f->generation, f->pos, (char *)buf + n, want);
+    int64_t more = _tfem_py_spill_read(f->file_id, f->pos - f->memory_end, (char *)buf + n, want);
     if (more < 0) return n ? n : -1;
     f->pos += (uint64_t)more;
     return (ssize_t)(n + more);
@@ -398,14 +418,12 @@ int tfem_close(int fd) {
     struct descriptor *d = lookup(fd);
     if (!d) return -1;
     int rc = tfem_f_close(&d->f);
-    if (rc == EXDEV) { /* a spilled file: its checksum needs the broker */
-        int64_t crc = tfem_python_ready() ? -1 : _tfem_py_checksum(d->f.index, d->f.generation, tfem_f_memory_crc(&d->f));
+    if (rc == EXDEV) { /* a spilled file: its checksum needs the spill store */
+        int64_t crc = producer_checksum(&d->f);
         rc = crc < 0 ? errno : tfem_f_publish(&d->f, (uint32_t)crc);
         if (crc < 0) tfem_f_abort(&d->f); /* never half-published, never left held */
     }
-    uint64_t discard_id = d->f.discard_id;
     free_descriptor(d);
-    discard(discard_id);
     return rc ? fail(rc == ESTALE ? EBADF : rc) : 0;
 }
 
@@ -418,6 +436,5 @@ int tfem_unlink(const char *name) {
     struct tfem_claim out;
     rc = tfem_t_unlink(h, name, len, tfem_name_hash(name, len), (uint32_t)my_pid, &out);
     if (rc) return fail(rc);
-    discard(out.discard_id);
     return 0;
 }

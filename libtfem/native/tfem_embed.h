@@ -1,6 +1,7 @@
 /*
  * tfem_embed.h: what libtfem.so asks of the embedded Python runtime, for
- * the calls that need the broker's protocol (c_api.py implements them).
+ * the calls that need the broker or the spill store (c_api.py implements
+ * them). Spill offsets count from the end of the inline buffer.
  * A C program whose files fit in memory never calls these, so it never
  * starts an interpreter. Each returns -1 with errno set on failure.
  */
@@ -16,8 +17,10 @@ int _tfem_py_ping(void);
 int _tfem_py_segment(char *out, int size);
 int _tfem_py_alloc(uint32_t slot, uint32_t generation, uint64_t capacity);
 int64_t _tfem_py_spill_write(uint32_t slot, uint32_t generation, uint64_t offset, const char *buf, uint64_t count);
-int64_t _tfem_py_spill_read(uint32_t slot, uint32_t generation, uint64_t offset, char *buf, uint64_t count);
-int64_t _tfem_py_checksum(uint32_t slot, uint32_t generation, uint32_t crc);
-int _tfem_py_discard(uint64_t file_id);
+/* Open (1) or let go of (0) the spill store, for one spilled file; reads
+ * and checksums come between. */
+int _tfem_py_spill_hold(int hold);
+int64_t _tfem_py_spill_read(uint64_t file_id, uint64_t offset, char *buf, uint64_t count);
+int64_t _tfem_py_checksum(uint64_t file_id, uint64_t length, uint32_t crc);
 
 #endif

@@ -458,16 +458,14 @@ int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out) {
 int tfem_f_publish(struct tfem_file *f, uint32_t checksum) {
     struct tfem_claim out;
     f->held = 0;
-    int rc = tfem_t_publish(f->h, f->index, f->generation, f->pid, f->size, checksum, (uint64_t)mono_ns(), &out);
-    f->discard_id = out.discard_id;
-    return rc;
+    return tfem_t_publish(f->h, f->index, f->generation, f->pid, f->size, checksum, (uint64_t)mono_ns(), &out);
 }
 
-/* Producer: publish (EXDEV: a spilled file whose checksum needs the
- * broker; the caller takes it and calls tfem_f_publish). Consumer: free the
- * file, or give it back if it was damaged. */
+/* Producer: publish (EXDEV: a spilled file whose checksum needs the spill
+ * store; the caller takes it and calls tfem_f_publish). Consumer: free the
+ * file, or give it back if it was damaged. A freed spilled file's records
+ * are the broker's to delete: it finds them owned by no slot. */
 int tfem_f_close(struct tfem_file *f) {
-    f->discard_id = 0;
     if (!f->held) return EBADF;
     if (f->writing) {
         if (f->slot->flags & TFEM_SLOT_UNCHECKED) return tfem_f_publish(f, 0);
@@ -478,19 +476,14 @@ int tfem_f_close(struct tfem_file *f) {
     if (f->damaged) return tfem_f_abort(f);
     struct tfem_claim out;
     f->held = 0;
-    int rc = tfem_t_consume(f->h, f->index, f->generation, f->pid, &out);
-    f->discard_id = out.discard_id;
-    return rc;
+    return tfem_t_consume(f->h, f->index, f->generation, f->pid, &out);
 }
 
 /* Producer: drop the file. Consumer: give it back unread (READ -> WAIT). */
 int tfem_f_abort(struct tfem_file *f) {
-    f->discard_id = 0;
     if (!f->held) return EBADF;
     struct tfem_claim out;
     f->held = 0;
-    int rc = f->writing ? tfem_t_abort(f->h, f->index, f->generation, f->pid, &out)
-                        : tfem_t_release(f->h, f->index, f->generation, f->pid, &out);
-    f->discard_id = out.discard_id;
-    return rc;
+    return f->writing ? tfem_t_abort(f->h, f->index, f->generation, f->pid, &out)
+                      : tfem_t_release(f->h, f->index, f->generation, f->pid, &out);
 }

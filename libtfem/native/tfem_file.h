@@ -44,7 +44,6 @@ struct tfem_file {
     uint64_t inline_size; /* bytes [0, inline_size) are in the slot's inline buffer */
     uint64_t want;       /* TFEM_NEED_ROOM: the capacity asked for */
     uint64_t crc_end;    /* bytes [0, crc_end) are covered by crc */
-    uint64_t discard_id; /* after close or abort: a file id whose spill records must go, or 0 */
     uint64_t max_size;   /* the segment's max_file_size: a write past it is EFBIG */
     uint32_t crc;
     uint32_t index;      /* slot number */

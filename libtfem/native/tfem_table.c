@@ -466,6 +466,31 @@ int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct 
     return n;
 }
 
+uint32_t tfem_t_evictable(struct tfem_header *h, uint32_t *slots, uint64_t *since, uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
+        if (state_of(__atomic_load_n(&slot->state, SC)) != TFEM_STATE_WAIT) continue;
+        if (!slot->extent_count || slot->flags & (TFEM_SLOT_SPILLED | TFEM_SLOT_ARENA)) continue;
+        slots[n] = s;
+        since[n++] = slot->waiting_ns;
+    }
+    return n;
+}
+
+uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
+        if (!(slot->flags & TFEM_SLOT_SPILLED)) continue;
+        if (state_of(__atomic_load_n(&slot->state, SC)) == TFEM_STATE_INVALID) continue;
+        ids[n++] = slot->file_id;
+    }
+    return n;
+}
+
 uint32_t tfem_name_hash(const char *name, uint32_t len) {
     static uint32_t table[256];
     static int ready;

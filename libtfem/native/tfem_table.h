@@ -73,6 +73,13 @@ int tfem_t_stat(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
 int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct tfem_fileinfo *out,
                     uint32_t max);
 void tfem_t_info(struct tfem_header *h, uint32_t slot, struct tfem_fileinfo *out);
+/* The broker's looks over every slot, without the lock (what they find is
+ * taken, or used, under it later). Each fills at most max entries and
+ * returns how many it found. Files that could be spilled: WAIT, in arena
+ * blocks, not made whole for views; their slots, and when they entered WAIT. */
+uint32_t tfem_t_evictable(struct tfem_header *h, uint32_t *slots, uint64_t *since, uint32_t max);
+/* The file ids of spilled files a slot still holds (not INVALID). */
+uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max);
 /* crc32 of a name (zlib's): keys the name index and the wake buckets. */
 uint32_t tfem_name_hash(const char *name, uint32_t len);
 int tfem_t_index_insert(struct tfem_header *h, uint32_t slot);
