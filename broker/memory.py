@@ -1,10 +1,10 @@
-"""The broker's memory: arena blocks handed out, files spilled to make room.
+"""The broker's memory: files spilled to make room, and brought back.
 
 Theory of operation:
-- It hands out arena blocks (ALLOC): one request per extent, an extent at
-  least as large as what the file already has, so a file of n bytes costs
-  O(log n) requests. Only the broker sets bitmap bits, so the first-fit
-  scan never races another allocator; holders clear bits as they free.
+- Writers claim arena blocks themselves (atomic claims in the bitmap), an
+  extent at least as large as what the file already has, so a file of n
+  bytes costs O(log n) claims. Only when the arena is full do they ask the
+  broker (ALLOC).
 - When the arena cannot satisfy a request it moves the least recently
   published WAIT files to the spill store (holding each as its reader so no
   consumer takes it mid-move), and if that is not enough, moves the
@@ -13,6 +13,14 @@ Theory of operation:
   (SPILL_WRITE); consumers read them from the store themselves, and a
   consumer freeing a spilled file tells nobody: the broker finds records no
   slot owns and deletes them (server.py, `_tidy_spill`).
+- When memory frees up, it brings spilled WAIT files back (`restore`),
+  oldest first (the order they were spilled in, and are read in), while
+  half the arena stays free for writers: so a reader of a file that waited
+  in the store reads it at memory speed. It copies the records into new
+  extents while it holds the file as its reader, then clears the flag:
+  the records, owned by no spilled slot, go at the next tidy. A crash
+  before the flag is cleared leaves a spilled file whose extents adoption
+  frees (recovery.py).
 """
 
 from __future__ import annotations
@@ -22,15 +30,22 @@ import errno
 from tfem._native import lib
 from tfem.errors import InvalidArgument, NoSpace
 from tfem.states import State
+from tfem.table import Handle
 
 from .holdings import Holdings
 
 EVICT_AHEAD = 32  # an eviction frees at least this share of the arena (1/32)
+RESTORE_KEEP_FREE = 2  # restoring stops where 1/2 of the arena would be left free
+RESTORE_BATCH = 64 << 20  # bytes restored per call at most: the loop is not held long
 
 
 class Memory:
     def __init__(self, holdings: Holdings) -> None:
         self.holdings = holdings
+        self.restores = 0  # files brought back into memory
+        self.restore_hits = 0  # ... and consumed from there
+        self.restores_evicted = 0  # ... and spilled again before that
+        self._restored: dict[int, int] = {}  # file id -> slot, of restored files not yet settled
 
     def alloc(self, s: int, generation: int, pid: int, capacity: int) -> bool:
         """Grow slot s to `capacity` bytes for its writer `pid`, making room
@@ -111,3 +126,66 @@ class Memory:
         spill.write_pieces(slot.file_id, pieces)
         table.set_flag(s, lib.TFEM_SLOT_SPILLED)
         table.release_extents(s)
+
+    # ---- bringing spilled files back ----
+
+    def restore(self) -> int:
+        """Bring spilled WAIT files back into free memory, oldest first, while
+        half the arena stays free; at most RESTORE_BATCH bytes. How many."""
+        seg, table, spill = self.holdings.segment, self.holdings.table, self.holdings.spill
+        self._settle_restored()
+        if spill is None or not spill.bytes_by_file:
+            return 0
+        keep_free, budget, done = seg.block_count // RESTORE_KEEP_FREE, RESTORE_BATCH, 0
+        for s in table.restorable():
+            blocks = -(-max(0, seg.slot(s).size - seg.buf_size) // seg.block_size)
+            if seg.block_count - seg.blocks_in_use() - blocks < keep_free or blocks * seg.block_size > budget:
+                break
+            handle = table.hold_waiting(s)
+            if handle is None:
+                continue
+            try:
+                if self._bring_back(s, handle):
+                    done += 1
+                    budget -= blocks * seg.block_size
+            finally:
+                table.release(handle)  # freed instead, if unlinked meanwhile: tidy drops its records
+        self.restores += done
+        return done
+
+    def _bring_back(self, s: int, handle: Handle) -> bool:
+        """Copy held spilled file s from the store into new extents."""
+        seg, table, spill = self.holdings.segment, self.holdings.table, self.holdings.spill
+        assert spill is not None and seg.view is not None
+        slot = seg.slot(s)
+        if not slot.flags & lib.TFEM_SLOT_SPILLED or slot.flags & lib.TFEM_SLOT_ARENA:
+            return False
+        size = slot.size
+        if table.grow_held(handle, size) != 0:
+            table.release_extents(s)  # what it got: the file stays spilled
+            return False
+        try:
+            for file_offset, seg_offset, length in table.pieces(s)[1 if seg.buf_size else 0:]:
+                n = max(0, min(length, size - file_offset))
+                if n:
+                    spill.read_into(slot.file_id, file_offset - seg.buf_size, seg.view[seg_offset: seg_offset + n])
+        except BaseException:
+            table.release_extents(s)
+            raise
+        table.clear_flag(s, lib.TFEM_SLOT_SPILLED)
+        self._restored[slot.file_id] = s
+        return True
+
+    def _settle_restored(self) -> None:
+        """Count the restored files consumed from memory (hits) and those
+        spilled again first."""
+        seg, table = self.holdings.segment, self.holdings.table
+        for file_id, s in list(self._restored.items()):
+            slot = seg.slot(s)
+            if slot.file_id == file_id and table.state_of(s)[0] is not State.INVALID:
+                if not slot.flags & lib.TFEM_SLOT_SPILLED:
+                    continue  # still waiting in memory
+                self.restores_evicted += 1
+            else:
+                self.restore_hits += 1
+            del self._restored[file_id]

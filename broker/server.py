@@ -263,10 +263,12 @@ class Broker:
                 log.debug("registry not reached: %s", exc)
 
     def _tidy_spill(self) -> None:
-        """Delete the records of freed files; make an emptied store afresh."""
+        """Delete the records of freed files; bring spilled files back into
+        memory that freed up; make an emptied store afresh."""
         assert self.holdings is not None and self.holdings.spill is not None
         spill = self.holdings.spill
         spill.tidy()
+        self.memory.restore()
         if spill.renew():
             log.info("the spill store %s emptied: made it afresh, its disk room given back", spill.path)
 

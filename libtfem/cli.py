@@ -467,7 +467,9 @@ def _spill_lines(stats: dict[str, Any]) -> str:
             f" ({_mib(store['raw_bytes'])} before compression: {store['codec']}),"
             f" limit {_mib(store['limit'])} ({store['limit_from']})\n"
             f"spill disk  data file {_mib(store['file_bytes'])} in {stats['spill']},"
-            f" made afresh {store['renewals']} times once empty\n")
+            f" made afresh {store['renewals']} times once empty\n"
+            f"restored    {store['restores']} spilled files brought back into memory:"
+            f" {store['restore_hits']} read from there, {store['restores_spilled_again']} spilled again first\n")
 
 
 def _mib(n: int) -> str:

@@ -355,9 +355,16 @@ class SlotTable:
     def evictable(self) -> builtins_list[int]:
         """Slots of files that could be spilled (WAIT, in arena blocks, not
         made whole for views), least recently published first."""
+        return self._waiting(spilled=False)
+
+    def restorable(self) -> builtins_list[int]:
+        """Slots of spilled WAIT files, least recently published first."""
+        return self._waiting(spilled=True)
+
+    def _waiting(self, spilled: bool) -> builtins_list[int]:
         count = self.seg.slot_count
         slots, since = ffi.new("uint32_t[]", count), ffi.new("uint64_t[]", count)
-        n = lib.tfem_t_evictable(self._h, slots, since, count)
+        n = lib.tfem_t_waiting(self._h, int(spilled), slots, since, count)
         return [slots[i] for i in sorted(range(n), key=since.__getitem__)]
 
     def spilled_ids(self) -> set[int]:
@@ -379,6 +386,19 @@ class SlotTable:
     def set_flag(self, s: int, flag: int) -> None:
         with self.locked():
             self.seg.slot(s).flags |= flag
+
+    def clear_flag(self, s: int, flag: int) -> None:
+        with self.locked():
+            self.seg.slot(s).flags &= ~flag
+
+    def grow_held(self, handle: Handle, capacity: int) -> int:
+        """Give the file this table's pid holds as its reader (`handle`:
+        the broker, bringing a spilled file back) arena blocks for
+        `capacity` bytes. 0, ENOSPC or E2BIG as for grow()."""
+        rc = lib.tfem_t_grow_read(self._h, handle.slot, handle.generation, self.pid, capacity)
+        if rc not in (0, errno.ENOSPC, errno.E2BIG):
+            raise InvalidArgument(f"slot {handle.slot} cannot grow: {os.strerror(rc)}")
+        return rc
 
 
 builtins_list = list  # SlotTable.list shadows the name inside the class

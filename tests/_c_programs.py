@@ -43,3 +43,15 @@ def run(program: pathlib.Path, *args: str, env: dict[str, str], timeout: float =
     minimal = {"PATH": "/usr/bin:/bin", "TFEM_KEYFILE": env["TFEM_KEYFILE"], "HOME": env.get("HOME", "/")}
     minimal.update({name: env[name] for name in ("TFEM_PYTHON",) if name in env})
     return subprocess.run([str(program), *args], env=minimal, capture_output=True, text=True, timeout=timeout)
+
+
+def byte_at(name: str, i: int) -> int:
+    """The byte examples/c/producer.c writes at offset i of `name`."""
+    h = 2166136261
+    for c in name.encode():
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return ((h >> (i % 4 * 8)) + i * 31) & 0xFF
+
+
+def expected(name: str, size: int) -> bytes:
+    return bytes(byte_at(name, i) for i in range(size))

@@ -8,21 +8,9 @@ import subprocess
 
 import pytest
 
-from tests._c_programs import run
+from tests._c_programs import expected, run
 from tests._instances import SMALL
 from tests._proc_tools import wait_until
-
-
-def byte_at(name: str, i: int) -> int:
-    """The byte examples/c/producer.c writes at offset i of `name`."""
-    h = 2166136261
-    for c in name.encode():
-        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
-    return ((h >> (i % 4 * 8)) + i * 31) & 0xFF
-
-
-def expected(name: str, size: int) -> bytes:
-    return bytes(byte_at(name, i) for i in range(size))
 
 
 def test_c_to_c(instance, programs):

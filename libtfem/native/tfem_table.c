@@ -466,13 +466,14 @@ int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct 
     return n;
 }
 
-uint32_t tfem_t_evictable(struct tfem_header *h, uint32_t *slots, uint64_t *since, uint32_t max) {
+uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uint64_t *since, uint32_t max) {
     const struct tfem_geometry *g = tfem_geometry(h);
     uint32_t n = 0;
     for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
         struct tfem_slot *slot = slot_at(g, s);
         if (state_of(__atomic_load_n(&slot->state, SC)) != TFEM_STATE_WAIT) continue;
-        if (!slot->extent_count || slot->flags & (TFEM_SLOT_SPILLED | TFEM_SLOT_ARENA)) continue;
+        if (slot->flags & TFEM_SLOT_ARENA || !(slot->flags & TFEM_SLOT_SPILLED) != !spilled) continue;
+        if (!spilled && !slot->extent_count) continue;
         slots[n] = s;
         since[n++] = slot->waiting_ns;
     }
@@ -634,11 +635,11 @@ int tfem_t_reserve(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
  * extent is at least as large as what the file has, so a file of n bytes
  * has O(log n) extents. ENOSPC when the arena has no room (the broker
  * can make some, by spilling), E2BIG at the extent limit. */
-int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t capacity) {
+static int grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, int state, uint64_t capacity) {
     const struct tfem_geometry *g = tfem_geometry(h);
     if (s >= g->slot_count) return ESTALE;
     struct tfem_slot *slot = slot_at(g, s);
-    if (!held_by(slot, generation, pid, TFEM_STATE_WRITE)) return ESTALE;
+    if (!held_by(slot, generation, pid, state)) return ESTALE;
     uint64_t have = tfem_t_capacity(h, s);
     while (have < capacity) {
         if (slot->extent_count >= TFEM_MAX_EXTENTS) return E2BIG;
@@ -653,6 +654,14 @@ int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t
         have += (uint64_t)got * g->block_size;
     }
     return 0;
+}
+
+int tfem_t_grow(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t capacity) {
+    return grow(h, s, generation, pid, TFEM_STATE_WRITE, capacity);
+}
+
+int tfem_t_grow_read(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t capacity) {
+    return grow(h, s, generation, pid, TFEM_STATE_READ, capacity);
 }
 
 /* ---- for callers that hold the lock themselves (the broker's rarer paths) ---- */

@@ -54,6 +54,10 @@ int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_
                   uint32_t pid, struct tfem_claim *out);
 int tfem_t_grow(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
                 uint64_t capacity);
+/* The same for a file held as its reader: the broker bringing a spilled
+ * file back into memory. */
+int tfem_t_grow_read(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                     uint64_t capacity);
 uint64_t tfem_t_capacity(struct tfem_header *h, uint32_t slot);
 /* The first half of growing a file: mark its claim under way, then claim up
  * to `want` blocks (0: none free, and the claim is over). The caller
@@ -75,9 +79,10 @@ int64_t tfem_t_list(struct tfem_header *h, uint32_t pid, uint32_t start, struct 
 void tfem_t_info(struct tfem_header *h, uint32_t slot, struct tfem_fileinfo *out);
 /* The broker's looks over every slot, without the lock (what they find is
  * taken, or used, under it later). Each fills at most max entries and
- * returns how many it found. Files that could be spilled: WAIT, in arena
- * blocks, not made whole for views; their slots, and when they entered WAIT. */
-uint32_t tfem_t_evictable(struct tfem_header *h, uint32_t *slots, uint64_t *since, uint32_t max);
+ * returns how many it found. WAIT files not made whole for views, spilled
+ * (spilled = 1: to bring back) or in arena blocks (0: to spill); their
+ * slots, and when they entered WAIT. */
+uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uint64_t *since, uint32_t max);
 /* The file ids of spilled files a slot still holds (not INVALID). */
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max);
 /* crc32 of a name (zlib's): keys the name index and the wake buckets. */
