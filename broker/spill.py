@@ -27,9 +27,11 @@ Theory of operation:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pathlib
+import struct
 from typing import Callable, Iterable
 
 import lmdb
@@ -45,6 +47,7 @@ COMMIT_SLACK = 2 * RECORD_MAX
 RENEW_AT = 4 << 20  # an empty store whose data file is larger is made afresh
 MAX_READERS = 4096  # LMDB's reader table: every client process reading at once
 LOCK_BYTES = MAX_READERS * 64 + 4096  # its lock file: 64 B per reader, and a header
+FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (64-bit off_t)
 log = logging.getLogger("tfem.broker")
 
 
@@ -134,6 +137,7 @@ class SpillStore:
         except NoSpace:
             if not self.tidy():
                 raise
+            self.renew()  # all of the disk's room back, if that emptied it
             self._write(file_id, pieces)
 
     def _write(self, file_id: int, pieces: list[tuple[int, memoryview]]) -> None:
@@ -243,31 +247,31 @@ class SpillStore:
         return before - len(self.bytes_by_file)
 
     def discard(self, file_ids: Iterable[int]) -> None:
-        """Delete files' records, in one transaction. If the disk cannot
-        take even that (a delete writes pages too), they stay, still
-        counted: the broker's sweep discards records no file owns, and
-        tries again."""
-        file_ids = sorted(set(file_ids) & set(self.bytes_by_file))
-        if not file_ids:
-            return
-        raw = 0
-        try:
-            with self.env.begin(write=True, buffers=True) as txn:
-                for file_id in file_ids:
+        """Delete files' records, a transaction per file: LMDB reuses the
+        pages a transaction frees only two commits later, and on a full
+        disk the later deletes, and the writes after them, need the pages
+        the first ones freed. If the disk cannot take even a delete (it
+        writes pages too), the records stay, still counted, for the next
+        tidy to try again."""
+        for file_id in sorted(set(file_ids) & set(self.bytes_by_file)):
+            raw = 0
+            try:
+                with self.env.begin(write=True, buffers=True) as txn:
                     for record, _ in list(spill_reader.records(txn, file_id, 0, 2**64 - 1)):
                         txn.delete(record.key)
                         raw += record.length
-        except lmdb.Error as exc:
-            log.warning("records of %d file(s) stay in the spill store for now: %s", len(file_ids), exc)
-            return
-        for file_id in file_ids:
+            except lmdb.Error as exc:
+                log.warning("records of file %d stay in the spill store for now: %s", file_id, exc)
+                continue
             self.bytes_by_file.pop(file_id, None)
-        self.raw_bytes -= raw
+            self.raw_bytes -= raw
 
     def renew(self) -> bool:
         """Make an empty store afresh if its data file has grown past
-        RENEW_AT, so the disk gets the room back. Whether it did."""
-        if self.bytes_by_file or self.file_bytes <= RENEW_AT:
+        RENEW_AT, so the disk gets the room back; not while another process
+        has it open (a reader would keep the old file, and its room, while
+        the new one grows). Whether it did."""
+        if self.bytes_by_file or self.file_bytes <= RENEW_AT or self._open_elsewhere():
             return False
         self.env.close()
         remove_store(self.path, keep_directory=True)
@@ -275,6 +279,19 @@ class SpillStore:
         self.raw_bytes = 0
         self.renewals += 1
         return True
+
+    def _open_elsewhere(self) -> bool:
+        """Whether another process has the store open: every process with
+        an LMDB environment open holds a read lock (fcntl) on the first byte
+        of its lock file; asking for a write lock says whose conflicts (this
+        process's own never does, so its own lock stays untouched)."""
+        fd = os.open(self.path / STORE_FILES[1], os.O_RDONLY)
+        try:
+            probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+            answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+        finally:
+            os.close(fd)
+        return bool(struct.unpack(FLOCK, answer)[0] != fcntl.F_UNLCK)
 
     def reader_check(self) -> int:
         """Free the reader slots of client processes that died mid-read (a

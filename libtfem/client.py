@@ -39,6 +39,7 @@ from . import forks
 from .files import TfemFile
 from .protocol import Op, Reply, Request
 from .segment import Segment
+from . import spill_reader
 from .spill_reader import SpillReader, reader_for
 from .states import State
 from .table import NAME_MAX, Deadline, FileStat, SlotTable, encode_name, table_error
@@ -155,7 +156,11 @@ class Client:
         self._use(segment)
 
     def _check_current(self) -> None:
+        """Before an operation other than open: follow a moved segment; let
+        go of a spill store no file of ours reads (spill_reader.py)."""
         self._check_fork()
+        if spill_reader.any_idle():
+            spill_reader.close_idle()
         if self._header.moved:
             self._follow_move()
 
@@ -390,6 +395,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """The broker's statistics (what `tfem status` shows)."""
+        self._check_current()
         return dict(self.call(Op.STATS, {}).result)
 
     # ---- life cycle ----
@@ -417,6 +423,8 @@ class Client:
         else:
             self.held, self.pinned = set(), {}  # the parent's files
         self._socket = self._context = None
+        if os.getpid() == self.pid:
+            spill_reader.close_idle()
         if not self.held:  # the files still in view need the mappings
             for segment in [*self._replaced, self.segment]:
                 if segment is not None:

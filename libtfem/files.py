@@ -16,7 +16,9 @@ through an exception gives it back (READ -> WAIT), so nothing is lost.
 Every file carries a crc32c of its bytes. A consumer reading in order is
 checked as it reads, before it sees the end of the file; a damaged file is
 ChecksumMismatch and is given back at close, never consumed. A spilled file
-is checked when it is opened (its bytes are in the spill store).
+is checked the same way, its spilled bytes as they are copied from the
+store; a reader that jumps around one is checked in one pass over the store
+at its first jump.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ._native import ffi, lib
 from .cdata import CharPtr, FileCore, FileInfo
 from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, TfemError, WrongMode, from_errno
 from .protocol import Op, Reply
+from . import spill_reader
 from .spill_reader import SpillSource
 from .table import Deadline
 
@@ -96,11 +99,19 @@ class TfemFile(io.RawIOBase):
         self.name = name
         self._epoch = forks.epoch
         self._writing = writing = bool(core.writing)
+        if spill_reader.any_idle() and not (core.spilled and not writing):
+            spill_reader.close_idle()  # this process turns from spilled files to others
         if writing:
             if room_timeout:
                 self._room_timeout = room_timeout
         elif core.spilled:
-            self._verify_spilled()
+            try:
+                spill = owner.spill
+                spill.acquire()  # held open until close: its bytes are read there
+            except BaseException:
+                self.abort()  # given back
+                raise
+            self._spill = spill
 
     @property
     def mode(self) -> str:
@@ -141,7 +152,7 @@ class TfemFile(io.RawIOBase):
             self._check_mode(reading=True)
         out, n = _target(buffer)
         f = self._f
-        got = lib.tfem_f_read(f, out, n)
+        got = self._core_read(out, n)
         if got < 0 or (f.need and got < n):
             return self._read_rest(out, n, got)
         return int(got)
@@ -160,7 +171,7 @@ class TfemFile(io.RawIOBase):
             return data
         out = bytearray(n)
         buf = ffi.from_buffer(out)
-        got = lib.tfem_f_read(f, buf, n)
+        got = self._core_read(buf, n)
         if got < 0 or (f.need and got < n):
             got = self._read_rest(buf, n, got)
         return bytes(out) if got == n else bytes(out[:got])
@@ -262,6 +273,7 @@ class TfemFile(io.RawIOBase):
         if f.size == 0:
             return memoryview(bytearray() if self._writing else b"")
         ptr = ffi.new("char **")
+        self._check_spilled_first()
         run = lib.tfem_f_view(f, 0, ptr)
         if run < 0:
             raise self._fail(-run)
@@ -361,6 +373,7 @@ class TfemFile(io.RawIOBase):
 
     def _end_reached(self) -> None:
         """After a read that took the last bytes through views: the check."""
+        self._check_spilled_first()
         rc = lib.tfem_f_verify(self._f)
         if rc:
             raise self._fail(rc)
@@ -371,6 +384,7 @@ class TfemFile(io.RawIOBase):
         """Views of up to n bytes at the position, within memory."""
         f, ptr, views = self._f, ffi.new("char **"), []
         pos, end = f.pos, f.pos + n
+        self._check_spilled_first()
         while pos < end:
             run = lib.tfem_f_view(f, pos, ptr)
             if run < 0:
@@ -388,11 +402,26 @@ class TfemFile(io.RawIOBase):
         if got < 0:
             raise self._fail(-got)
         done = got
-        while done < n and f.pos < f.size:  # the spilled part
-            k = self._read_spilled(f.pos, ffi.buffer(out + done, min(n - done, f.size - f.pos)))
-            f.pos += k
+        while done < n and f.pos < f.size:  # the spilled part, checked as it comes if in order
+            if not f.checked and f.pos != f.crc_end:
+                self._check_spilled()
+            k = min(n - done, f.size - f.pos)
+            assert self._spill is not None, "a consumer of a spilled file holds the store from open"
+            self._spill.read_into(f.file_id, f.pos - f.memory_end, memoryview(ffi.buffer(out + done, k)))
+            rc = lib.tfem_f_spilled_read(f, out + done, k)
+            if rc:
+                raise self._fail(rc)
             done += k
         return done
+
+    def _core_read(self, buf: CharPtr, n: int) -> int:
+        """The core's read at the position; a spilled file read out of order
+        (or at its end) before its check is checked first."""
+        got = lib.tfem_f_read(self._f, buf, n)
+        if got == -errno.EXDEV:
+            self._check_spilled()
+            got = lib.tfem_f_read(self._f, buf, n)
+        return int(got)
 
     def _write_rest(self, buf: CharPtr | bytes, n: int, done: int) -> None:
         f = self._f
@@ -451,22 +480,17 @@ class TfemFile(io.RawIOBase):
             self._spill.release()
             self._spill = None
 
-    def _verify_spilled(self) -> None:
-        f = self._f
-        try:
-            spill = self._owner.spill
-            spill.acquire()
-            self._spill = spill
-            actual = self._spilled_checksum()
-        except BaseException:
-            self.abort()
-            raise
-        if actual != f.slot.checksum:
-            self.abort()
-            raise ChecksumMismatch(f"{self.name!r} does not match the checksum its producer took "
-                                   f"(crc32c {actual:08x}, expected {f.slot.checksum:08x}): its "
-                                   f"bytes were damaged; it is left in place (`tfem rm` removes it)")
-        f.checked = 1
+    def _check_spilled_first(self) -> None:
+        """Before the core looks at a spilled file's bytes as a whole."""
+        if self._spill is not None and not self._f.checked:
+            self._check_spilled()
+
+    def _check_spilled(self) -> None:
+        """Check a spilled file in one pass: the memory part, then the
+        store's. Damaged: ChecksumMismatch, and given back at close."""
+        rc = lib.tfem_f_spilled_verdict(self._f, self._spilled_checksum())
+        if rc:
+            raise self._fail(rc)
 
     def _write_spilled(self, pos: int, mv: memoryview) -> None:
         if self._pending is None:
@@ -491,8 +515,3 @@ class TfemFile(io.RawIOBase):
     def _send_spill(self, pos: int, data: Any) -> None:
         f = self._f
         self._owner.call(Op.SPILL_WRITE, {"slot": f.index, "generation": f.generation, "offset": pos}, data)
-
-    def _read_spilled(self, pos: int, out: Any) -> int:
-        assert self._spill is not None, "a consumer of a spilled file holds the store from open"
-        self._spill.read_into(self._f.file_id, pos - self._f.memory_end, memoryview(out))
-        return len(out)

@@ -11,11 +11,13 @@ Each read is a short transaction: a long one would keep the writer from
 reusing freed pages, and the store would grow.
 
 The broker starts the store afresh when it has emptied, so that its file
-gives its room back. A reader must not keep the old file (and its room):
-a process opens the store while it holds spilled files, and closes it
-when it holds none (`acquire`, `release`: ~80 us to open, paid once per
-spilled file read alone). While anyone holds a spilled file with records
-the store is not empty, so the file under a reader never changes.
+gives its room back, but only when no other process has it open (LMDB's
+lock file says so): a reader must not be left mapping the old file, and
+its room. A process therefore keeps the store open only while it reads
+spilled files: from the first (`acquire`) until it turns to files in
+memory or disconnects (`close_idle`). While anyone holds a spilled file
+with records the store is not empty, so the file under a reader never
+changes.
 
 LMDB opens an environment once per process: the clients of one process
 share one reader per store (`reader_for`).
@@ -116,7 +118,8 @@ class SpillSource(Protocol):
     def checksum(self, file_id: int, length: int, crc: int) -> int: ...
 
 
-_readers: dict[pathlib.Path, SpillReader] = {}  # this process's, by store
+_readers: dict[str, SpillReader] = {}  # this process's, by store
+_idle: set[SpillReader] = set()  # ... whose store is open with no file holding it
 _readers_lock = threading.Lock()
 _inherited: list[SpillReader] = []  # a parent's, in its forked child: kept, never used nor closed
 
@@ -124,23 +127,45 @@ _inherited: list[SpillReader] = []  # a parent's, in its forked child: kept, nev
 def reader_for(path: str, map_size: int) -> SpillReader:
     """This process's reader of the store at `path`."""
     with _readers_lock:
-        reader = _readers.get(pathlib.Path(path))
+        reader = _readers.get(path)
         if reader is not None and reader.pid != os.getpid():
             _inherited.append(reader)
+            _idle.discard(reader)
             reader = None
         if reader is None:
-            reader = _readers[pathlib.Path(path)] = SpillReader(pathlib.Path(path), map_size)
+            reader = _readers[path] = SpillReader(pathlib.Path(path), map_size)
         return reader
 
 
+def any_idle() -> bool:
+    return bool(_idle)
+
+
+def close_idle() -> None:
+    """Close the stores no file of this process holds: when it turns to
+    files in memory, or disconnects."""
+    with _readers_lock:
+        idle = [r for r in _idle if r.pid == os.getpid()]
+        _idle.clear()
+    for reader in idle:
+        reader.close_if_idle()
+
+
 class SpillReader:
-    """The read-only view of a spill store that a process's clients share,
-    open while one of its files holds spilled bytes (acquire to release)."""
+    """The read-only view of a spill store that a process's clients share.
+
+    Open from the first spilled file this process reads (acquire) until it
+    turns to files in memory or disconnects (close_idle): consumers reading
+    spilled files one after another open it once (~80 us to open and close).
+    A store made afresh meanwhile is noticed by its inode at the next
+    acquire and opened anew."""
 
     _env: lmdb.Environment | None = None
+    _inode = 0
 
     def __init__(self, path: pathlib.Path, map_size: int) -> None:
         self.path = path
+        self.data_file = str(path / DATA_FILE)
         self.map_size = map_size
         self.pid = os.getpid()
         self._users = 0
@@ -148,16 +173,25 @@ class SpillReader:
 
     def acquire(self) -> None:
         with self._lock:
+            if self._env is not None and self._users == 0 and self._renewed():
+                self._close()
             if self._env is None:
                 self._env = self._open()
             self._users += 1
+            with _readers_lock:
+                _idle.discard(self)
 
     def release(self) -> None:
         with self._lock:
             self._users -= 1
-            if self._users == 0 and self._env is not None:
-                self._env.close()
-                self._env = None
+            if self._users == 0:
+                with _readers_lock:
+                    _idle.add(self)
+
+    def close_if_idle(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._close()
 
     def read_into(self, file_id: int, offset: int, out: memoryview) -> None:
         with self._opened().begin(buffers=True) as txn:
@@ -172,15 +206,29 @@ class SpillReader:
         assert env is not None, "read between acquire() and release()"
         return env
 
+    def _renewed(self) -> bool:
+        try:
+            return os.stat(self.data_file).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
     def _open(self) -> lmdb.Environment:
         problem: Exception | None = None
         for _ in range(OPEN_TRIES):
             try:
+                inode = os.stat(self.data_file).st_ino
                 # lock=True: LMDB's reader table keeps the writer from
                 # reusing pages this reader still sees.
-                return lmdb.open(str(self.path), map_size=self.map_size, readonly=True, create=False,
-                                 max_dbs=0, lock=True)
-            except lmdb.Error as exc:  # the old store removed, the new one not made yet
+                env = lmdb.open(str(self.path), map_size=self.map_size, readonly=True, create=False,
+                                max_dbs=0, lock=True)
+                self._inode = inode
+                return env
+            except (FileNotFoundError, lmdb.Error) as exc:  # the old store removed, the new one not made yet
                 problem = exc
                 time.sleep(0.001)
         raise TfemError(f"the spill store {self.path} cannot be opened for reading: {problem}")
+
+    def _close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None

@@ -409,8 +409,9 @@ def test_a_spilled_size_is_bounded_at_adoption(up_factory):
         assert [c.stat(name).size for name in sizes] == [*list(sizes.values())[:2], limit, sizes["b/right"]]
         for name in ("b/past-records", "b/garbage", "b/right"):
             check(c, name, sizes[name])
-        with pytest.raises(tfem.ChecksumMismatch):
-            c.open("b/over-limit", "r", wait=False)
+        with pytest.raises(tfem.ChecksumMismatch):  # checked as it is read, like any file
+            with c.open("b/over-limit", "r", wait=False) as f:
+                f.read()
         assert c.stat("b/over-limit").state == "WAIT"  # left for inspection
         c.unlink("b/over-limit")
         stats = c.stats()
@@ -504,9 +505,17 @@ def test_damaged_spilled_bytes_are_a_checksum_mismatch(instance, client):
                        timeout=60)
 
     flip()
-    with pytest.raises(tfem.ChecksumMismatch) as caught:
-        client.open(name, "r", wait=False)
-    assert caught.value.errno == errno.EBADMSG
+    # Checked as it is read, in order: the read that would reach the end fails.
+    with client.open(name, "r", wait=False) as f:
+        with pytest.raises(tfem.ChecksumMismatch) as caught:
+            f.read()
+        assert caught.value.errno == errno.EBADMSG
+    assert client.stat(name).state == "WAIT"  # given back at close
+    # Read out of order: checked in one pass over the store at the first jump.
+    with client.open(name, "r", wait=False) as f:
+        f.seek(size - 10)
+        with pytest.raises(tfem.ChecksumMismatch):
+            f.read(5)
     assert client.stat(name).state == "WAIT"
     flip()  # back as it was
     check(client, name, size)

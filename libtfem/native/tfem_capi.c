@@ -247,14 +247,17 @@ static int64_t spilled_checksum(struct tfem_file *f) {
 }
 
 /* A consumer of a spilled file holds the spill store open until close. */
-static int verify_spilled(struct descriptor *d) {
+static int hold_spill(struct descriptor *d) {
     if (tfem_python_ready() || _tfem_py_spill_hold(1) < 0) return errno;
     d->spill_held = 1;
-    int64_t crc = spilled_checksum(&d->f);
-    if (crc < 0) return errno;
-    if ((uint32_t)crc != d->f.slot->checksum) return EBADMSG;
-    d->f.checked = 1;
     return 0;
+}
+
+/* A spilled file read out of order, or at its end, before its check: the
+ * one-pass check, with the store's part. */
+static int check_spilled(struct descriptor *d) {
+    int64_t crc = spilled_checksum(&d->f);
+    return crc < 0 ? errno : tfem_f_spilled_verdict(&d->f, (uint32_t)crc);
 }
 
 /* A producer's spilled file, at close: the store is opened for the look alone. */
@@ -293,7 +296,7 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
         if (rc == EIDRM && (h = connected()) == NULL) rc = errno;
         else if (rc != EINTR && rc != EIDRM) break;
     }
-    if (rc == 0 && !d->f.writing && d->f.spilled && (rc = verify_spilled(d)) != 0) {
+    if (rc == 0 && !d->f.writing && d->f.spilled && (rc = hold_spill(d)) != 0) {
         tfem_f_abort(&d->f); /* given back, left in place */
     }
     if (rc) {
@@ -365,14 +368,23 @@ ssize_t tfem_read(int fd, void *buf, size_t count) {
     if (buf == NULL && count) return fail(EFAULT);
     if (count > SSIZE_MAX) return fail(EINVAL);
     int64_t n = tfem_f_read(&d->f, buf, count);
+    if (n == -EXDEV) { /* a spilled file out of order, or at its end, unchecked */
+        int rc = check_spilled(d);
+        if (rc) return fail(rc);
+        n = tfem_f_read(&d->f, buf, count);
+    }
     if (n < 0) return fail((int)-n);
     if (d->f.need != TFEM_NEED_SPILL) return (ssize_t)n;
     struct tfem_file *f = &d->f;
     uint64_t want = count - (uint64_t)n < f->size - f->pos ? count - (uint64_t)n : f->size - f->pos;
-    if (tfem_python_ready()) return -1;
+    if (!f->checked && f->pos != f->crc_end) {
+        int rc = check_spilled(d);
+        if (rc) return n ? n : fail(rc);
+    }
     int64_t more = _tfem_py_spill_read(f->file_id, f->pos - f->memory_end, (char *)buf + n, want);
     if (more < 0) return n ? n : -1;
-    f->pos += (uint64_t)more;
+    int rc = tfem_f_spilled_read(f, (char *)buf + n, (uint64_t)more); /* checksummed as it comes */
+    if (rc) return fail(rc);
     return (ssize_t)(n + more);
 }
 

@@ -23,8 +23,10 @@
  *   the read that would deliver the last byte, or report the end of the
  *   file, fails with EBADMSG instead. A reader that jumps around is checked
  *   in one pass at its first jump. A damaged file is given back at close
- *   (READ -> WAIT), never consumed. Spilled files are checked at open by the
- *   caller, with the broker (it holds the rest of the bytes).
+ *   (READ -> WAIT), never consumed. A spilled file is checked the same way:
+ *   the caller copies its bytes from the spill store and reports them
+ *   (tfem_f_spilled_read), and its one-pass check is the caller's too
+ *   (EXDEV: the core has not the bytes).
  * - A write that would take a file past the segment's max_file_size is
  *   EFBIG before anything moves: one compare, no broker.
  * - Waits spin first or sleep at once by load: see choose_spin().
@@ -378,8 +380,28 @@ static int compare(struct tfem_file *f, uint32_t crc) {
 int tfem_f_verify(struct tfem_file *f) {
     if (f->checked) return 0;
     if (f->damaged) return EBADMSG;
-    if (f->spilled) return EXDEV; /* the caller checks it with the broker */
+    if (f->spilled) return EXDEV; /* the caller checks it with the spill store: tfem_f_spilled_verdict */
     return compare(f, tfem_f_memory_crc(f));
+}
+
+int tfem_f_spilled_verdict(struct tfem_file *f, uint32_t crc) {
+    if (f->checked) return 0;
+    if (f->damaged) return EBADMSG;
+    return compare(f, crc);
+}
+
+/* The caller copied n spilled bytes at pos into buf, from the spill store:
+ * move on, and continue the checksum if they came in order. In order
+ * before the file is checked, or the file checked first: the caller's. */
+int tfem_f_spilled_read(struct tfem_file *f, const void *buf, uint64_t n) {
+    if (!f->checked && f->pos == f->crc_end) {
+        f->crc = tfem_crc32c(f->crc, buf, n);
+        f->crc_end += n;
+        f->pos += n;
+        return f->crc_end == f->size ? compare(f, f->crc) : 0;
+    }
+    f->pos += n;
+    return 0;
 }
 
 int64_t tfem_f_pread(struct tfem_file *f, void *buf, uint64_t n, uint64_t pos) {

@@ -72,6 +72,11 @@ int64_t tfem_f_view(struct tfem_file *f, uint64_t pos, char **ptr);
 int tfem_f_reserve(struct tfem_file *f, uint64_t size, int checked);
 int64_t tfem_f_seek(struct tfem_file *f, int64_t offset, int whence);
 int tfem_f_verify(struct tfem_file *f);
+/* A spilled file (tfem_f_verify says EXDEV): the verdict on the whole
+ * file's crc32c, which the caller took with the spill store's part. */
+int tfem_f_spilled_verdict(struct tfem_file *f, uint32_t crc);
+/* After the caller copied n spilled bytes at pos into buf. */
+int tfem_f_spilled_read(struct tfem_file *f, const void *buf, uint64_t n);
 int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out);
 
 uint32_t tfem_f_memory_crc(struct tfem_file *f);
