@@ -45,6 +45,7 @@ COMMIT_SLACK = 2 * RECORD_MAX
 RENEW_AT = 4 << 20  # an empty store whose data file is larger is made afresh
 MAX_READERS = 4096  # LMDB's reader table: every client process reading at once
 LOCK_BYTES = MAX_READERS * 64 + 4096  # its lock file: 64 B per reader, and a header
+_REUSE_KEY = Record(2**64 - 1, 0, 0, Codec.NONE).key  # put and deleted in one commit, never stored
 log = logging.getLogger("tfem.broker")
 
 
@@ -263,6 +264,21 @@ class SpillStore:
         for file_id in file_ids:
             self.bytes_by_file.pop(file_id, None)
         self.raw_bytes -= raw
+        self._free_for_reuse()
+
+    def _free_for_reuse(self) -> None:
+        """Let the next write reuse the pages just freed. LMDB keeps the
+        snapshot before the last commit intact, so it never hands out the
+        pages the last commit freed: without a commit in between, a write
+        after a discard must take new pages, and a store near its map's
+        end stays full however much was deleted. A commit that changes
+        nothing (a key put and deleted) is that commit."""
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(_REUSE_KEY, b"")
+                txn.delete(_REUSE_KEY)
+        except lmdb.Error as exc:  # the next discard, or write, tries again
+            log.debug("the spill store's freed pages wait for the next commit: %s", exc)
 
     def renew(self) -> bool:
         """Make an empty store afresh if its data file has grown past
