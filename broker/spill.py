@@ -91,8 +91,11 @@ class SpillStore:
 
     def _open(self) -> lmdb.Environment:
         self._reserve_lock_file()
-        env = lmdb.open(str(self.path), map_size=self.map_size, sync=False, metasync=False, max_dbs=0,
-                        mode=0o600, max_readers=MAX_READERS)
+        try:
+            env = lmdb.open(str(self.path), map_size=self.map_size, sync=False, metasync=False, max_dbs=0,
+                            mode=0o600, max_readers=MAX_READERS)
+        except lmdb.DiskError as exc:  # ENOSPC: room for the lock file, none for the data file's first pages
+            raise NoSpace(f"the spill store {self.path} has no room for its data file: {exc}") from None
         self._db = env.open_db()
         return env
 
