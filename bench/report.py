@@ -137,6 +137,26 @@ def _failed(name: str, data: dict[str, Any]) -> list[str]:
     return [f"**{name} failed**: `{last}` (the traceback is in latest.json)", ""]
 
 
+def _spill_compression(comp: dict[str, Any] | None) -> list[str]:
+    """The spill workload's table of --spill-compress codecs."""
+    if not comp:
+        return []
+    L = ["### Compression of the spill store", ""]
+    if "error" in comp:
+        return L + _failed("spill compression", comp)
+    data = "; ".join(f"{name}, {what}" for name, what in comp["data"].items())
+    L += ["The same pattern through an instance of its own per `--spill-compress` codec, on each kind of data "
+          f"({data}). GB/s of the files' bytes; stored ÷ raw is the store's ratio after writing "
+          "(1: stored as written).", ""]
+    rows = []
+    for kind in comp["data"]:
+        for codec in comp["codecs"]:
+            r = _get(comp, "results", kind, codec)
+            rows.append([kind, codec, *(_cell(_get(r, f"{phase}_gbps")) for phase in ("write", "read", "total")),
+                         _cell(_get(r, "stored_to_raw"), 2)])
+    return L + _table(["data", "codec", "write GB/s", "read GB/s", "write + read GB/s", "stored ÷ raw"], rows)
+
+
 def markdown(meta: dict[str, Any], w: dict[str, Any], goals: list[dict[str, Any]]) -> str:
     L: list[str] = ["# tfem benchmarks", ""]
     L += [f"`{meta['command']}` on {meta['date']}, {meta['elapsed_s']:.0f} s. "
@@ -313,6 +333,7 @@ def markdown(meta: dict[str, Any], w: dict[str, Any], goals: list[dict[str, Any]
                 rows.append([phase if phase != "total" else "write + read", _cell(_get(res, "tfem", f"{phase}_gbps")),
                              _cell(_get(res, "lmdb", f"{phase}_gbps")), _num(_ratio(t, lm), 2)])
             L += _table(["GB/s", "tfem", "raw LMDB", "tfem ÷ LMDB"], rows)
+            L += _spill_compression(sp.get("compression"))
 
     pl = w.get("pipeline")
     if pl:

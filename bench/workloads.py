@@ -26,7 +26,10 @@ time.monotonic_ns(), the same clock in whole nanoseconds).
   CREDIT files), so no peer holds an unbounded backlog.
 - spill: 4x the arena of a small tfem instance in 1 MiB files, written by
   one process and then read back by another, against py-lmdb puts then
-  gets (sync off, one transaction per value) in the same pattern.
+  gets (sync off, one transaction per value) in the same pattern. Then the
+  same pattern through instances started with --spill-compress none, lz4
+  and zstd, on compressible and on random data: GB/s and the store's
+  ratio (stored / raw bytes after writing).
 - pipeline: examples/pipeline.py through tfem and through a /dev/shm
   directory.
 - memory: the broker's resident memory outside the segment, and the
@@ -44,6 +47,7 @@ import random
 import subprocess
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 from .peers import FilePeer, Peer, RedisPeer, ShmPeer, TfemPeer
@@ -645,15 +649,54 @@ def _lmdb_open(path: str, map_size: int) -> Any:
     return lmdb.open(path, map_size=map_size, sync=False, metasync=False, max_dbs=0)
 
 
-def _spill_side(conn: Any, role: str, kind: str, where: str, count: int, size: int) -> None:
+SPILL_CODECS = ["none", "lz4", "zstd"]  # --spill-compress
+SPILL_DATA = {"compressible": "CSV-like text rows of numbers and a few names", "random": "random bytes"}
+
+
+def spill_payload(data: str, size: int) -> bytearray:
+    """What a spill writer writes: "pattern", the fixed pattern of the
+    other workloads; for the compression runs, "compressible" (CSV-like
+    rows, which lz4 shrinks to about 0.6 and zstd to about 0.35) or
+    "random" (which neither can shrink: stored raw)."""
+    if data == "pattern":
+        return make_payload(size)
+    rng = random.Random(f"spill {data}")
+    if data == "random":
+        return bytearray(rng.randbytes(size))
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    rows, n = [], 0
+    while n < size:
+        row = f"{len(rows)},{rng.choice(names)},{rng.randint(0, 10**6)},{rng.gauss(0, 1):.6f},{rng.random() < 0.5}\n"
+        rows.append(row)
+        n += len(row)
+    return bytearray("".join(rows).encode()[:size])
+
+
+def _spill_intact(got: Any, payload: bytearray, seq: int) -> bool:
+    """As intact(), for a payload of spill_payload()."""
+    size = len(payload)
+    if len(got) != size:
+        return False
+    if size < 128:
+        return True
+    return bytes(got[:8]) == seq.to_bytes(8, "little") and bytes(got[8:64]) == payload[8:64] \
+        and bytes(got[-64:]) == payload[-64:]
+
+
+def _spill_side(conn: Any, role: str, kind: str, where: str, count: int, size: int, data: str = "pattern") -> None:
     """Write (role "w") or read back ("r") `count` files of `size` bytes
-    through tfem (`where` a key file) or LMDB (`where` a directory)."""
+    (of spill_payload(data)) through tfem (`where` a key file) or LMDB
+    (`where` a directory)."""
     client = None
     if kind == "tfem":
         import tfem
 
         client = tfem.connect(where)
-    buf = make_payload(size) if role == "w" else touched(size)
+    payload = None if data == "pattern" else spill_payload(data, size)
+    if role == "w":
+        buf = make_payload(size) if payload is None else bytearray(payload)
+    else:
+        buf = touched(size)
     view = memoryview(buf)
     conn.send("ready")
     if conn.recv()[0] == "stop":
@@ -681,7 +724,7 @@ def _spill_side(conn: Any, role: str, kind: str, where: str, count: int, size: i
                     n = len(value)
                     view[:n] = value
                     del value
-            bad += not intact(view[:n], size, i)
+            bad += not (intact(view[:n], size, i) if payload is None else _spill_intact(view[:n], payload, i))
     t1 = time.perf_counter()
     if env is not None:
         env.close()
@@ -728,6 +771,11 @@ def spill(ctx: Context) -> dict[str, Any]:
     finally:
         ctx.services.release(instance)
     total = count * size
+    try:
+        compression = _spill_compression(ctx, count, size)
+    except Exception:  # the rows above stand without it
+        compression = {"error": traceback.format_exc()}
+        ctx.log(f"spill compression FAILED:\n{compression['error']}")
     return {
         "arena": arena,
         "file_size": size,
@@ -737,6 +785,74 @@ def spill(ctx: Context) -> dict[str, Any]:
         "tfem_files_left": left["slots_used"],
         "results": {k: {f"{phase}_gbps": summary(total / t / 1e9 for t in v) for phase, v in ph.items()}
                     | {"total_s": summary(ph["total"])} for k, ph in times.items()},
+        "compression": compression,
+    }
+
+
+def _spill_tidied(instance: TfemInstance, timeout: float = 60.0) -> None:
+    """Wait until the store holds nothing: the last run's consumed files'
+    records deleted (the broker tidies every few tens of ms), so that its
+    raw bytes after writing are this run's alone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = instance.status()
+        if status["slots_used"] == 0 and status["spill_store"]["raw_bytes"] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise WorkerError(f"the spill store still holds {status['spill_store']['raw_bytes']} bytes")
+        time.sleep(0.1)
+
+
+def _spill_compression(ctx: Context, count: int, size: int) -> dict[str, Any]:
+    """The spill pattern through an instance per --spill-compress codec,
+    on compressible and on random data; codecs and data interleaved."""
+    plan = ctx.plan
+    instances: dict[str, TfemInstance] = {}
+    times: dict[str, dict[str, dict[str, list[float]]]] = {
+        d: {c: {"write": [], "read": [], "total": []} for c in SPILL_CODECS} for d in SPILL_DATA}
+    ratios: dict[str, dict[str, list[float]]] = {d: {c: [] for c in SPILL_CODECS} for d in SPILL_DATA}
+    try:
+        for codec in SPILL_CODECS:
+            instances[codec] = ctx.services.tfem(f"spill-{codec}", "--memory", str(plan.spill_arena), "--slots",
+                                                 str(max(1024, 2 * count)), "--spill-compress", codec)
+        for run in range(plan.repeats):
+            for codec in rotated(SPILL_CODECS, run):
+                for data in rotated(list(SPILL_DATA), run):
+                    ctx.log(f"spill compression run {run + 1}/{plan.repeats}: {codec}, {data}")
+                    instance = instances[codec]
+                    _spill_tidied(instance)
+                    writer = Worker(f"{codec} {data} spill writer", _spill_side, "w", "tfem", instance.keyfile, count,
+                                    size, data)
+                    reader = Worker(f"{codec} {data} spill reader", _spill_side, "r", "tfem", instance.keyfile, count,
+                                    size, data)
+                    try:
+                        writer.recv(120)
+                        reader.recv(120)
+                        w0, w1, _ = writer.call("go", timeout=600)
+                        status = instance.status()
+                        raw = status["spill_store"]["raw_bytes"]
+                        if raw:
+                            ratios[data][codec].append(status["spilled_bytes"] / raw)
+                        r0, r1, bad = reader.call("go", timeout=600)
+                        if bad:
+                            raise WorkerError(f"{codec}, {data}: {bad} files read back with wrong bytes")
+                    finally:
+                        writer.stop()
+                        reader.stop()
+                    phases = times[data][codec]
+                    phases["write"].append(w1 - w0)
+                    phases["read"].append(r1 - r0)
+                    phases["total"].append((w1 - w0) + (r1 - r0))
+    finally:
+        for instance in instances.values():
+            ctx.services.release(instance)
+    total = count * size
+    return {
+        "codecs": SPILL_CODECS,
+        "data": SPILL_DATA,
+        "results": {d: {c: {f"{phase}_gbps": summary(total / t / 1e9 for t in v) for phase, v in ph.items()}
+                        | {"stored_to_raw": summary(ratios[d][c])} for c, ph in by_codec.items()}
+                    for d, by_codec in times.items()},
     }
 
 

@@ -48,6 +48,7 @@ RENEW_AT = 4 << 20  # an empty store whose data file is larger is made afresh
 MAX_READERS = 4096  # LMDB's reader table: every client process reading at once
 LOCK_BYTES = MAX_READERS * 64 + 4096  # its lock file: 64 B per reader, and a header
 FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (64-bit off_t)
+_REUSE_KEY = Record(2**64 - 1, 0, 0, Codec.NONE).key  # put and deleted in one commit, never stored
 log = logging.getLogger("tfem.broker")
 
 
@@ -93,8 +94,11 @@ class SpillStore:
 
     def _open(self) -> lmdb.Environment:
         self._reserve_lock_file()
-        env = lmdb.open(str(self.path), map_size=self.map_size, sync=False, metasync=False, max_dbs=0,
-                        mode=0o600, max_readers=MAX_READERS)
+        try:
+            env = lmdb.open(str(self.path), map_size=self.map_size, sync=False, metasync=False, max_dbs=0,
+                            mode=0o600, max_readers=MAX_READERS)
+        except lmdb.DiskError as exc:  # ENOSPC: room for the lock file, none for the data file's first pages
+            raise NoSpace(f"the spill store {self.path} has no room for its data file: {exc}") from None
         self._db = env.open_db()
         return env
 
@@ -253,6 +257,7 @@ class SpillStore:
         the first ones freed. If the disk cannot take even a delete (it
         writes pages too), the records stay, still counted, for the next
         tidy to try again."""
+        deleted = False
         for file_id in sorted(set(file_ids) & set(self.bytes_by_file)):
             raw = 0
             try:
@@ -265,6 +270,23 @@ class SpillStore:
                 continue
             self.bytes_by_file.pop(file_id, None)
             self.raw_bytes -= raw
+            deleted = True
+        if deleted:
+            self._free_for_reuse()
+
+    def _free_for_reuse(self) -> None:
+        """Let the next write reuse the pages just freed. LMDB keeps the
+        snapshot before the last commit intact, so it never hands out the
+        pages the last commit freed: without a commit in between, a write
+        after a discard must take new pages, and a store near its map's
+        end stays full however much was deleted. A commit that changes
+        nothing (a key put and deleted) is that commit."""
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(_REUSE_KEY, b"")
+                txn.delete(_REUSE_KEY)
+        except lmdb.Error as exc:  # the next discard, or write, tries again
+            log.debug("the spill store's freed pages wait for the next commit: %s", exc)
 
     def renew(self) -> bool:
         """Make an empty store afresh if its data file has grown past

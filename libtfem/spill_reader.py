@@ -126,6 +126,7 @@ _inherited: list[SpillReader] = []  # a parent's, in its forked child: kept, nev
 
 def reader_for(path: str, map_size: int) -> SpillReader:
     """This process's reader of the store at `path`."""
+    path = os.path.normpath(path)
     with _readers_lock:
         reader = _readers.get(path)
         if reader is not None and reader.pid != os.getpid():

@@ -20,6 +20,7 @@ SOURCES = {
     "threads": ROOT / "tests" / "c" / "threads.c",
     "fork": ROOT / "tests" / "c" / "fork.c",
     "space": ROOT / "tests" / "c" / "space.c",
+    "cat": ROOT / "tests" / "c" / "cat.c",
 }
 
 
