@@ -18,9 +18,9 @@ import zmq
 
 from tfem._native import lib
 from tfem.errors import InvalidArgument
-from tfem.states import State
+from tfem.states import STATE_MASK, State, holder_of
 
-from .holdings import Holdings
+from .holdings import Holdings, state_words
 
 log = logging.getLogger("tfem.broker")
 
@@ -73,6 +73,8 @@ class Clients:
         self._settle(pid)
 
     def _settle(self, pid: int) -> None:
+        if not any(holder_of(word) == pid for table in self.holdings.tables() for word in state_words(table.seg)):
+            return  # held nothing (a client that closed its files): no lock, no pass over the slots
         for table in self.holdings.tables():
             settled = table.settle_holder(pid)
             self.holdings.discard(settled.discard_file_ids)
@@ -86,7 +88,8 @@ class Clients:
         or of a kernel without pidfds); free blocks claimed by writers that
         died before recording them; discard spill records no file owns any
         more."""
-        for pid in set[int]().union(*(table.holders() for table in self.holdings.tables())):
+        holders = {holder_of(word) for table in self.holdings.tables() for word in state_words(table.seg)} - {0}
+        for pid in holders:
             if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
                 self._settle(pid)
         freed = self.holdings.table.reclaim_blocks()
@@ -102,9 +105,10 @@ class Clients:
         belongs to a slot flagged SPILLED and held or waiting, and the broker
         does its moves between sweeps, so any other record is an orphan."""
         assert self.holdings.spill is not None
-        spilled = lib.TFEM_SLOT_SPILLED
-        owned = {table.seg.slot(s).file_id for table in self.holdings.tables() for s in range(table.seg.slot_count)
-                 if table.seg.slot(s).flags & spilled and table.state_of(s)[0] is not State.INVALID}
+        spilled, invalid = lib.TFEM_SLOT_SPILLED, int(State.INVALID)
+        owned = {table.seg.slot(s).file_id for table in self.holdings.tables()
+                 for s, word in enumerate(state_words(table.seg))
+                 if word & STATE_MASK != invalid and table.seg.slot(s).flags & spilled}
         self.holdings.discard(self.holdings.spill.file_ids() - owned)
 
     def close(self) -> None:

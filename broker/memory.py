@@ -19,9 +19,9 @@ import errno
 
 from tfem._native import lib
 from tfem.errors import InvalidArgument, NoSpace
-from tfem.states import State
+from tfem.states import STATE_MASK, State
 
-from .holdings import Holdings
+from .holdings import Holdings, state_words
 
 
 class Memory:
@@ -72,12 +72,12 @@ class Memory:
         seg, table, spill = self.holdings.segment, self.holdings.table, self.holdings.spill
         if spill is None:
             return False
-        candidates = []
-        for s in range(seg.slot_count):
-            slot = seg.slot(s)
-            if slot.extent_count and not slot.flags & (lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_ARENA) \
-                    and table.state_of(s)[0] is State.WAIT:
-                candidates.append((slot.waiting_ns, s))
+        wait, candidates = int(State.WAIT), []
+        for s, word in enumerate(state_words(seg)):
+            if word & STATE_MASK == wait:
+                slot = seg.slot(s)
+                if slot.extent_count and not slot.flags & (lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_ARENA):
+                    candidates.append((slot.waiting_ns, s))
         moved = False
         for _, s in sorted(candidates):
             handle = table.hold_waiting(s)
@@ -124,8 +124,9 @@ class Memory:
         def held(s: int) -> bool:
             return seg.slot(s).file_id == file_id and table.state_of(s)[0] is not State.INVALID
 
-        for s in range(seg.slot_count):
-            if held(s):
+        invalid = int(State.INVALID)
+        for s, word in enumerate(state_words(seg)):
+            if word & STATE_MASK != invalid and held(s):
                 # A client claiming the freed slot sets its state before its
                 # new file id: look again once that claim is complete.
                 with table.locked():

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
 from typing import Any
 
-from tfem.states import State
+from tfem.states import STATE_MASK, State
 
 from .clients import Clients
 from .dispatch import Dispatch
-from .holdings import Holdings
+from .holdings import Holdings, state_words
 from .recovery import Recovery
 
 
 def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint: str, started: float,
           recovery: Recovery | None) -> dict[str, Any]:
-    seg, table, spill = holdings.segment, holdings.table, holdings.spill
-    by_state = {state.name: 0 for state in State}
-    for s in range(seg.slot_count):
-        by_state[table.state_of(s)[0].name] += 1
+    seg, spill = holdings.segment, holdings.spill
+    counts = collections.Counter(word & STATE_MASK for word in state_words(seg))
+    by_state = {state.name: counts[int(state)] for state in State}
     used_blocks = seg.blocks_in_use()
     h = seg.header
     return {
