@@ -17,7 +17,10 @@ from .recovery import Recovery
 
 
 def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint: str, started: float,
-          recovery: Recovery | None) -> dict[str, Any]:
+          recovery: Recovery | None, broker_mode: dict[str, Any]) -> dict[str, Any]:
+    """Answered in the request loop, while the disk worker may be changing
+    the table and the store: each figure is read once, and together they
+    are a near snapshot, not an exact one."""
     seg, spill = holdings.segment, holdings.spill
     counts = collections.Counter(word & STATE_MASK for word in state_words(seg))
     by_state = {state.name: counts[int(state)] for state in State}
@@ -43,6 +46,7 @@ def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint:
         "spilled_files": len(spill.file_ids()) if spill else 0,
         "clients": len(clients.pids),
         "requests_served": dict(dispatch.served),
+        "broker_mode": broker_mode,
         "request_errors": dispatch.errors,
         "dead_clients_settled": clients.settled,
         "segments_replaced": holdings.segments_replaced,
