@@ -16,6 +16,8 @@ Modules, one job each:
 - peers: tfem, tmpfs and local-disk files, shared_memory, Redis
 - workloads: handoff, putget, zerocopy, pairs, stream, spill, pipeline, memory
 - waits: tfem's wait modes, with nothing else running and under load
+- brokermodes: the broker's modes (adaptive, sync, async): answers during a
+  spill, light load, a burst of spills
 - cbench and c/: the C programs and what they measure
 - stats: medians and spreads; report: JSON, Markdown, plots, targets
 

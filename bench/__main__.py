@@ -18,6 +18,7 @@ import traceback
 from typing import Any
 
 from . import procs, report, workloads
+from .brokermodes import broker
 from .cbench import c_workload
 from .plan import WORKLOADS, make_plan
 from .services import Services, redis_version
@@ -36,6 +37,7 @@ RUNNERS = {
     "c": c_workload,
     "memory": workloads.memory,
     "spill": workloads.spill,
+    "broker": broker,
 }
 NEEDS_TFEM = {"handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory"}
 NEEDS_REDIS = {"handoff", "pairs", "stream"}

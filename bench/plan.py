@@ -11,7 +11,8 @@ import dataclasses
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 
-WORKLOADS = ("handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory", "spill")
+WORKLOADS = ("handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory", "spill",
+             "broker")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,13 @@ class Plan:
     c_size: int
     c_count: int  # C handoffs per run
     call_iterations: int
+    broker_arena: int  # the broker workload's instances: answers while broker_big_file spills through this
+    broker_big_file: int
+    broker_light_rounds: int  # spilled round trips per run, light load
+    broker_burst_writers: int  # a burst of spills: more writers than CPUs,
+    broker_burst_files: int  # each writing this many files
+    broker_burst_file_size: int  # of this size
+    broker_burst_arena: int  # through this arena
 
     @property
     def handoff_sizes(self) -> list[int]:
@@ -54,7 +62,10 @@ def make_plan(quick: bool, repeats: int | None = None, sizes: list[int] | None =
                     pairs=[1, 2, 4], seconds=0.3, waits_count=300, waits_seconds=0.5, tfem_memory=256 * M,
                     spill_arena=16 * M, spill_file=1 * M,
                     pipeline_parts=32, pipeline_part_size=64 * K, pipeline_workers=2,
-                    c_size=64 * M, c_count=2, call_iterations=20_000)
+                    c_size=64 * M, c_count=2, call_iterations=20_000,
+                    broker_arena=16 * M, broker_big_file=128 * M, broker_light_rounds=50,
+                    broker_burst_writers=6, broker_burst_files=2, broker_burst_file_size=4 * M,
+                    broker_burst_arena=8 * M)
     else:
         plan = Plan(quick=False, repeats=3,
                     handoff_counts={4 * K: 1000, 64 * K: 400, 1 * M: 200, 16 * M: 30, 256 * M: 5, 1 * G: 3},
@@ -62,7 +73,10 @@ def make_plan(quick: bool, repeats: int | None = None, sizes: list[int] | None =
                     pairs=[1, 2, 4, 8, 16], seconds=2.0, waits_count=10_000, waits_seconds=3.0, tfem_memory=2 * G,
                     spill_arena=64 * M, spill_file=1 * M,
                     pipeline_parts=256, pipeline_part_size=256 * K, pipeline_workers=4,
-                    c_size=1 * G, c_count=2, call_iterations=200_000)
+                    c_size=1 * G, c_count=2, call_iterations=200_000,
+                    broker_arena=64 * M, broker_big_file=1 * G, broker_light_rounds=500,
+                    broker_burst_writers=6, broker_burst_files=8, broker_burst_file_size=8 * M,
+                    broker_burst_arena=16 * M)
     if repeats is not None:
         plan.repeats = repeats
     if sizes:

@@ -6,6 +6,10 @@ exits, no polling), and sweeps the table every few seconds for holders
 nobody introduced and for arena blocks a writer claimed but died before
 recording. A file being written by a dead holder is dropped, one being read
 goes back to WAIT (SlotTable.settle_holder).
+
+Watching is the request loop's (the pidfds are in its poller); settling
+changes the table and the spill store, so the server runs it as disk work
+(settle, sweep), after the disk jobs already under way.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import zmq
 
 from tfem._native import lib
 from tfem.errors import InvalidArgument
+from tfem.states import holder_of
 
-from .holdings import Holdings
+from .holdings import Holdings, state_words
 
 log = logging.getLogger("tfem.broker")
 
@@ -31,6 +36,7 @@ class Clients:
         self.settled = 0  # dead clients whose files were settled
         self.poller: zmq.Poller | None = None  # where pidfds are watched, once serving
         self._pidfds: dict[int, int] = {}  # pid -> pidfd of each client process
+        self.dead: list[int] = []  # pids found dead, whose files are still to settle
 
     def hello(self, identity: bytes, pid: int) -> None:
         if not 0 < pid < 2**31:  # a pid_t; pidfd_open would raise OverflowError
@@ -48,7 +54,7 @@ class Clients:
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self._settle(pid)
+            self.dead.append(pid)
             return
         except OSError:  # no pidfds here (old kernel): the sweep covers it
             return
@@ -57,7 +63,8 @@ class Clients:
             self.poller.register(fd, zmq.POLLIN)
 
     def exited(self, ready: Container[object]) -> None:
-        """Settle the clients whose pidfds the poller found `ready`."""
+        """Forget the clients whose pidfds the poller found `ready`; their
+        pids go to `dead`, to settle."""
         for pid, fd in list(self._pidfds.items()):
             if fd in ready:
                 self._client_exited(pid)
@@ -69,9 +76,21 @@ class Clients:
         os.close(fd)
         for identity in [i for i, p in self.pids.items() if p == pid]:
             del self.pids[identity]
-        self._settle(pid)
+        self.dead.append(pid)
+
+    def take_dead(self) -> list[int]:
+        """The pids to settle, handed over once."""
+        dead, self.dead = self.dead, []
+        return dead
+
+    def settle(self, pids: list[int]) -> None:
+        """Settle the files of clients that died."""
+        for pid in pids:
+            self._settle(pid)
 
     def _settle(self, pid: int) -> None:
+        if not any(holder_of(word) == pid for table in self.holdings.tables() for word in state_words(table.seg)):
+            return  # held nothing (a client that closed its files): no lock, no pass over the slots
         for table in self.holdings.tables():
             settled = table.settle_holder(pid)
             self.holdings.discard(settled.discard_file_ids)
@@ -85,7 +104,8 @@ class Clients:
         or of a kernel without pidfds); free blocks claimed by writers that
         died before recording them; discard spill records no file owns any
         more."""
-        for pid in set[int]().union(*(table.holders() for table in self.holdings.tables())):
+        holders = {holder_of(word) for table in self.holdings.tables() for word in state_words(table.seg)} - {0}
+        for pid in holders:
             if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
                 self._settle(pid)
         freed = self.holdings.table.reclaim_blocks()

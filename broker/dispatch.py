@@ -1,17 +1,24 @@
-"""The broker's requests: from the socket's frames to a reply.
+"""The broker's requests: from the socket's frames to a reply, or to a disk job.
 
 Theory of operation: a malformed or mistaken request gets an error reply;
 nothing a client sends can stop the broker. A client says HELLO first (its
 pid, for settling its files if it dies); each later request goes to the
 handler its op maps to in `Dispatch`, which checks a slot it names against
 what that client holds there.
+
+Requests that need no disk work are answered at once, in the request loop:
+HELLO, STATS, BYE, and an ALLOC or ROOM the arena can satisfy as it is (the
+same checks, then the allocation, under the memory's lock). The others
+become a disk job (worker.Work): the handler as a generator of steps, which
+the server runs in the loop or hands to its disk worker (modes.py decides).
+The handler checks the request when it runs, exactly as it always did.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import zmq
 
@@ -24,10 +31,23 @@ from tfem.states import State
 from .clients import Clients
 from .holdings import Holdings, Slot
 from .memory import Memory
+from .worker import Work
 
 log = logging.getLogger("tfem.broker")
 
-Handler = Callable[[int, Request], Reply]  # (the client's pid, its request)
+HandlerSteps = Generator[None, None, Reply]
+Handler = Callable[[int, Request], HandlerSteps]  # (the client's pid, its request)
+Answer = tuple[bytes, Reply]  # (the peer's identity, the reply)
+
+
+def run(steps: HandlerSteps) -> Reply:
+    """A handler's steps, all at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            reply: Reply = done.value
+            return reply
 
 
 class Dispatch:
@@ -39,46 +59,54 @@ class Dispatch:
         self._stats = stats
         self.served: dict[str, int] = {op.value: 0 for op in Op}
         self.errors = 0
+        # Whether the loop may allocate now: not while the disk worker runs
+        # an exclusive job (a dead client's files, a replaced segment).
+        self.may_allocate: Callable[[], bool] = lambda: True
         # Requests of any peer: they name no slot.
         self._greetings: dict[Op, Callable[[bytes, Request], Reply]] = {
             Op.HELLO: self._hello, Op.STATS: self._stats_of, Op.BYE: self._bye}
         # Requests of a client that said hello.
         self._handlers: dict[Op, Handler] = {
             Op.ROOM: self._room, Op.ALLOC: self._alloc, Op.SPILL_WRITE: self._spill_write}
+        # ... those that can often be answered at once; None: it takes a disk job.
+        self._quick: dict[Op, Callable[[int, Request], Reply | None]] = {
+            Op.ALLOC: self._alloc_now, Op.ROOM: self._room_now}
 
-    def reply_to(self, frames: list[zmq.Frame]) -> tuple[bytes, Reply] | None:
-        """The peer's identity and the reply to one request's frames; None
-        for a request too malformed to answer."""
+    def take(self, frames: list[zmq.Frame]) -> Answer | Work | None:
+        """The answer to one request's frames, or the disk job that will
+        make it; None for a request too malformed to answer. (Error replies
+        are counted in `errors` by whoever sends them.)"""
         identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
         try:
             request = protocol.decode_request(body)
         except ProtocolError as exc:
-            self.errors += 1
             rid = protocol.request_id_of(body[0]) if body else None
             log.debug("malformed request: %s", exc)
-            return None if rid is None else (identity, Reply(rid, errno_of(exc), str(exc)))
+            if rid is None:
+                self.errors += 1  # dropped; an error reply is counted as it is sent
+                return None
+            return identity, Reply(rid, errno_of(exc), str(exc))
         self.served[request.op.value] += 1
         try:
-            reply = self._handle(identity, request)
+            greeting = self._greetings.get(request.op)
+            if greeting is not None:
+                return identity, greeting(identity, request)
+            pid = self.clients.pids.get(identity)
+            if pid is None:
+                raise UnknownClient("this broker does not know you (it may have restarted): say hello")
+            quick = self._quick.get(request.op)
+            reply = quick(pid, request) if quick is not None and self.may_allocate() else None
+            if reply is not None:
+                return identity, reply
+            return Work(self.serve_client(pid, request), request.op.value, identity, request.request_id,
+                        self._size_of(request))
         except TfemError as exc:
-            self.errors += 1
-            reply = Reply(request.request_id, errno_of(exc), str(exc))
+            return identity, Reply(request.request_id, errno_of(exc), str(exc))
         except Exception as exc:  # a bug must not take the broker down
-            self.errors += 1
             log.exception("error serving %s", request.op.value)
-            reply = Reply(request.request_id, 5, f"broker error: {exc}")
-        return identity, reply
+            return identity, Reply(request.request_id, 5, f"broker error: {exc}")
 
-    def _handle(self, identity: bytes, request: Request) -> Reply:
-        greeting = self._greetings.get(request.op)
-        if greeting is not None:
-            return greeting(identity, request)
-        pid = self.clients.pids.get(identity)
-        if pid is None:
-            raise UnknownClient("this broker does not know you (it may have restarted): say hello")
-        return self.serve_client(pid, request)
-
-    def serve_client(self, pid: int, request: Request) -> Reply:
+    def serve_client(self, pid: int, request: Request) -> HandlerSteps:
         handler = self._handlers.get(request.op)
         if handler is None:
             raise ProtocolError(f"unhandled op {request.op.value}")
@@ -86,8 +114,24 @@ class Dispatch:
 
     def ask_self(self, op: Op, args: dict[str, Any], data: Any = None) -> Reply:
         """A request of the broker's own, as a client (moving files into a
-        new segment: relocation.py)."""
-        return self.serve_client(os.getpid(), Request(0, op, args, data))
+        new segment: relocation.py), served whole on the calling thread:
+        the one running disk work."""
+        return run(self.serve_client(os.getpid(), Request(0, op, args, data)))
+
+    def _size_of(self, request: Request) -> int:
+        """The bytes a disk job is known to move: the mode policy's signal
+        (modes.py). 0 when unknown or for a request its handler will refuse."""
+        args, seg = request.args, self.holdings.segment
+        try:
+            if request.op is Op.ALLOC:
+                return self.memory.alloc_size(args["slot"], args["capacity"])
+            if request.op is Op.ROOM:
+                return int(args["blocks"]) * seg.block_size
+            if request.op is Op.SPILL_WRITE:
+                return len(request.data) if request.data is not None else 0
+        except Exception:
+            pass
+        return 0
 
     # ---- any peer ----
 
@@ -106,30 +150,49 @@ class Dispatch:
         self.clients.bye(identity)
         return Reply(request.request_id, 0, {})
 
-    # ---- clients ----
+    # ---- clients: at once, when no disk work is needed ----
 
-    def _room(self, pid: int, request: Request) -> Reply:
-        blocks, block_count = request.args["blocks"], self.holdings.segment.block_count
-        if not 0 < blocks <= block_count:
-            raise NoSpace(f"{blocks} blocks is more than the arena's {block_count}")
-        return Reply(request.request_id, 0, {"room": self.memory.make_run(blocks)})
+    def _room_now(self, pid: int, request: Request) -> Reply | None:
+        blocks = self._check_blocks(request.args["blocks"])
+        return Reply(request.request_id, 0, {"room": True}) if self.memory.room_now(blocks) else None
 
-    def _alloc(self, pid: int, request: Request) -> Reply:
+    def _alloc_now(self, pid: int, request: Request) -> Reply | None:
         args = request.args
         self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
         self._check_size(args["capacity"])
-        spilled = self.memory.alloc(args["slot"], args["generation"], pid, args["capacity"])
+        spilled = self.memory.alloc_now(args["slot"], args["generation"], pid, args["capacity"])
+        return None if spilled is None else Reply(request.request_id, 0, {"spilled": spilled})
+
+    # ---- clients: disk jobs ----
+
+    def _room(self, pid: int, request: Request) -> HandlerSteps:
+        blocks = self._check_blocks(request.args["blocks"])
+        room = yield from self.memory.make_run(blocks)
+        return Reply(request.request_id, 0, {"room": room})
+
+    def _alloc(self, pid: int, request: Request) -> HandlerSteps:
+        args = request.args
+        self._check_holder(args["slot"], args["generation"], pid, State.WRITE)
+        self._check_size(args["capacity"])
+        spilled = yield from self.memory.alloc(args["slot"], args["generation"], pid, args["capacity"])
         return Reply(request.request_id, 0, {"spilled": spilled})
 
-    def _spill_write(self, pid: int, request: Request) -> Reply:
-        args, spill = request.args, self.holdings.spill
+    def _spill_write(self, pid: int, request: Request) -> HandlerSteps:
+        args = request.args
         slot = self._check_spilled(args, pid)
-        assert spill is not None and request.data is not None
+        assert request.data is not None
         self._check_size(args["offset"] + len(request.data))
-        spill.write(slot.file_id, args["offset"] - self.holdings.segment.buf_size, memoryview(request.data))
+        yield from self.memory.write(slot.file_id, args["offset"] - self.holdings.segment.buf_size,
+                                     memoryview(request.data))
         return Reply(request.request_id, 0, {})
 
     # ---- checks ----
+
+    def _check_blocks(self, blocks: int) -> int:
+        block_count = self.holdings.segment.block_count
+        if not 0 < blocks <= block_count:
+            raise NoSpace(f"{blocks} blocks is more than the arena's {block_count}")
+        return blocks
 
     def _check_holder(self, s: int, generation: int, pid: int, *states: State, anywhere: bool = False) -> Slot:
         """Slot s, held by `pid` in one of `states`: in the segment, or with

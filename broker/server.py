@@ -11,6 +11,13 @@ Theory of operation:
 - Every few seconds it sweeps: it makes the socket and the segment again
   if their names were removed (relocation.py), settles what dead clients
   left (clients.py), and announces itself to the registry again.
+- Disk work (what touches the spill store, and what changes the table
+  under the clients' feet: settling, the sweep, relocation) runs in the
+  loop while the load is light, and on one worker thread (worker.py) when
+  requests would wait behind it; modes.py decides, `--broker-mode` may
+  force either. Only the loop touches the socket; the worker hands back
+  finished jobs through an eventfd the loop polls, and their replies go
+  out in any order.
 
 This module is the broker's life: start, the serving loop, the sweep, stop.
 """
@@ -40,10 +47,12 @@ from .clients import Clients
 from .dispatch import Dispatch
 from .holdings import Holdings
 from .memory import Memory
+from .modes import ModePolicy, Route
 from .recovery import Recovery, adopt
 from .relocation import move_files, replace_segment
 from .spill import SpillStore, default_limit
 from .stats import stats
+from .worker import DiskWorker, Steps, Work
 
 log = logging.getLogger("tfem.broker")
 
@@ -68,6 +77,7 @@ class BrokerConfig:
     max_file_size: int | None = None  # None: all the instance holds (inline + memory + spill)
     endpoint: str | None = None  # default: ipc:// socket of the instance
     keep: bool = False  # leave segment and spill files on stop
+    mode: str = "adaptive"  # where disk work runs: modes.SETTINGS
 
 
 class Broker:
@@ -89,6 +99,11 @@ class Broker:
         self._socket_inode = 0  # of the ipc:// socket file, to notice its removal
         self._next_move = 0.0
         self._next_tidy = 0.0
+        self.policy = ModePolicy(config.mode, now=time.monotonic())  # checks the setting
+        self.worker = DiskWorker()
+        self.jobs_inline = self.jobs_on_worker = 0
+        self._own_jobs: set[str] = set()  # the broker's own jobs not yet finished, by what they do
+        self._switches_logged = 0
 
     # ---- start ----
 
@@ -107,9 +122,12 @@ class Broker:
         self.memory = Memory(holdings)
         self.clients = Clients(holdings)
         self.dispatch = Dispatch(holdings, self.memory, self.clients, self.stats)
+        self.dispatch.may_allocate = lambda: not self.worker.exclusive_pending
         try:
             if c.spill:
-                holdings.spill = SpillStore(self.spill_dir, spill_limit, c.spill_codec, holdings.owned_spilled)
+                # Owned: held spilled files, and files whose move is under way.
+                holdings.spill = SpillStore(self.spill_dir, spill_limit, c.spill_codec,
+                                            lambda: holdings.owned_spilled() | self.memory.moving)
             if not self._owns_segment:
                 self._adopt(holdings)
             elif holdings.spill is not None and holdings.spill.file_ids():
@@ -199,9 +217,10 @@ class Broker:
     def serve(self, should_stop: Callable[[], bool]) -> None:
         """Answer requests until should_stop() is true (checked every 100 ms)."""
         assert self.holdings is not None and self._socket is not None, "the broker has not started"
-        holdings, socket = self.holdings, self._socket
+        holdings, socket, worker = self.holdings, self._socket, self.worker
         self.clients.poller = poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
+        poller.register(worker.fd, zmq.POLLIN)
         while not should_stop():
             try:
                 events = dict(poller.poll(100))
@@ -209,38 +228,119 @@ class Broker:
                 if exc.errno == errno.EINTR:  # a signal: look at should_stop()
                     continue
                 raise
+            if worker.fd in events:
+                for work in worker.take_finished():
+                    self._finished(work)
+            if not worker.alive():
+                raise TfemError("the broker's disk worker thread died")
             if socket in events:
                 for _ in range(256):  # drain, but check for stop now and then
                     try:
                         frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    answer = self.dispatch.reply_to(frames)
-                    if answer is not None:
-                        self._send(*answer)
+                    if worker.jobs:  # it arrived while the worker was busy
+                        self.policy.delayed(time.monotonic())
+                    taken = self.dispatch.take(frames)
+                    if isinstance(taken, Work):
+                        self._disk(taken)
+                    elif taken is not None:
+                        self._send(*taken)
             self.clients.exited(events)
+            dead = self.clients.take_dead()
+            if dead:
+                self._own_job("settle dead clients", lambda: self.clients.settle(dead), once=False)
             if holdings.spill is not None and holdings.spill.bytes_by_file and time.monotonic() >= self._next_tidy:
                 self._next_tidy = time.monotonic() + TIDY_INTERVAL_S
-                self._tidy_spill()
+                self._own_job("tidy the spill store", self._tidy_spill, exclusive=False)
             if holdings.relocations and time.monotonic() >= self._next_move:
                 self._next_move = time.monotonic() + MOVE_INTERVAL_S
-                move_files(holdings, self.dispatch.ask_self)
+                self._own_job("move files", lambda: move_files(holdings, self.dispatch.ask_self))
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
                 self._sweep()
+            self.policy.tick(time.monotonic(), worker.jobs)
+            self._log_switch()
+
+    # ---- disk work: in the loop, or on the worker ----
+
+    def _disk(self, work: Work) -> None:
+        """Run a disk job here and now, or hand it to the worker, as the
+        mode policy says; here only while the worker has no job (one thread
+        at a time changes the table and the store)."""
+        now = time.monotonic()
+        if self.policy.route(now, work.size, self.worker.jobs) is Route.INLINE and not self.worker.jobs:
+            started = time.perf_counter()
+            work.run()
+            took = time.perf_counter() - started
+            self.jobs_inline += 1
+            self.policy.inline_done(time.monotonic(), took, self._requests_waiting())
+            self._finished(work)
+        else:
+            if self.worker.jobs and work.identity is not None:  # a client's job queues behind another
+                self.policy.delayed(now)
+            self.jobs_on_worker += 1
+            self.worker.submit(work)
+        self._log_switch()
+
+    def _own_job(self, what: str, job: Callable[[], None], once: bool = True, exclusive: bool = True) -> None:
+        """A job of the broker's own, run as disk work; `exclusive`, alone:
+        it changes what every other job relies on. With `once`, not while
+        the same job is still queued."""
+        if once and what in self._own_jobs:
+            return
+
+        def steps() -> Steps:
+            job()
+            return None
+            yield  # a generator: one step
+
+        self._own_jobs.add(what)
+        self._disk(Work(steps(), what, exclusive=exclusive))
+
+    def _finished(self, work: Work) -> None:
+        if work.identity is not None:
+            assert work.reply is not None
+            self._send(work.identity, work.reply)
+            return
+        self._own_jobs.discard(work.what)
+        if work.reply is not None and work.reply.errno:
+            log.error("%s failed: %s", work.what, work.reply.result)
+
+    def _requests_waiting(self) -> bool:
+        assert self._socket is not None
+        events = self._socket.getsockopt(zmq.EVENTS)
+        return isinstance(events, int) and bool(events & zmq.POLLIN)
+
+    def _log_switch(self) -> None:
+        policy = self.policy
+        if policy.switches != self._switches_logged and policy.last_switch is not None:
+            self._switches_logged = policy.switches
+            log.info("disk work now %s: %s", policy.last_switch.to.value, policy.last_switch.why)
 
     def _send(self, identity: bytes, reply: Reply) -> None:
         assert self._socket is not None
+        if reply.errno:
+            self.dispatch.errors += 1
         try:
             self._socket.send_multipart([identity, *protocol.encode_reply(reply)], copy=False)
         except zmq.ZMQError as exc:
             log.debug("reply not sent: %s", exc)
 
+    def mode_stats(self) -> dict[str, Any]:
+        """Where disk work runs (STATS' broker_mode)."""
+        policy, last = self.policy, self.policy.last_switch
+        return {"setting": policy.setting, "mode": policy.mode.value, "switches": policy.switches,
+                "last_switch": None if last is None else {
+                    "to": last.to.value, "why": last.why, "seconds_ago": round(time.monotonic() - last.at, 1)},
+                "disk_jobs_inline": self.jobs_inline, "disk_jobs_on_worker": self.jobs_on_worker,
+                "worker_jobs_now": self.worker.jobs}
+
     def stats(self) -> dict[str, Any]:
         assert self.holdings is not None, "the broker has not started"
         limit_from = "--spill-size" if self.config.spill_size is not None else "half the disk's free room at start"
         return stats(self.holdings, self.dispatch, self.clients, endpoint=self.endpoint, started=self.started,
-                     recovery=self.recovery, limit_from=limit_from)
+                     recovery=self.recovery, limit_from=limit_from, broker_mode=self.mode_stats())
 
     # ---- the sweep ----
 
@@ -249,18 +349,24 @@ class Broker:
         left; announce again, in case the registry was restarted and forgot
         this broker."""
         self._check_names()
-        self.clients.sweep()
-        if self.holdings is not None and self.holdings.spill is not None:
-            dead = self.holdings.spill.reader_check()
-            if dead:
-                log.info("freed %d spill store reader slot(s) of clients that died reading", dead)
-            self._tidy_spill()
+        self._own_job("sweep", self._sweep_table_and_store)
         if self._announced:
             try:
                 discovery.ask_registry(self.instance.keyfile, protocol.Action.ANNOUNCE,
                                        {"endpoint": self.endpoint, "load": 0}, timeout=1.0)
             except TfemError as exc:
                 log.debug("registry not reached: %s", exc)
+
+    def _sweep_table_and_store(self) -> None:
+        """The sweep's disk work: what dead clients left in the table, and
+        in the store (their reader slots and records)."""
+        assert self.holdings is not None
+        self.clients.sweep()
+        if self.holdings.spill is not None:
+            dead = self.holdings.spill.reader_check()
+            if dead:
+                log.info("freed %d spill store reader slot(s) of clients that died reading", dead)
+            self._tidy_spill()
 
     def _tidy_spill(self) -> None:
         """Delete the records of freed files; bring spilled files back into
@@ -290,8 +396,9 @@ class Broker:
                 except zmq.ZMQError:
                     pass
                 self._bind()
-        if not self.holdings.segment.name_is_ours():
-            replace_segment(self.holdings, self.dispatch.ask_self)
+        holdings = self.holdings
+        if not holdings.segment.name_is_ours():
+            self._own_job("replace the segment", lambda: replace_segment(holdings, self.dispatch.ask_self))
 
     # ---- stop ----
 
@@ -306,6 +413,7 @@ class Broker:
                                        {"endpoint": self.endpoint}, timeout=1.0)
             except TfemError:
                 pass
+        self.worker.stop()  # before the store closes: its jobs use it
         if self.holdings is not None:
             self.clients.close()
         if self._socket is not None:

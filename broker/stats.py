@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
 from typing import Any
 
-from tfem.states import State
+from tfem.states import STATE_MASK, State
 
 from .clients import Clients
 from .dispatch import Dispatch
-from .holdings import Holdings
+from .holdings import Holdings, state_words
 from .recovery import Recovery
 
 
 def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint: str, started: float,
-          recovery: Recovery | None, limit_from: str) -> dict[str, Any]:
-    seg, table, spill = holdings.segment, holdings.table, holdings.spill
+          recovery: Recovery | None, limit_from: str, broker_mode: dict[str, Any]) -> dict[str, Any]:
+    """Answered in the request loop, while the disk worker may be changing
+    the table and the store: each figure is read once, and together they
+    are a near snapshot, not an exact one."""
+    seg, spill = holdings.segment, holdings.spill
+    counts = collections.Counter(word & STATE_MASK for word in state_words(seg))
+    by_state = {state.name: counts[int(state)] for state in State}
     # Freed files' records wait for the broker's next tidy: not counted.
     held_spilled = spill.file_ids() & holdings.owned_spilled() if spill else set()
-    by_state = {state.name: 0 for state in State}
-    for s in range(seg.slot_count):
-        by_state[table.state_of(s)[0].name] += 1
     used_blocks = seg.blocks_in_use()
     h = seg.header
     return {
@@ -50,6 +53,7 @@ def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint:
                         "restores_spilled_again": dispatch.memory.restores_evicted} if spill else None,
         "clients": len(clients.pids),
         "requests_served": dict(dispatch.served),
+        "broker_mode": broker_mode,
         "request_errors": dispatch.errors,
         "dead_clients_settled": clients.settled,
         "segments_replaced": holdings.segments_replaced,

@@ -22,6 +22,9 @@ from .errors import TfemError
 from .spill_format import CODECS
 
 READY_TIMEOUT_S = 60.0
+# The broker's modes.SETTINGS, written out: importing any of the broker
+# costs every command its start-up (tests/test_broker_modes.py checks both agree).
+BROKER_MODES = ("adaptive", "sync", "async")
 # A server crashing more than MAX_RESTARTS times in RESTART_WINDOW_S: `tfem up`
 # gives up on a broker (keeping its data), and starts a registry again after
 # a pause that doubles up to MAX_RESTART_PAUSE_S.
@@ -67,6 +70,13 @@ def _add_broker_options(p: argparse.ArgumentParser) -> None:
                             "(default: all the instance holds, inline buffer + memory + spill size)"),
         g.add_argument("--keep", action="store_true",
                        help="on stop, leave the segment and spill store in place"),
+        g.add_argument("--broker-mode", choices=BROKER_MODES, default="adaptive",
+                       help="where the broker does its disk work (spilling to make room, spill writes, "
+                            "discards): adaptive (default) does it in its request loop while the load is "
+                            "light and on a worker thread while requests would wait behind it; sync always "
+                            "in the loop (lowest latency alone, but a large spill holds up every client); "
+                            "async always on the worker (other clients are answered during a spill). "
+                            "`tfem status` shows the mode and its switches"),
     ]
     p.set_defaults(broker_options=options)  # for `tfem up` to hand on to its broker (_broker_argv)
 
@@ -200,8 +210,8 @@ def _broker_config(args: argparse.Namespace) -> Any:
     return BrokerConfig(keyfile=args.keyfile, slots=args.slots, buf_size=args.buf_size,
                         block_size=args.block_size, memory=args.memory, spill_dir=args.spill_dir,
                         spill=not args.no_spill, spill_size=args.spill_size, spill_codec=CODECS[args.spill_compress],
-                        max_file_size=args.max_file_size,
-                        endpoint=getattr(args, "endpoint", None), keep=args.keep)
+                        max_file_size=args.max_file_size, endpoint=getattr(args, "endpoint", None), keep=args.keep,
+                        mode=args.broker_mode)
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -456,6 +466,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"handoffs    {stats['published']} published, {stats['consumed']} consumed\n"
           f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
           f" {stats['clients']} clients")
+    mode = stats.get("broker_mode")
+    if mode:  # a broker of before the modes has none
+        print(_mode_line(mode))
     return 0
 
 
@@ -470,6 +483,17 @@ def _spill_lines(stats: dict[str, Any]) -> str:
             f" made afresh {store['renewals']} times once empty\n"
             f"restored    {store['restores']} spilled files brought back into memory:"
             f" {store['restore_hits']} read from there, {store['restores_spilled_again']} spilled again first\n")
+
+
+def _mode_line(mode: dict[str, Any]) -> str:
+    """How the broker runs its disk work: its setting, its mode now, and
+    how often it switched."""
+    setting = "adaptive, now" if mode["setting"] == "adaptive" else "forced"
+    switches = mode["switches"]
+    last = mode.get("last_switch")
+    why = f"; last to {last['to']} {last['seconds_ago']:g} s ago ({last['why']})" if last else ""
+    return (f"disk work   {setting} {mode['mode']}, {switches} switch{'es' if switches != 1 else ''}{why}; "
+            f"{mode['disk_jobs_inline']} jobs in the loop, {mode['disk_jobs_on_worker']} on the worker")
 
 
 def _mib(n: int) -> str:

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-WORKLOADS = {"handoff", "pairs", "stream", "pipeline", "c", "memory", "spill", "putget", "zerocopy", "waits"}
+WORKLOADS = {"handoff", "pairs", "stream", "pipeline", "c", "memory", "spill", "putget", "zerocopy", "waits",
+             "broker"}
 
 
 def test_quick_run_writes_a_report(tmp_path: pathlib.Path) -> None:

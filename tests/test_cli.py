@@ -52,10 +52,10 @@ def queue_exists(key):
 
 HELP = {
     "up": ["--keyfile", "--slots", "--buf-size", "--block-size", "--memory", "--spill-dir", "--spill-size",
-           "--no-spill", "--keep", "--ready-fd", "COMMAND", "SIGTERM"],
+           "--no-spill", "--keep", "--broker-mode", "--ready-fd", "COMMAND", "SIGTERM"],
     "registry": ["--keyfile", "--ready-fd"],
     "broker": ["--keyfile", "--slots", "--buf-size", "--block-size", "--memory", "--spill-dir", "--no-spill",
-               "--endpoint", "--ready-fd"],
+               "--broker-mode", "--endpoint", "--ready-fd"],
     "put": ["--keyfile", "LOCAL", "NAME", "standard input"],
     "get": ["--keyfile", "NAME", "LOCAL", "--timeout", "--no-wait", "standard output"],
     "ls": ["--keyfile", "prefix", "-l", "--long"],
