@@ -246,6 +246,9 @@ class Broker:
                         self._disk(taken)
                     elif taken is not None:
                         self._send(*taken)
+            if self.memory.ahead_due:  # writers met a full arena: room for the next ones, off their path
+                self.memory.ahead_due = False
+                self._own_steps("evict ahead", self.memory.evict_ahead())
             self.clients.exited(events)
             dead = self.clients.take_dead()
             if dead:
@@ -287,16 +290,20 @@ class Broker:
         """A job of the broker's own, run as disk work; `exclusive`, alone:
         it changes what every other job relies on. With `once`, not while
         the same job is still queued."""
-        if once and what in self._own_jobs:
-            return
-
         def steps() -> Steps:
             job()
             return None
             yield  # a generator: one step
 
+        self._own_steps(what, steps(), once, exclusive)
+
+    def _own_steps(self, what: str, steps: Steps, once: bool = True, exclusive: bool = False) -> None:
+        """The same for a job that does its work in steps."""
+        if once and what in self._own_jobs:
+            steps.close()
+            return
         self._own_jobs.add(what)
-        self._disk(Work(steps(), what, exclusive=exclusive))
+        self._disk(Work(steps, what, exclusive=exclusive))
 
     def _finished(self, work: Work) -> None:
         if work.identity is not None:

@@ -85,7 +85,7 @@ class SpillStore:
         self.bytes_by_file: dict[int, int] = {}  # stored (maybe compressed) bytes
         self.raw_bytes = 0  # what the stored records hold, uncompressed
         self.renewals = 0
-        self.env = self._open()
+        self._env: lmdb.Environment | None = self._open()
         with self.env.begin() as txn:
             for key, value in txn.cursor():
                 record = spill_format.parse_key(key)
@@ -295,12 +295,22 @@ class SpillStore:
         the new one grows). Whether it did."""
         if self.bytes_by_file or self.file_bytes <= RENEW_AT or self._open_elsewhere():
             return False
-        self.env.close()
+        self.close()
         remove_store(self.path, keep_directory=True)
-        self.env = self._open()
         self.raw_bytes = 0
         self.renewals += 1
+        try:
+            self._env = self._open()
+        except TfemError as exc:  # the disk filled up meanwhile: made at next use
+            log.error("the spill store %s was emptied but cannot be made again yet: %s", self.path, exc)
         return True
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The store's environment; made again here if a renewal could not."""
+        if self._env is None:
+            self._env = self._open()
+        return self._env
 
     def _open_elsewhere(self) -> bool:
         """Whether another process has the store open: every process with
@@ -321,7 +331,9 @@ class SpillStore:
         return int(self.env.reader_check())
 
     def close(self) -> None:
-        self.env.close()
+        if self._env is not None:
+            self._env.close()
+            self._env = None
 
     def remove(self) -> None:
         """Delete the store's files (the broker's clean stop)."""

@@ -118,3 +118,18 @@ def test_memory_and_store_both_full_is_no_space_and_nothing_is_lost(instance_fac
             take(c, name, MIB)
         put(c, "after", MIB)  # room again
         take(c, "after", MIB)
+
+
+def test_after_making_room_the_broker_frees_an_eighth_of_the_arena_ahead(instance_factory):
+    # 1 MiB arena of 4 KiB blocks: five 192 KiB files fill all but 64 KiB.
+    # Without the eviction ahead, the sixth would leave 64 KiB free again;
+    # with it, the broker goes on until 128 KiB (1/8) are free.
+    instance = instance_factory(*SMALL)
+    with tfem.connect(instance.keyfile) as c:
+        for i in range(6):
+            put(c, f"a/{i}", 192 * KIB)
+        wait_until(lambda: c.stats()["arena_bytes_free"] >= MIB // 8, what="an eighth of the arena free")
+        spilled = [i for i in range(6) if c.stat(f"a/{i}").spilled]
+        assert spilled == list(range(len(spilled))) and len(spilled) >= 2, "the oldest, in order"
+        for i in range(6):
+            take(c, f"a/{i}", 192 * KIB)
