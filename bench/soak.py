@@ -39,6 +39,7 @@ from typing import Any
 from tfem import launch
 
 MIB = 1 << 20
+SPILL_FILE_IDLE = 10 << 20  # the store once empty: made afresh (issue 10 asks for < 10 MB)
 INSTANCE_OPTIONS = ("--slots", "1024", "--buf-size", "8K", "--block-size", "64K", "--memory", "8M",
                     "--spill-size", "4G")
 
@@ -147,18 +148,14 @@ def broker_sample(client: Any) -> dict[str, Any]:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 fields[key] = int(value.split()[0]) * 1024
-    spill_file = 0
-    if stats["spill"]:
-        try:
-            spill_file = os.stat(os.path.join(stats["spill"], "data.mdb")).st_size
-        except OSError:
-            pass
+    store = stats["spill_store"] or {}
     return {
         "broker_pid": pid,
         "rss": fields["VmRSS"] - fields["RssShmem"],
         "rss_anon": fields["RssAnon"],
         "rss_file": fields["RssFile"],
-        "spill_file": spill_file,
+        "spill_file": store.get("file_bytes", 0),  # on disk
+        "spill_written": store.get("written_bytes", 0),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "slots_used": stats["slots_used"],
         "arena_blocks": stats["arena_bytes_used"] // stats["block_size"],
@@ -330,7 +327,7 @@ class Driver:
         while True:
             s = broker_sample(client)
             idle = (s["slots_used"], s["arena_blocks"], s["spilled_bytes"]) == (0, 0, 0) \
-                and s["fds"] <= baseline["fds"] + self.args.fd_slack
+                and s["fds"] <= baseline["fds"] + self.args.fd_slack and s["spill_file"] < SPILL_FILE_IDLE
             if idle or time.monotonic() > deadline:
                 self.fds_at_idle = fd_targets(s["broker_pid"])
                 return self.sample(client, "idle", start)
@@ -346,6 +343,7 @@ class Driver:
             "no slot in use": idle["slots_used"] == 0,
             "no arena block in use": idle["arena_blocks"] == 0,
             "no spilled byte": idle["spilled_bytes"] == 0,
+            f"the spill store's file below {SPILL_FILE_IDLE >> 20} MB once empty": idle["spill_file"] < SPILL_FILE_IDLE,
             f"descriptors back to baseline (+{args.fd_slack})": idle["fds"] <= baseline["fds"] + args.fd_slack,
             f"anonymous memory within {args.rss_bound >> 20} MiB of baseline":
                 idle["rss_anon"] <= baseline["rss_anon"] + args.rss_bound,
@@ -369,6 +367,8 @@ class Driver:
             "rss_idle": idle["rss"], "rss_anon_baseline": baseline["rss_anon"],
             "rss_anon_peak": max(s["rss_anon"] for s in self.samples), "rss_anon_idle": idle["rss_anon"],
             "rss_file_idle": idle["rss_file"], "spill_file_idle": idle["spill_file"],
+            "spill_file_peak": max(s["spill_file"] for s in self.samples),
+            "spilled_during_run": idle["spill_written"] - baseline["spill_written"],
             "rss_growth_second_half": (half[-1]["rss"] - half[0]["rss"]) if half else 0,
             "fds_baseline": baseline["fds"], "fds_peak": max(s["fds"] for s in self.samples),
             "fds_idle": idle["fds"],

@@ -84,6 +84,7 @@ class SpillStore:
         self.codec = codec
         self.bytes_by_file: dict[int, int] = {}  # stored (maybe compressed) bytes
         self.raw_bytes = 0  # what the stored records hold, uncompressed
+        self.written = 0  # raw bytes written since start, all told
         self.renewals = 0
         self._env: lmdb.Environment | None = self._open()
         with self.env.begin() as txn:
@@ -167,6 +168,7 @@ class SpillStore:
             raise self._write_failed(exc, sum(len(data) for _, data in pieces)) from None
         self.bytes_by_file[file_id] = self.bytes_by_file.get(file_id, 0) + added
         self.raw_bytes += raw_added
+        self.written += sum(len(data) for _, data in pieces)
 
     def _cut(self, txn: lmdb.Transaction, file_id: int, start: int, end: int) -> tuple[int, int]:
         """Make room for a write of [start, end): delete the records it

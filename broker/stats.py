@@ -47,7 +47,7 @@ def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint:
         "spilled_bytes": spill.bytes_of(held_spilled) if spill else 0,
         "spilled_files": len(held_spilled),
         "spill_store": {"limit": spill.limit, "limit_from": limit_from, "codec": spill.codec.name.lower(),
-                        "raw_bytes": spill.raw_bytes, "file_bytes": spill.file_bytes,
+                        "raw_bytes": spill.raw_bytes, "file_bytes": spill.file_bytes, "written_bytes": spill.written,
                         "renewals": spill.renewals, "restores": dispatch.memory.restores,
                         "restore_hits": dispatch.memory.restore_hits,
                         "restores_spilled_again": dispatch.memory.restores_evicted} if spill else None,
