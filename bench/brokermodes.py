@@ -65,7 +65,7 @@ def _big_writer(conn: Any, keyfile: str, size: int) -> None:
     client = _client(keyfile)
     chunk = memoryview(make_payload(WRITE_CHUNK))
     conn.send("ready")
-    while first_order(conn) is not None:
+    while (msg := first_order(conn)) is not None:
         name = msg[1]
         t0 = time.perf_counter()
         with client.open(name, "w") as f:
@@ -150,7 +150,7 @@ def _light(conn: Any, keyfile: str, rounds: int) -> None:
     data = memoryview(make_payload(LIGHT_FILE))
     out = bytearray(LIGHT_FILE)
     conn.send("ready")
-    while first_order(conn) is not None:
+    while (msg := first_order(conn)) is not None:
         prefix = msg[1]
         t0 = time.perf_counter()
         for i in range(rounds):
@@ -174,7 +174,7 @@ def _burst_writer(conn: Any, keyfile: str, files: int, size: int) -> None:
     client = _client(keyfile)
     data = memoryview(make_payload(min(size, WRITE_CHUNK)))
     conn.send("ready")
-    while first_order(conn) is not None:
+    while (msg := first_order(conn)) is not None:
         _, prefix, start = msg
         sleep_until(start)
         for i in range(files):

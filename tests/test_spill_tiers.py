@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -133,3 +134,27 @@ def test_after_making_room_the_broker_frees_an_eighth_of_the_arena_ahead(instanc
         assert spilled == list(range(len(spilled))) and len(spilled) >= 2, "the oldest, in order"
         for i in range(6):
             take(c, f"a/{i}", 192 * KIB)
+
+
+def test_a_consumer_reads_on_while_the_broker_brings_files_back(instance_factory):
+    # Newest first: the files in memory go first, memory frees up, and the
+    # broker brings the oldest back while the consumer works its way down
+    # to them. A file it is bringing back is held by the broker a moment:
+    # the consumer's open waits for it, then reads it from memory.
+    instance = instance_factory(*SMALL)
+    names = [f"m/{i}" for i in range(16)]
+    with tfem.connect(instance.keyfile) as c:
+        for name in names:
+            put(c, name, 160 * KIB)
+        assert c.stat(names[0]).spilled
+    reader = tfem.connect(instance.keyfile)
+    try:
+        for name in reversed(names):
+            with reader.open(name, "r", timeout=10) as f:
+                assert f.read() == content(name, 160 * KIB), name
+            time.sleep(0.02)  # a pipeline stage's work: the broker tidies every 50 ms
+        store = wait_until(lambda: (s := spill_store(reader))["restore_hits"] and s, what="restored files read")
+        assert store["restores"] >= store["restore_hits"] > 0
+        assert reader.list() == [] and reader.stats()["spilled_files"] == 0
+    finally:
+        reader.close()
