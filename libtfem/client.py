@@ -159,7 +159,7 @@ class Client:
         """Before an operation other than open: follow a moved segment; let
         go of a spill store no file of ours reads (spill_reader.py)."""
         self._check_fork()
-        if spill_reader.any_idle():
+        if spill_reader.idle:
             spill_reader.close_idle()
         if self._header.moved:
             self._follow_move()

@@ -37,6 +37,7 @@ from .errors import BadDescriptor, ChecksumMismatch, InvalidArgument, NoSpace, T
 from .protocol import Op, Reply
 from . import spill_reader
 from .spill_reader import SpillSource
+from .spill_reader import idle as _idle_spill_readers  # mutated in place, never rebound
 from .table import Deadline
 
 SPILL_IO_CHUNK = 4 << 20  # bytes per spill write request
@@ -99,7 +100,7 @@ class TfemFile(io.RawIOBase):
         self.name = name
         self._epoch = forks.epoch
         self._writing = writing = bool(core.writing)
-        if spill_reader.any_idle() and not (core.spilled and not writing):
+        if _idle_spill_readers and not (core.spilled and not writing):
             spill_reader.close_idle()  # this process turns from spilled files to others
         if writing:
             if room_timeout:
@@ -152,7 +153,7 @@ class TfemFile(io.RawIOBase):
             self._check_mode(reading=True)
         out, n = _target(buffer)
         f = self._f
-        got = self._core_read(out, n)
+        got = lib.tfem_f_read(f, out, n)
         if got < 0 or (f.need and got < n):
             return self._read_rest(out, n, got)
         return int(got)
@@ -171,7 +172,7 @@ class TfemFile(io.RawIOBase):
             return data
         out = bytearray(n)
         buf = ffi.from_buffer(out)
-        got = self._core_read(buf, n)
+        got = lib.tfem_f_read(f, buf, n)
         if got < 0 or (f.need and got < n):
             got = self._read_rest(buf, n, got)
         return bytes(out) if got == n else bytes(out[:got])
@@ -226,7 +227,8 @@ class TfemFile(io.RawIOBase):
                 raise
             rc = lib.tfem_f_publish(f, crc)
         self._owner.held.discard(f)
-        self._let_go_of_spill()
+        if self._spill is not None:
+            self._let_go_of_spill()
         if rc:
             self._after_release(rc)
 
@@ -240,7 +242,8 @@ class TfemFile(io.RawIOBase):
             self._release_views()
         rc = lib.tfem_f_abort(f)
         self._owner.held.discard(f)
-        self._let_go_of_spill()
+        if self._spill is not None:
+            self._let_go_of_spill()
         if rc:
             self._after_release(rc)
 
@@ -398,7 +401,13 @@ class TfemFile(io.RawIOBase):
         return views
 
     def _read_rest(self, out: CharPtr, n: int, got: int) -> int:
+        """After the core's read at the position came short: a spilled file
+        read out of order (or at its end) before its check, checked first
+        and read again (EXDEV), or the part of it in the store."""
         f = self._f
+        if got == -errno.EXDEV:
+            self._check_spilled()
+            got = lib.tfem_f_read(f, out, n)
         if got < 0:
             raise self._fail(-got)
         done = got
@@ -414,14 +423,6 @@ class TfemFile(io.RawIOBase):
             done += k
         return done
 
-    def _core_read(self, buf: CharPtr, n: int) -> int:
-        """The core's read at the position; a spilled file read out of order
-        (or at its end) before its check is checked first."""
-        got = lib.tfem_f_read(self._f, buf, n)
-        if got == -errno.EXDEV:
-            self._check_spilled()
-            got = lib.tfem_f_read(self._f, buf, n)
-        return int(got)
 
     def _write_rest(self, buf: CharPtr | bytes, n: int, done: int) -> None:
         f = self._f

@@ -119,7 +119,7 @@ class SpillSource(Protocol):
 
 
 _readers: dict[str, SpillReader] = {}  # this process's, by store
-_idle: set[SpillReader] = set()  # ... whose store is open with no file holding it
+idle: set[SpillReader] = set()  # ... whose store is open with no file holding it (changed in place)
 _readers_lock = threading.Lock()
 _inherited: list[SpillReader] = []  # a parent's, in its forked child: kept, never used nor closed
 
@@ -131,24 +131,20 @@ def reader_for(path: str, map_size: int) -> SpillReader:
         reader = _readers.get(path)
         if reader is not None and reader.pid != os.getpid():
             _inherited.append(reader)
-            _idle.discard(reader)
+            idle.discard(reader)
             reader = None
         if reader is None:
             reader = _readers[path] = SpillReader(pathlib.Path(path), map_size)
         return reader
 
 
-def any_idle() -> bool:
-    return bool(_idle)
-
-
 def close_idle() -> None:
     """Close the stores no file of this process holds: when it turns to
     files in memory, or disconnects."""
     with _readers_lock:
-        idle = [r for r in _idle if r.pid == os.getpid()]
-        _idle.clear()
-    for reader in idle:
+        closing = [r for r in idle if r.pid == os.getpid()]
+        idle.clear()
+    for reader in closing:
         reader.close_if_idle()
 
 
@@ -180,14 +176,14 @@ class SpillReader:
                 self._env = self._open()
             self._users += 1
             with _readers_lock:
-                _idle.discard(self)
+                idle.discard(self)
 
     def release(self) -> None:
         with self._lock:
             self._users -= 1
             if self._users == 0:
                 with _readers_lock:
-                    _idle.add(self)
+                    idle.add(self)
 
     def close_if_idle(self) -> None:
         with self._lock:

@@ -138,6 +138,10 @@ static int wait_seq(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t dea
 
 static int64_t deadline_of(int64_t timeout_ns) { return timeout_ns < 0 ? -1 : mono_ns() + timeout_ns; }
 
+/* The longest a non-waiting open waits for a file the broker holds: a move
+ * of a large file to the spill store, in steps beside others' jobs. */
+#define BROKER_HOLD_NS 5000000000LL
+
 int tfem_f_wait_space(struct tfem_header *h, uint32_t seen, int64_t timeout_ns) {
     return wait_seq(&h->space_seq, &h->space_waiters, seen, deadline_of(timeout_ns));
 }
@@ -196,7 +200,7 @@ int tfem_f_create(struct tfem_header *h, const char *name, uint32_t len, uint32_
 int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t pid, int mode,
                 int wait, int64_t timeout_ns, struct tfem_file *f, int32_t *state_found) {
     uint32_t hash = tfem_name_hash(name, len), bucket = hash % TFEM_WAKE_BUCKETS;
-    int64_t deadline = deadline_of(timeout_ns);
+    int64_t deadline = deadline_of(timeout_ns), moment = 0;
     struct tfem_claim claim;
     for (;;) {
         if (__atomic_load_n(&h->moved, SC)) return EIDRM;
@@ -207,6 +211,17 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
             start_file(h, &claim, pid, hash, claim.for_write, f);
             return 0;
         }
+        if (rc == EINPROGRESS && !wait) {
+            /* Published, and held by the broker a moment (a move to or from
+             * the spill store): waited for even by an open that does not
+             * wait, since to its caller the file is there. */
+            if (!moment) moment = deadline_of(BROKER_HOLD_NS);
+            rc = wait_seq(&h->wake_seq[bucket], &h->wake_waiters[bucket], seen, moment);
+            if (rc == ETIMEDOUT) return EAGAIN;
+            if (rc == EINTR) return rc;
+            continue;
+        }
+        if (rc == EINPROGRESS) rc = EAGAIN;
         if ((rc != ENOENT && rc != EAGAIN) || !wait) return rc;
         rc = wait_seq(&h->wake_seq[bucket], &h->wake_waiters[bucket], seen, deadline);
         if (rc == ETIMEDOUT || rc == EINTR) return rc;

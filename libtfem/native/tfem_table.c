@@ -293,7 +293,10 @@ int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
         struct tfem_slot *slot = slot_at(g, (uint32_t)s);
         uint64_t word = __atomic_load_n(&slot->state, SC);
         out->state = state_of(word);
-        if (state_of(word) != TFEM_STATE_WAIT) {
+        if (state_of(word) == TFEM_STATE_READ &&
+            holder_of(word) == (uint32_t)__atomic_load_n(&h->broker_pid, SC)) {
+            rc = EINPROGRESS; /* the broker moving it to or from the spill store: WAIT again in a moment */
+        } else if (state_of(word) != TFEM_STATE_WAIT) {
             rc = EAGAIN;
         } else if ((rc = transition(slot, TFEM_EVENT_OPEN_READ, generation_of(word), holder)) == 0) {
             __atomic_fetch_add(&h->opened_read, 1, SC);
