@@ -11,16 +11,18 @@ Theory of operation:
   no lock.
 - When the arena cannot satisfy a request it moves the least recently
   published WAIT files to the spill store (holding each as its reader so no
-  consumer takes it mid-move), at least 1/32 of the arena at a time, and if
-  that is not enough, moves the requesting file itself. The memory tier is
-  thus the spill store's cache. Bytes past a spilled file's inline buffer
-  are written through the broker (SPILL_WRITE); consumers read them from
-  the store themselves, and a consumer freeing a spilled file tells nobody:
-  the broker finds records no slot owns and deletes them (`tidy`).
+  consumer takes it mid-move), as many as the request needs, and if that is
+  not enough, moves the requesting file itself; once it is answered, it
+  goes on until 1/8 of the arena is free (`evict_ahead`, in the
+  background). The memory tier is thus the spill store's cache. Bytes past
+  a spilled file's inline buffer are written through the broker
+  (SPILL_WRITE); consumers read them from the store themselves, and a
+  consumer freeing a spilled file tells nobody: the broker finds records
+  no slot owns and deletes them (`tidy`).
 - When memory frees up, it brings spilled WAIT files back (`restore`),
   oldest first (the order they were spilled in, and are read in), while
-  half the arena stays free for writers: so a reader of a file that waited
-  in the store reads it at memory speed. It copies the records into new
+  half the arena stays free for writers, at most 16 MiB a tidy: so a
+  reader of a file that waited in the store reads it at memory speed. It copies the records into new
   extents while it holds the file as its reader, then clears the flag:
   the records, owned by no spilled slot, go at the next tidy. A crash
   before the flag is cleared leaves a spilled file whose extents adoption
@@ -52,10 +54,9 @@ from .holdings import Holdings
 # as much).
 STEP = RECORD_MAX
 _SKIP = lib.TFEM_SLOT_SPILLED | lib.TFEM_SLOT_ARENA  # never evicted: moved already, or made whole for views
-EVICT_AHEAD = 32  # an eviction frees at least this share of the arena (1/32)
-AHEAD_FREE = 8  # ... and after it, the broker goes on until this share is free (1/8)
+AHEAD_FREE = 8  # after an ALLOC that made room, the broker goes on until this share is free (1/8)
 RESTORE_KEEP_FREE = 2  # restoring stops where 1/2 of the arena would be left free
-RESTORE_BATCH = 64 << 20  # bytes restored per tidy at most
+RESTORE_BATCH = 16 << 20  # bytes restored per tidy at most: a tidy is one step
 
 Steps = Generator[None, None, bool]
 
@@ -162,9 +163,6 @@ class Memory:
         seg, table, spill = self.holdings.segment, self.holdings.table, self.holdings.spill
         if spill is None:
             return False
-        # A little past what is needed: each look over the slots serves
-        # several writers' requests.
-        blocks_needed = max(blocks_needed, seg.block_count // EVICT_AHEAD)
         moved = False
         for s in table.evictable():
             handle = table.hold_waiting(s)

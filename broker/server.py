@@ -248,14 +248,14 @@ class Broker:
                         self._send(*taken)
             if self.memory.ahead_due:  # writers met a full arena: room for the next ones, off their path
                 self.memory.ahead_due = False
-                self._own_steps("evict ahead", self.memory.evict_ahead())
+                self._own_steps("evict ahead", self.memory.evict_ahead(), background=True)
             self.clients.exited(events)
             dead = self.clients.take_dead()
             if dead:
                 self._own_job("settle dead clients", lambda: self.clients.settle(dead), once=False)
             if holdings.spill is not None and holdings.spill.bytes_by_file and time.monotonic() >= self._next_tidy:
                 self._next_tidy = time.monotonic() + TIDY_INTERVAL_S
-                self._own_job("tidy the spill store", self._tidy_spill, exclusive=False)
+                self._own_job("tidy the spill store", self._tidy_spill, exclusive=False, background=True)
             if holdings.relocations and time.monotonic() >= self._next_move:
                 self._next_move = time.monotonic() + MOVE_INTERVAL_S
                 self._own_job("move files", lambda: move_files(holdings, self.dispatch.ask_self))
@@ -286,24 +286,27 @@ class Broker:
             self.worker.submit(work)
         self._log_switch()
 
-    def _own_job(self, what: str, job: Callable[[], None], once: bool = True, exclusive: bool = True) -> None:
+    def _own_job(self, what: str, job: Callable[[], None], once: bool = True, exclusive: bool = True,
+                 background: bool = False) -> None:
         """A job of the broker's own, run as disk work; `exclusive`, alone:
-        it changes what every other job relies on. With `once`, not while
-        the same job is still queued."""
+        it changes what every other job relies on; `background`, only when
+        no other job waits. With `once`, not while the same job is still
+        queued."""
         def steps() -> Steps:
             job()
             return None
             yield  # a generator: one step
 
-        self._own_steps(what, steps(), once, exclusive)
+        self._own_steps(what, steps(), once, exclusive, background)
 
-    def _own_steps(self, what: str, steps: Steps, once: bool = True, exclusive: bool = False) -> None:
+    def _own_steps(self, what: str, steps: Steps, once: bool = True, exclusive: bool = False,
+                   background: bool = False) -> None:
         """The same for a job that does its work in steps."""
         if once and what in self._own_jobs:
             steps.close()
             return
         self._own_jobs.add(what)
-        self._disk(Work(steps, what, exclusive=exclusive))
+        self._disk(Work(steps, what, exclusive=exclusive, background=background))
 
     def _finished(self, work: Work) -> None:
         if work.identity is not None:

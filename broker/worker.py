@@ -14,6 +14,9 @@ Theory of operation:
   between two of its turns at most FIRST_STEPS steps per client go first.
   For the same reason a client's jobs run in its order however the turns
   go.
+- The broker's housekeeping (evicting ahead, the store's tidy) is
+  `background`: it gets a step only when no other job has one to run, so
+  it never stands between a client and its answer.
 - Some jobs change what the others rely on: settling a dead client's files,
   the sweep, moving files into a replaced segment. They are `exclusive`:
   they start once every job before them has finished, and run alone.
@@ -56,6 +59,7 @@ class Work:
     request_id: int = 0
     size: int = 0  # bytes it is known to move (the policy's signal), 0 if unknown
     exclusive: bool = False
+    background: bool = False  # stepped only while no other job has a step to run
     reply: Reply | None = None  # once finished
     stepped: int = 0  # steps run so far
 
@@ -165,9 +169,14 @@ class DiskWorker:
     @staticmethod
     def _next(active: collections.deque[Work]) -> Work:
         """The job to step now: the first still in its first steps, else
-        the one whose turn it is."""
+        the one whose turn it is; a background job only when no other job
+        is there."""
         for work in active:
-            if work.stepped < FIRST_STEPS:
+            if work.stepped < FIRST_STEPS and not work.background:
+                active.remove(work)
+                return work
+        for work in active:
+            if not work.background:
                 active.remove(work)
                 return work
         return active.popleft()
