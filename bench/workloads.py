@@ -734,6 +734,33 @@ def _spill_side(conn: Any, role: str, kind: str, where: str, count: int, size: i
     conn.recv()
 
 
+def _spill_round(what: str, kind: str, where: str, count: int, size: int, data: str,
+                 after_write: Callable[[], None]) -> tuple[float, float]:
+    """Write `count` files of `size` bytes, then read them back, each in a
+    process of its own (`_spill_side`); `after_write` runs between. The
+    seconds each took."""
+    writer = Worker(f"{what} spill writer", _spill_side, "w", kind, where, count, size, data)
+    reader = Worker(f"{what} spill reader", _spill_side, "r", kind, where, count, size, data)
+    try:
+        writer.recv(120)
+        reader.recv(120)
+        w0, w1, _ = writer.call("go", timeout=600)
+        after_write()
+        r0, r1, bad = reader.call("go", timeout=600)
+        if bad:
+            raise WorkerError(f"{what}: {bad} files read back with wrong bytes")
+    finally:
+        writer.stop()
+        reader.stop()
+    return w1 - w0, r1 - r0
+
+
+def _record(phases: dict[str, list[float]], write_s: float, read_s: float) -> None:
+    phases["write"].append(write_s)
+    phases["read"].append(read_s)
+    phases["total"].append(write_s + read_s)
+
+
 def spill(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan
     arena, size = plan.spill_arena, plan.spill_file
@@ -746,27 +773,15 @@ def spill(ctx: Context) -> dict[str, Any]:
             for kind in rotated(["tfem", "lmdb"], run):
                 ctx.log(f"spill run {run + 1}/{plan.repeats}: {kind}")
                 where = instance.keyfile if kind == "tfem" else ctx.services.subdir(f"lmdb-{run}")
-                writer = Worker(f"{kind} spill writer", _spill_side, "w", kind, where, count, size)
-                reader = Worker(f"{kind} spill reader", _spill_side, "r", kind, where, count, size)
+                after_write = (lambda: spilled.append(int(instance.status()["spilled_bytes"]))) if kind == "tfem" \
+                    else (lambda: None)
                 try:
-                    writer.recv(120)
-                    reader.recv(120)
-                    w0, w1, _ = writer.call("go", timeout=600)
-                    if kind == "tfem":
-                        spilled.append(int(instance.status()["spilled_bytes"]))
-                    r0, r1, bad = reader.call("go", timeout=600)
-                    if bad:
-                        raise WorkerError(f"{kind}: {bad} files read back with wrong bytes")
+                    _record(times[kind], *_spill_round(kind, kind, where, count, size, "pattern", after_write))
                 finally:
-                    writer.stop()
-                    reader.stop()
                     if kind == "lmdb":
                         import shutil
 
                         shutil.rmtree(where, ignore_errors=True)
-                times[kind]["write"].append(w1 - w0)
-                times[kind]["read"].append(r1 - r0)
-                times[kind]["total"].append((w1 - w0) + (r1 - r0))
         left = instance.status()
     finally:
         ctx.services.release(instance)
@@ -821,28 +836,15 @@ def _spill_compression(ctx: Context, count: int, size: int) -> dict[str, Any]:
                     ctx.log(f"spill compression run {run + 1}/{plan.repeats}: {codec}, {data}")
                     instance = instances[codec]
                     _spill_tidied(instance)
-                    writer = Worker(f"{codec} {data} spill writer", _spill_side, "w", "tfem", instance.keyfile, count,
-                                    size, data)
-                    reader = Worker(f"{codec} {data} spill reader", _spill_side, "r", "tfem", instance.keyfile, count,
-                                    size, data)
-                    try:
-                        writer.recv(120)
-                        reader.recv(120)
-                        w0, w1, _ = writer.call("go", timeout=600)
+
+                    def after_write(data: str = data, codec: str = codec, instance: TfemInstance = instance) -> None:
                         status = instance.status()
                         raw = status["spill_store"]["raw_bytes"]
                         if raw:
                             ratios[data][codec].append(status["spilled_bytes"] / raw)
-                        r0, r1, bad = reader.call("go", timeout=600)
-                        if bad:
-                            raise WorkerError(f"{codec}, {data}: {bad} files read back with wrong bytes")
-                    finally:
-                        writer.stop()
-                        reader.stop()
-                    phases = times[data][codec]
-                    phases["write"].append(w1 - w0)
-                    phases["read"].append(r1 - r0)
-                    phases["total"].append((w1 - w0) + (r1 - r0))
+
+                    _record(times[data][codec], *_spill_round(f"{codec}, {data}", "tfem", instance.keyfile, count, size,
+                                                             data, after_write))
     finally:
         for instance in instances.values():
             ctx.services.release(instance)

@@ -86,6 +86,7 @@ class SpillStore:
         self.raw_bytes = 0  # what the stored records hold, uncompressed
         self.written = 0  # raw bytes written since start, all told
         self.renewals = 0
+        self._lock_fd = -1
         self._env: lmdb.Environment | None = self._open()
         with self.env.begin() as txn:
             for key, value in txn.cursor():
@@ -101,6 +102,12 @@ class SpillStore:
         except lmdb.DiskError as exc:  # ENOSPC: room for the lock file, none for the data file's first pages
             raise NoSpace(f"the spill store {self.path} has no room for its data file: {exc}") from None
         self._db = env.open_db()
+        # Kept open as long as the environment, for `_open_elsewhere`:
+        # closing any descriptor of a file drops every fcntl lock the process
+        # holds on it (POSIX), LMDB's among them, and a reader opening the
+        # store next would then take the lock file for its first opener and
+        # reset it under the writer: commits lost.
+        self._lock_fd = os.open(self.path / STORE_FILES[1], os.O_RDONLY | os.O_CLOEXEC)
         return env
 
     def bytes_of(self, file_ids: Iterable[int]) -> int:
@@ -319,12 +326,10 @@ class SpillStore:
         an LMDB environment open holds a read lock (fcntl) on the first byte
         of its lock file; asking for a write lock says whose conflicts (this
         process's own never does, so its own lock stays untouched)."""
-        fd = os.open(self.path / STORE_FILES[1], os.O_RDONLY)
-        try:
-            probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
-            answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
-        finally:
-            os.close(fd)
+        if self._lock_fd < 0:  # the store is not open: nothing can be told
+            return True
+        probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        answer = fcntl.fcntl(self._lock_fd, fcntl.F_GETLK, probe)
         return bool(struct.unpack(FLOCK, answer)[0] != fcntl.F_UNLCK)
 
     def reader_check(self) -> int:
@@ -336,6 +341,9 @@ class SpillStore:
         if self._env is not None:
             self._env.close()
             self._env = None
+        if self._lock_fd >= 0:  # after the environment: see _open
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def remove(self) -> None:
         """Delete the store's files (the broker's clean stop)."""

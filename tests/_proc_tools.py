@@ -191,11 +191,12 @@ class Worker:
 
 @pytest.fixture
 def workers() -> Iterator[Callable[..., Worker]]:
-    """start(env, command, *args) -> Worker; all are killed at teardown."""
+    """start(env, command, *args, script=WORKER) -> Worker of `script`;
+    all are killed at teardown."""
     started: list[Worker] = []
 
-    def start(env: dict[str, str], *args: str) -> Worker:
-        w = Worker([sys.executable, WORKER, *args], env)
+    def start(env: dict[str, str], *args: str, script: str = WORKER) -> Worker:
+        w = Worker([sys.executable, script, *args], env)
         started.append(w)
         return w
 

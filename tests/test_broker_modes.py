@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -197,19 +196,10 @@ PROBE_SIZE = 64 * KIB
 
 
 @pytest.fixture
-def mode_workers() -> Iterator[Callable[..., Worker]]:
+def mode_workers(workers: Callable[..., Worker]) -> Callable[..., Worker]:
     """start(env, command, *args) -> Worker of _modes_worker.py; all are
     killed at teardown, whatever the test did."""
-    started: list[Worker] = []
-
-    def start(env: dict[str, str], *args: str) -> Worker:
-        w = Worker([sys.executable, MODES_WORKER, *args], env)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.kill()
+    return lambda env, *args: workers(env, *args, script=MODES_WORKER)
 
 
 def status(inst: RunningInstance) -> dict[str, Any]:

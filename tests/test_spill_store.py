@@ -20,12 +20,14 @@ process's): where a SpillStore is open, readers run in other processes
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import random
 import signal
+import struct
 import subprocess
 import sys
 from typing import Callable, Iterator
@@ -34,7 +36,7 @@ import crc32c
 import pytest
 
 from tfem import spill_format, spill_reader
-from tfem.broker.spill import LOCK_BYTES, RENEW_AT, SpillStore
+from tfem.broker.spill import FLOCK, LOCK_BYTES, RENEW_AT, SpillStore
 from tfem.errors import NoSpace
 from tfem.spill_format import RECORD_MAX, SAVING, Codec, Record
 
@@ -690,3 +692,40 @@ def test_the_default_spill_size_on_the_tests_own_disk(instance_factory, tmp_path
     with given.connect() as client:
         store = client.stats()["spill_store"]
     assert (store["limit"], store["limit_from"]) == (5 * MIB, "--spill-size")
+
+
+# ---- the broker's locks on the store ----
+
+HOLD_A_STORE = """
+import pathlib, sys, time
+from tfem.broker.spill import SpillStore
+from tfem.spill_format import Codec
+store = SpillStore(pathlib.Path(sys.argv[1]), 1 << 30, Codec.NONE, lambda: set())
+assert not store._open_elsewhere()  # what renew() asks before it renews
+assert not store._open_elsewhere()
+print("asked", flush=True)
+sys.stdin.readline()
+store.close()
+"""
+
+
+def test_asking_whether_others_have_the_store_open_keeps_the_brokers_own_lock(tmp_path):
+    # Closing any descriptor of a file drops every fcntl lock the process
+    # holds on it. A probe that opened and closed the lock file took LMDB's
+    # read lock from the broker: the next reader to open the store became its
+    # "first opener" and reset the lock file under the writer, and commits
+    # were lost (seen in the soak as spilled files missing a record).
+    path = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_STORE, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "asked"
+        fd = os.open(path / "lock.mdb", os.O_RDONLY)
+        try:
+            answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+        finally:
+            os.close(fd)  # this process holds no lock on it: nothing to lose
+        kind, _, _, _, pid = struct.unpack(FLOCK, answer)
+        assert (kind, pid) == (fcntl.F_RDLCK, holder.pid), "the store's owner no longer holds LMDB's lock"
+    finally:
+        holder.communicate("\n", timeout=30)
