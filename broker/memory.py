@@ -268,6 +268,12 @@ class Memory:
         self._restored[slot.file_id] = s
         return True
 
+    @property
+    def restored_unsettled(self) -> bool:
+        """Restored files not yet counted as read from memory or spilled
+        again: the tidy goes on while there are some, store empty or not."""
+        return bool(self._restored)
+
     def _settle_restored(self) -> None:
         """Count the restored files consumed from memory (hits) and those
         spilled again first."""

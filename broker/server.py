@@ -253,7 +253,8 @@ class Broker:
             dead = self.clients.take_dead()
             if dead:
                 self._own_job("settle dead clients", lambda: self.clients.settle(dead), once=False)
-            if holdings.spill is not None and holdings.spill.bytes_by_file and time.monotonic() >= self._next_tidy:
+            if holdings.spill is not None and (holdings.spill.bytes_by_file or self.memory.restored_unsettled) \
+                    and time.monotonic() >= self._next_tidy:
                 self._next_tidy = time.monotonic() + TIDY_INTERVAL_S
                 self._own_job("tidy the spill store", self._tidy_spill, exclusive=False, background=True)
             if holdings.relocations and time.monotonic() >= self._next_move:
