@@ -93,11 +93,11 @@ class Clients:
             return  # held nothing (a client that closed its files): no lock, no pass over the slots
         for table in self.holdings.tables():
             settled = table.settle_holder(pid)
-            self.holdings.discard(settled.discard_file_ids)
-            if settled.dropped or settled.returned:
+            if settled.dropped or settled.returned:  # counted as the table changes, before the records go
                 self.settled += 1
                 log.info("client %d died: dropped %d file(s) it was writing, returned %d it was reading",
                          pid, settled.dropped, settled.returned)
+            self.holdings.discard(settled.discard_file_ids)
 
     def sweep(self) -> None:
         """Settle holders that died unwatched (clients of an earlier broker,

@@ -326,9 +326,10 @@ def test_a_killed_writers_spilled_file_is_dropped_in_async_mode(instance_factory
     with inst.connect() as client:
         assert client.stats()["spilled_files"] == 1
         w.kill()
-        wait_until(lambda: (s := client.stats())["slots_used"] == 0 and s["spilled_files"] == 0, 10,
-                   "the dead writer's file and records to go")
-        assert client.stats()["dead_clients_settled"] == 1
+        # STATS is a near snapshot beside the worker: wait for all of it.
+        wait_until(lambda: (s := client.stats())["slots_used"] == 0 and s["spilled_files"] == 0
+                   and s["dead_clients_settled"] == 1, 10, "the dead writer settled, its file and records gone")
+        wait_until(lambda: client.stats()["spill_store"]["raw_bytes"] == 0, 10, "its records deleted")
 
 
 def test_a_removed_segment_is_made_again_in_async_mode(instance_factory):
