@@ -181,10 +181,6 @@ class SlotTable:
         if rc:
             raise table_error(rc, what, self._h)
 
-    @staticmethod
-    def _discard(claim: Claim) -> int | None:
-        return claim.discard_id or None
-
     def state_of(self, s: int) -> tuple[State, int, int]:
         return unpack_word(lib.tfem_load64(ffi.addressof(self.seg.slot(s), "state")))
 
@@ -208,7 +204,7 @@ class SlotTable:
         returned file id, if not None, has spill records to discard."""
         claim = self._claim_struct()
         self._check(lib.tfem_t_release(self._h, handle.slot, handle.generation, self.pid, claim))
-        return self._discard(claim)
+        return claim.discard_id or None
 
     # ---- anyone ----
 
