@@ -252,7 +252,7 @@ def test_status(instance, client):
     assert STATUS_KEYS <= set(stats)
     assert stats["slots_used"] == 2
     assert stats["slots_free"] == 254
-    assert stats["files_by_state"] == {"WRITE": 0, "WAIT": 2, "READ": 0}
+    assert stats["files_by_state"] == {"WRITE": 0, "WAIT": 2, "READ": 0, "SHARED": 0}
     assert 100_000 - KIB <= stats["arena_bytes_used"] < 200_000
     assert stats["arena_bytes_used"] + stats["arena_bytes_free"] == MIB
     assert stats["spilled_bytes"] >= 2 * MIB - KIB
