@@ -13,10 +13,11 @@ once it is complete.
 
 Lifetimes. Pandas and Dask open a file more than once (to sample it, to
 read its footer, then to read it), so through fsspec a file written is kept
-by default: any number of readers, until `rm` (or its `ttl`, or the
-instance's stop). `readers=N` frees it after its N-th reader closes,
-`readers=1` is tfem's consume-once. Both are storage options (for every
-file the filesystem writes) and `open()` keywords (for one file). Every
+by default: any number of readers, until `rm` (or the instance's stop).
+`readers=N` frees it after its N-th reader closes, `readers=1` is tfem's
+consume-once; `ttl` frees it that many seconds after it was written. They
+are storage options (for every file the filesystem writes) and `open()`
+keywords (for one file). Every
 opened reader counts one read when it closes, a `cat` too; a copy does not
 (it gives its read back), so `mv`, a copy and a delete, moves a file whatever
 its lifetime.
@@ -27,20 +28,26 @@ when its reader closes. Leaving a `with` block through an exception gives a
 reader's file back and drops a writer's, as tfem's own files do.
 
 The instance is the one `tfem.connect` finds: `keyfile=` (a storage
-option), else $TFEM_KEYFILE, else the per-user default. Each filesystem
-object (fsspec makes one per process and thread) connects on first use.
+option), else $TFEM_KEYFILE, else the per-user default, looked up at each
+call: fsspec caches filesystem objects by their arguments, and one made
+without a key file must follow the environment. A process has one
+connection per instance, made on first use and shared by the filesystem
+objects fsspec makes per thread.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 from typing import Any
 
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
+from fsspec.utils import tokenize
 
 from .client import Client, connect
+from .config import ENV_BROKER, resolve_keyfile
 from .errors import AlreadyExists, InvalidArgument
 from .files import TfemFile
 from .table import FileStat, file_stat
@@ -49,21 +56,32 @@ PROTOCOL = "tfem"
 MODES = ("rb", "wb", "xb")
 
 
+_clients: dict[str, Client] = {}  # by what they are connected to: one per instance
+_connecting = threading.Lock()
+
+
+def _instance(keyfile: str | None) -> str:
+    """What tfem.connect(keyfile) connects to, now."""
+    broker = os.environ.get(ENV_BROKER) if keyfile is None else None
+    return f"broker {broker}" if broker else str(resolve_keyfile(keyfile))
+
+
 def _check_lifetime(readers: int | None, ttl: float | None) -> None:
     if readers is not None and (type(readers) is not int or readers < 1):
         raise InvalidArgument(f"readers must be None (keep the file) or an integer of at least 1, not {readers!r}")
-    if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
+    if ttl is not None and (type(ttl) not in (int, float) or not ttl > 0):
         raise InvalidArgument(f"ttl must be None or a number of seconds above 0, not {ttl!r}")
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout >= 0):
         raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
 
 
 def _info(stat: FileStat) -> dict[str, Any]:
-    return {"name": stat.name, "size": stat.size, "type": "file", "created": stat.created,
-            "state": stat.state, "spilled": stat.spilled}
+    return {"name": stat.name, "size": stat.size, "type": "file", "created": stat.created, "state": stat.state,
+            "spilled": stat.spilled, "lifetime": stat.lifetime, "readers_left": stat.readers_left,
+            "holders": stat.holders, "expires": stat.expires}
 
 
 def _directory(name: str) -> dict[str, Any]:
@@ -75,9 +93,10 @@ class TfemFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
 
     Storage options: `keyfile` (the instance), `readers` (None: files
     written are kept until removed; N: freed after their N-th reader),
-    `ttl` (seconds a kept file lives at most), `timeout` (how long an open
-    for reading waits for a file that is missing or not yet published;
-    None or 0: it does not wait, and a missing file is FileNotFoundError).
+    `ttl` (seconds a file lives at most, read or not), `timeout` (how long
+    an open for reading waits for a file that is missing or not yet
+    published; None or 0: it does not wait, and a missing file is
+    FileNotFoundError).
     """
 
     protocol = PROTOCOL
@@ -92,24 +111,25 @@ class TfemFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
         self.readers = readers
         self.ttl = ttl
         self.timeout = timeout
-        self._client: Client | None = None
-        self._connecting = threading.Lock()
 
     @property
     def client(self) -> Client:
-        """The connection to the instance, made on first use."""
-        with self._connecting:
-            if self._client is None:
-                self._client = connect(self.keyfile)
-            return self._client
+        """This process's connection to the instance, made on first use."""
+        where = _instance(self.keyfile)
+        with _connecting:
+            client = _clients.get(where)
+            if client is None:
+                client = _clients[where] = connect(self.keyfile)
+            return client
 
     def close(self) -> None:
-        """Disconnect (a later call connects again). Files open through
-        this filesystem are closed as tfem.Client.close closes them."""
-        with self._connecting:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        """Disconnect this process from the instance (a later call connects
+        again). Files open on it are closed as tfem.Client.close closes
+        them: writers' files are dropped."""
+        with _connecting:
+            client = _clients.pop(_instance(self.keyfile), None)
+        if client is not None:
+            client.close()
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
@@ -169,6 +189,15 @@ class TfemFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
     def modified(self, path: str) -> datetime.datetime:
         return self.created(path)  # a published file never changes
 
+    def ukey(self, path: str) -> str:
+        """The same while the file lives: its state and holders, in
+        info(), change as readers come and go."""
+        info = self.info(path)
+        return str(tokenize(info["name"], info["size"], info.get("created")))
+
+    def checksum(self, path: str) -> int:
+        return int(self.ukey(path), 16)
+
     def _file_info(self, path: str) -> dict[str, Any]:
         info = self.info(path)
         if info["type"] != "file":
@@ -204,11 +233,7 @@ class TfemFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
 
     def _open_writer(self, name: str, mode: str, readers: int | None, ttl: float | None) -> TfemFile:
         _check_lifetime(readers, ttl)
-        lifetime: dict[str, Any] = {}  # tfem's default is consume-once
-        if readers is None:
-            lifetime = {"keep": True, "ttl": ttl}
-        elif readers != 1:
-            lifetime = {"readers": readers, "ttl": ttl}
+        lifetime = {"readers": readers or 1, "keep": readers is None, "ttl": ttl}
         try:
             return self.client.open(name, "w", **lifetime)
         except AlreadyExists:
