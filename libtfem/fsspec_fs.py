@@ -233,14 +233,16 @@ class TfemFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
 
     def _open_writer(self, name: str, mode: str, readers: int | None, ttl: float | None) -> TfemFile:
         _check_lifetime(readers, ttl)
-        lifetime = {"readers": readers or 1, "keep": readers is None, "ttl": ttl}
         try:
-            return self.client.open(name, "w", **lifetime)
+            return self._create(name, readers, ttl)
         except AlreadyExists:
             if mode == "xb":
                 raise
         self.client.unlink(name)  # "wb" replaces; a reader holding the old file keeps it until it closes
-        return self.client.open(name, "w", **lifetime)
+        return self._create(name, readers, ttl)
+
+    def _create(self, name: str, readers: int | None, ttl: float | None) -> TfemFile:
+        return self.client.open(name, "w", readers=readers or 1, keep=readers is None, ttl=ttl)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         """The bytes of `path` from `start` to `end` (Python slice rules). A

@@ -9,8 +9,6 @@ add 0.7 s to each. Every other test has an instance to itself."""
 from __future__ import annotations
 
 import itertools
-import pathlib
-import threading
 import time
 from typing import Any, Iterator
 
@@ -19,7 +17,6 @@ import pytest
 from fsspec.tests.abstract import (AbstractCopyTests, AbstractFixtures, AbstractGetTests, AbstractOpenTests,
                                    AbstractPipeTests, AbstractPutTests)
 
-import tfem
 from tests._instances import SMALL, RunningInstance, start_instance, stop_instance
 from tests._proc_tools import wait_until
 from tfem.fsspec_fs import TfemFileSystem
