@@ -46,6 +46,7 @@ from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import tokenize
 
+from . import forks
 from .client import Client, connect
 from .config import ENV_BROKER, resolve_keyfile
 from .errors import AlreadyExists, InvalidArgument
@@ -58,6 +59,12 @@ MODES = ("rb", "wb", "xb")
 
 _clients: dict[str, Client] = {}  # by what they are connected to: one per instance
 _connecting = threading.Lock()
+
+
+@forks.in_child
+def _renew_lock() -> None:
+    global _connecting
+    _connecting = threading.Lock()  # a thread of the parent may have held it at the fork
 
 
 def _instance(keyfile: str | None) -> str:
@@ -225,11 +232,14 @@ class TfemFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
 
     def _open_reader(self, name: str, timeout: float | None) -> TfemFile:
         _check_timeout(timeout)
-        if not name:
-            raise IsADirectoryError("the root of a tfem instance is a directory")
-        if timeout:
-            return self.client.open(name, "r", timeout=timeout)
-        return self.client.open(name, "r", wait=False)
+        try:
+            if timeout:
+                return self.client.open(name, "r", timeout=timeout)
+            return self.client.open(name, "r", wait=False)
+        except (FileNotFoundError, InvalidArgument):  # the root, "", is no name
+            if self.isdir(name):
+                raise IsADirectoryError(f"{name!r} is a directory") from None
+            raise
 
     def _open_writer(self, name: str, mode: str, readers: int | None, ttl: float | None) -> TfemFile:
         _check_lifetime(readers, ttl)

@@ -89,6 +89,9 @@ def test_names_are_paths_and_directories_are_implied(tfs: TfemFileSystem) -> Non
         tfs.info("run/b/e")
     with pytest.raises(FileNotFoundError):
         tfs.ls("nothing")
+    for directory in ("run/b", "tfem://"):
+        with pytest.raises(IsADirectoryError):
+            tfs.open(directory, "rb")
     with pytest.raises(IsADirectoryError):
         tfs.rm("run/b")  # as rm(1) says without -r
     tfs.rm("run", recursive=True)
