@@ -305,3 +305,30 @@ def test_dask_reads_and_writes_tfem_urls(keyfile_in_environment: TfemFileSystem)
     assert sums.to_dict() == df.groupby("key").x.sum().to_dict()
     keyfile_in_environment.rm(["stage1", "stage2"], recursive=True)
     assert keyfile_in_environment.client.list() == []
+
+
+def test_files_of_a_transaction_are_published_at_its_end_or_dropped(tfs: TfemFileSystem) -> None:
+    with tfs.transaction:
+        with tfs.open("t/a", "wb") as f:
+            f.write(b"a")
+        assert not tfs.exists("t/a")  # written, not yet published
+    assert tfs.cat("t/a") == b"a"
+    with pytest.raises(RuntimeError):
+        with tfs.transaction:
+            with tfs.open("t/b", "wb") as f:
+                f.write(b"b")
+            raise RuntimeError("the job failed")
+    assert tfs.find("") == ["t/a"]
+    tfs.rm("t/a")
+
+
+def test_a_spilled_file_reads_in_ranges_as_one_in_memory(tfs: TfemFileSystem) -> None:
+    data = bytes(range(251)) * 12000  # 3 MB through a 1 MiB arena: spilled
+    tfs.pipe_file("big", data)
+    assert tfs.info("big")["spilled"]
+    with tfs.open("big", "rb", block_size=1 << 16) as f:
+        for start in (2_000_000, 5, 1_500_000):
+            f.seek(start)
+            assert f.read(100_000) == data[start:start + 100_000]
+    assert tfs.cat_file("big", start=-10) == data[-10:]
+    tfs.rm("big")
