@@ -317,7 +317,8 @@ class Client:
             raise InvalidArgument(f"mode must be 'r', 'w' or 'a' (binary), not {mode!r}")
         if timeout is not None and not timeout >= 0:  # NaN too
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
-        lifetime = None if readers == 1 and keep is False and ttl is None else _lifetime(kind, readers, keep, ttl)
+        plain = readers == 1 and type(readers) is int and keep is False and ttl is None  # consume-once
+        lifetime = None if plain else _lifetime(kind, readers, keep, ttl)
         room_timeout = 0 if timeout is None or not wait else timeout
         deadline = None if timeout is None else Deadline(timeout)
         core = ffi.new(_FILE)
