@@ -15,12 +15,11 @@ Lifetimes. Pandas and Dask open a file more than once (to sample it, to
 read its footer, then to read it), so through fsspec a file written is kept
 by default: any number of readers, until `rm` (or the instance's stop).
 `readers=N` frees it after its N-th reader closes, `readers=1` is tfem's
-consume-once; `ttl` frees it that many seconds after it was written. They
+consume-once; `ttl` frees it that many seconds after it was created. They
 are storage options (for every file the filesystem writes) and `open()`
-keywords (for one file). Every
-opened reader counts one read when it closes, a `cat` too; a copy does not
-(it gives its read back), so `mv`, a copy and a delete, moves a file whatever
-its lifetime.
+keywords (for one file). Every opened reader counts one read when it
+closes, a `cat` too; a copy does not (it gives its read back), so `mv`, a
+copy and a delete, moves a file whatever its lifetime.
 
 A reader holds its tfem file open from `open()` to `close()`: range reads
 are seeks in it, never new opens, so a consume-once file is freed once,
@@ -333,7 +332,14 @@ class TfemBufferedFile(AbstractBufferedFile):  # type: ignore[misc]  # fsspec is
         return self._held.read(end - start)
 
     def _upload_chunk(self, final: bool = False) -> bool:
-        self._held.write(self.buffer.getbuffer())
+        try:
+            self._held.write(self.buffer.getbuffer())
+        except BaseException:
+            # Dropped: fsspec would write the whole buffer again at close,
+            # after whatever part of it went in.
+            self._held.abort()
+            self.closed = True
+            raise
         if final and self.autocommit:
             self.commit()
         return True

@@ -17,6 +17,7 @@ import pytest
 from fsspec.tests.abstract import (AbstractCopyTests, AbstractFixtures, AbstractGetTests, AbstractOpenTests,
                                    AbstractPipeTests, AbstractPutTests)
 
+import tfem
 from tests._instances import SMALL, RunningInstance, start_instance, stop_instance
 from tests._proc_tools import wait_until
 from tfem.fsspec_fs import TfemFileSystem
@@ -332,3 +333,21 @@ def test_a_spilled_file_reads_in_ranges_as_one_in_memory(tfs: TfemFileSystem) ->
             assert f.read(100_000) == data[start:start + 100_000]
     assert tfs.cat_file("big", start=-10) == data[-10:]
     tfs.rm("big")
+
+
+def test_a_write_that_fails_drops_the_file(instance_factory: Any) -> None:
+    instance = instance_factory(*SMALL, "--max-file-size", "64K")
+    fs = filesystem(instance)
+    try:
+        f = fs.open("too-big", "wb", block_size=16 << 10)
+        with pytest.raises(tfem.FileTooLarge):
+            for _ in range(10):
+                f.write(b"x" * (10 << 10))
+        assert f.closed
+        f.close()
+        assert fs.client.list() == []  # never published, not even in part
+        fs.pipe_file("fits", b"x" * (60 << 10))
+        assert fs.info("fits")["size"] == 60 << 10
+        fs.rm("fits")
+    finally:
+        fs.close()
