@@ -12,11 +12,13 @@ table, without Dask or tfem. The cluster is a dask.distributed LocalCluster
 of --workers processes; they find the instance as this process does
 (through $TFEM_KEYFILE, which `tfem up -- ...` sets). Each stage's files
 are kept while Dask reads them (it opens a file more than once) and removed
-once the next stage is done.
+once the next stage is done. --base puts them anywhere fsspec reaches
+instead (plain files in /dev/shm, to compare).
 
     pip install 'tfem[dask]'
     tfem up -- python examples/dask_dcr.py
     tfem up --memory 2G -- python examples/dask_dcr.py --rows 20M --parts 64 --workers 4
+    python examples/dask_dcr.py --base file:///dev/shm/dcr    # plain files, to compare
 
 Prints the time of each stage and whether the answer is right (--json: one
 line of JSON); exits 1 if it is wrong or a stage fails.
@@ -55,18 +57,20 @@ def direct(table: pd.DataFrame) -> pd.DataFrame:
     return score(table).set_index("key").sort_index()
 
 
-def run(rows: int, parts: int, keys: int, workers: int, threads: int, seed: int) -> dict[str, Any]:
+def run(base: str, rows: int, parts: int, keys: int, workers: int, threads: int, seed: int) -> dict[str, Any]:
     import dask.dataframe as dd
     import fsspec
     from dask.distributed import Client, LocalCluster
 
-    base = f"tfem://dcr-{os.getpid()}"
-    fs = fsspec.filesystem("tfem")
+    fs, _ = fsspec.core.url_to_fs(base)
+    if fs.exists(base):
+        raise FileExistsError(f"{base} exists: the job's files go there, and it removes them")
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                       dashboard_address=None) as cluster, Client(cluster):
         try:
             t0 = time.perf_counter()
             table = make_input(rows, keys, seed)
+            fs.makedirs(f"{base}/in", exist_ok=True)  # tfem: nothing to do, names imply directories
             bounds = np.linspace(0, rows, parts + 1).astype(int)
             for i in range(parts):
                 part = table.iloc[bounds[i]:bounds[i + 1]]
@@ -87,7 +91,7 @@ def run(rows: int, parts: int, keys: int, workers: int, threads: int, seed: int)
     answer = sums.sort_index()
     ok = answer.astype("int64").equals(direct(table).astype("int64"))
     times = {"decompose": t1 - t0, "compute": t2 - t1, "reduce": t3 - t2}
-    return {"rows": rows, "parts": parts, "keys": keys, "workers": workers, "threads": threads, "ok": ok,
+    return {"base": base, "rows": rows, "parts": parts, "keys": keys, "workers": workers, "threads": threads, "ok": ok,
             "seconds": times, "answer": {int(k): [int(r.score), int(r.rows)] for k, r in answer.iterrows()}}
 
 
@@ -100,6 +104,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="of the random input (default 1)")
+    parser.add_argument("--base", default=f"tfem://dcr-{os.getpid()}",
+                        help="where the intermediate files go (default tfem://dcr-PID); any fsspec URL, e.g. "
+                        "file:///dev/shm/dcr for plain files, to compare")
     parser.add_argument("--json", action="store_true", help="print one line of JSON, the answer included")
     args = parser.parse_args()
     if min(args.rows, args.parts, args.keys, args.workers, args.threads) < 1:
@@ -107,7 +114,8 @@ def main() -> int:
     if args.parts > args.rows:
         parser.error("--parts must be at most --rows: every part has a row")
     try:
-        result = run(args.rows, args.parts, args.keys, args.workers, args.threads, args.seed)
+        result = run(args.base.rstrip("/"), args.rows, args.parts, args.keys, args.workers, args.threads,
+                     args.seed)
     except (OSError, ValueError) as exc:
         print(f"dask_dcr: {exc}", file=sys.stderr)
         return 1
@@ -115,8 +123,8 @@ def main() -> int:
         print(json.dumps(result))
     else:
         stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result["seconds"].items())
-        print(f"dask_dcr: {args.rows} rows in {args.parts} parts, {args.workers} workers x {args.threads} "
-              f"threads: {stages}; answer {'(ok)' if result['ok'] else 'WRONG'}")
+        print(f"dask_dcr: {args.rows} rows in {args.parts} parts through {result['base']}, {args.workers} workers "
+              f"x {args.threads} threads: {stages}; answer {'(ok)' if result['ok'] else 'WRONG'}")
     return 0 if result["ok"] else 1
 
 
