@@ -163,17 +163,6 @@ def test_bad_options_are_refused(tfs: TfemFileSystem, instance: RunningInstance)
     assert tfs.client.list() == []
 
 
-def test_the_instance_is_found_as_tfem_connect_finds_it(instance: RunningInstance,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TFEM_KEYFILE", str(instance.keyfile))
-    monkeypatch.delenv("TFEM_BROKER", raising=False)
-    with fsspec.open("tfem://stage1/part-0", "wb") as f:
-        f.write(b"found")
-    with instance.connect() as client, client.open("stage1/part-0") as f:
-        assert f.read() == b"found"
-    TfemFileSystem().close()
-
-
 # ---- lifetimes other than kept ----
 
 
@@ -263,6 +252,14 @@ def keyfile_in_environment(instance: RunningInstance, monkeypatch: pytest.Monkey
     fs = TfemFileSystem()
     yield fs
     fs.close()
+
+
+def test_the_instance_is_found_as_tfem_connect_finds_it(keyfile_in_environment: TfemFileSystem,
+                                                        instance: RunningInstance) -> None:
+    with fsspec.open("tfem://stage1/part-0", "wb") as f:
+        f.write(b"found")
+    with instance.connect() as client, client.open("stage1/part-0") as f:
+        assert f.read() == b"found"
 
 
 def frame(rows: int) -> Any:
