@@ -497,14 +497,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with connect(args.keyfile) as client:
         stats = sorted((st for st in client.list_stats() if st.name.startswith(args.prefix)), key=lambda s: s.name)
     if args.json:
-        print(json.dumps([dataclasses.asdict(st) for st in stats]))
+        print(json.dumps([{**dataclasses.asdict(st), "lifetime": st.lifetime} for st in stats]))
     elif args.long:
         now = time.time()
-        rows = [("STATE", "SIZE", "AGE", "NAME")]
-        rows += [(st.state, str(st.size), _age(now - st.created), st.name) for st in stats]
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        for state, size, age, name in rows:
-            print(f"{state:<{widths[0]}}  {size:>{widths[1]}}  {age:>{widths[2]}}  {name}")
+        rows = [("STATE", "SIZE", "LIFETIME", "AGE", "NAME")]
+        rows += [(st.state, str(st.size), st.lifetime, _age(now - st.created), st.name) for st in stats]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for state, size, lifetime, age, name in rows:
+            print(f"{state:<{widths[0]}}  {size:>{widths[1]}}  {lifetime:<{widths[2]}}  {age:>{widths[3]}}  {name}")
     else:
         for st in stats:
             print(st.name)
@@ -522,7 +522,7 @@ def cmd_save(args: argparse.Namespace) -> int:
             if not st.name.startswith(args.prefix):
                 continue
             try:
-                if st.state != "WAIT":
+                if st.state not in ("WAIT", "SHARED"):  # published (SHARED: a kept or many-reader file being read)
                     raise WouldBlock(st.state)
                 saved_bytes += _save_one(client, st.name, args.dir, args.consume)
                 saved += 1
@@ -643,7 +643,8 @@ def _status_text(stats: dict[str, Any]) -> str:
             f"files up to {_mib(stats['max_file_size'])} each\n"
             f"recovered   {stats['dead_clients_settled']} dead clients settled,"
             f" {stats['segments_replaced']} removed segments made again\n"
-            f"handoffs    {stats['published']} published, {stats['consumed']} consumed\n"
+            f"handoffs    {stats['published']} published, {stats['consumed']} consumed,"
+            f" {stats['expired']} expired (ttl)\n"
             f"waits       {stats['read_waits']} for a file, {stats['room_waits']} for a slot,"
             f" {stats['timeouts']} timed out\n"
             f"refused     {stats['refused_full']} slot table full, {stats['refused_large']} too large,"

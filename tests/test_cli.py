@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -224,8 +225,8 @@ def test_ls_long_and_stat(instance, client):
     writing.write(b"abc")
     try:
         lines = [line.split() for line in out(instance.tfem("ls", "-l")).splitlines()]
-        assert lines == [["STATE", "SIZE", "AGE", "NAME"], ["WAIT", "5000", "0s", "w/done"],
-                         ["WRITE", "3", "0s", "w/writing"]]
+        assert lines == [["STATE", "SIZE", "LIFETIME", "AGE", "NAME"], ["WAIT", "5000", "once", "0s", "w/done"],
+                         ["WRITE", "3", "once", "0s", "w/writing"]]
         text = out(instance.tfem("stat", "w/done"))
         assert "name:    w/done" in text
         assert "size:    5000" in text
@@ -507,7 +508,8 @@ def test_status_prometheus_parses_and_moves_with_the_files(instance_factory):
     before, types = scrape(inst)
     assert types["tfem_files"] == "gauge" and types["tfem_errors"] == "counter"  # the parser drops _total
     assert {"tfem_memory_bytes", "tfem_spilled_bytes", "tfem_published_files", "tfem_waits", "tfem_spills",
-            "tfem_restores", "tfem_clients", "tfem_requests"} <= set(types)
+            "tfem_restores", "tfem_clients", "tfem_requests", "tfem_expired_files"} <= set(types)
+    assert before["tfem_files", (("state", "shared"),)] == 0
     assert before["tfem_up", ()] == 1
     assert before["tfem_files", (("state", "wait"),)] == 0
     assert before["tfem_memory_bytes", (("status", "free"),)] == MIB
@@ -695,20 +697,27 @@ def test_progress_bar_on_a_terminal(roomy, tmp_path):
 
 
 def test_ls_long_and_json(instance, client):
-    with client.open("l/a", "w") as f:
+    with client.open("l/a", "w", readers=3) as f:
         f.write(content("l/a", 2 * MIB))  # spilled
     with client.open("l/b", "w") as f:
         f.write(b"b" * 10)
-    reading = client.open("l/b")
+    with client.open("l/c", "w", keep=True) as f:
+        f.write(b"c")
+    reading, sharing = client.open("l/b"), client.open("l/c")
     try:
         table = out(instance.tfem("ls", "--long", "l/"))
-        assert [line.split() for line in table.splitlines()] == [
-            ["STATE", "SIZE", "AGE", "NAME"], ["WAIT", str(2 * MIB), "0s", "l/a"], ["READ", "10", "0s", "l/b"]]
+        assert [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()] == [  # "3 readers" is one
+            ["STATE", "SIZE", "LIFETIME", "AGE", "NAME"], ["WAIT", str(2 * MIB), "3 readers", "0s", "l/a"],
+            ["READ", "10", "once", "0s", "l/b"], ["SHARED", "1", "keep", "0s", "l/c"]]
         listed = json.loads(out(instance.tfem("ls", "--json")))
     finally:
         reading.close()
-    assert [(st["name"], st["state"], st["size"], st["spilled"]) for st in listed] == [
-        ("l/a", "WAIT", 2 * MIB, True), ("l/b", "READ", 10, False)]
+        sharing.close()
+    assert [(st["name"], st["state"], st["size"], st["spilled"], st["lifetime"]) for st in listed] == [
+        ("l/a", "WAIT", 2 * MIB, True, "3 readers"), ("l/b", "READ", 10, False, "once"),
+        ("l/c", "SHARED", 1, False, "keep")]
+    # (readers, readers_left, holders): a read counts at its close
+    assert [(st["readers"], st["readers_left"], st["holders"]) for st in listed] == [(3, 3, 0), (1, 1, 1), (0, None, 1)]
     assert all(abs(st["created"] - time.time()) < 60 for st in listed)
     assert json.loads(out(instance.tfem("ls", "--json", "nothing/"))) == []
     both = instance.tfem("ls", "-l", "--json", check=False)
@@ -754,26 +763,32 @@ def test_save_copies_what_is_published_and_keeps_it(instance, client, tmp_path):
     writing.write(b"not yet")
     with client.open("run/being-read", "w") as f:
         f.write(b"taken")
-    reading = client.open("run/being-read")
+    with client.open("run/kept", "w", keep=True) as f:
+        f.write(b"for all")
+    reading, sharing = client.open("run/being-read"), client.open("run/kept")  # SHARED: still savable
     dest = tmp_path / "dest"
     dest.mkdir()
     try:
         result = instance.tfem("save", str(dest), "run/")
+        assert client.stat("run/kept").holders == 1  # the save's read was given back
     finally:
         writing.abort()
         reading.abort()
+        sharing.close()
     text = out(result)
-    assert f"saved 2 files, {10 + 2 * MIB} bytes" in text and "kept in tfem" in text, text
+    assert f"saved 3 files, {10 + 2 * MIB + 7} bytes" in text and "kept in tfem" in text, text
     assert "skipped 2 being written or read: run/being-read run/writing" in text, text
-    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == ["run/a", "run/sub/b"]
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "run/a", "run/kept", "run/sub/b"]
     for name in ("run/a", "run/sub/b"):
         assert (dest / name).read_bytes() == files[name]
+    assert (dest / "run/kept").read_bytes() == b"for all"
     # Kept: each is still there for its one consumer.
-    assert sorted(client.list()) == ["other/c", "run/a", "run/being-read", "run/sub/b"]
+    assert sorted(client.list()) == ["other/c", "run/a", "run/being-read", "run/kept", "run/sub/b"]
     for name, data in files.items():
         with client.open(name, wait=False) as f:
             assert f.read() == data
-    assert sorted(client.list()) == ["run/being-read"]
+    assert sorted(client.list()) == ["run/being-read", "run/kept"]
 
 
 def test_save_consume_frees_what_it_saved(instance, client, tmp_path):
