@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--json", action="store_true", help="one JSON array of objects, a file each")
 
     p = _command(sub, "save", cmd_save, help="copy the published files to a directory (stage-out)",
-                 description="Copy every published file (WAIT), or those whose names start with "
+                 description="Copy every published file (WAIT, or SHARED: a kept or many-reader file "
+                             "that others read), or those whose names start with "
                              "PREFIX, into DIR as plain files; a / in a name makes a subdirectory. "
                              "The files stay in tfem unless --consume. Files being written or read "
                              "are skipped and listed; a name that would land outside DIR is refused.")
