@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "LOCAL files, NAME is a prefix ending in / and each file keeps "
                              "its base name.")
     p.add_argument("paths", nargs="+", metavar="LOCAL... NAME")
+    life = p.add_mutually_exclusive_group()
+    life.add_argument("--readers", type=int, default=1, metavar="N",
+                      help="freed after N readers (default 1: the first reader consumes it)")
+    life.add_argument("--keep", action="store_true", help="kept for any number of readers until `tfem rm`")
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="unlinked that long after it is written")
 
     p = _command(sub, "get", cmd_get, help="take files out of tfem (consumes them)",
                  description="Read NAME into LOCAL (or - for standard output) and free it. "
@@ -410,7 +415,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     with connect(args.keyfile) as client:
         for local in locals_:
             target = name + os.path.basename(local) if name.endswith("/") else name
-            with client.open(target, "w") as out:
+            with client.open(target, "w", readers=args.readers, keep=args.keep, ttl=args.ttl) as out:
                 _copy_local_into(local, out, target)
     return 0
 

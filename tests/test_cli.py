@@ -122,6 +122,25 @@ def test_put_get_round_trip(instance, tmp_path, size):
     assert out(instance.tfem("ls")) == ""
 
 
+def test_put_with_a_lifetime(instance, client, tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"twice")
+    instance.tfem("put", "--readers", "2", str(src), "cli/two")
+    instance.tfem("put", "--keep", "--ttl", "3600", str(src), "cli/kept")
+    assert (client.stat("cli/two").lifetime, client.stat("cli/kept").lifetime) == ("2 readers", "keep")
+    assert client.stat("cli/kept").expires is not None
+    for i in range(2):
+        instance.tfem("get", "cli/two", str(tmp_path / f"two-{i}"))
+        instance.tfem("get", "cli/kept", str(tmp_path / f"kept-{i}"))
+    assert client.list() == ["cli/kept"]
+    bad = instance.tfem("put", "--keep", "--readers", "2", str(src), "cli/bad", check=False)
+    assert bad.returncode == 2 and "not allowed with argument" in err(bad)
+    bad = instance.tfem("put", "--readers", "0", str(src), "cli/bad", check=False)
+    assert_clear_failure(bad, 2, "readers must be an integer from 1")
+    instance.tfem("rm", "cli/kept")
+    assert client.list() == []
+
+
 def test_put_several_with_a_prefix_and_get_them_into_a_directory(instance, tmp_path):
     local = {}
     for name, size in (("a", 10), ("b", 20 * KIB), ("c", 0)):
