@@ -5,7 +5,7 @@ watches each client's process through a pidfd (the kernel says when it
 exits, no polling), and sweeps the table every few seconds for holders
 nobody introduced and for arena blocks a writer claimed but died before
 recording. A file being written by a dead holder is dropped, one being read
-goes back to WAIT (SlotTable.settle_holder).
+goes back to WAIT, a shared read is given back (SlotTable.settle_holder).
 
 Watching is the request loop's (the pidfds are in its poller); settling
 changes the table and the spill store, so the server runs it as disk work
@@ -89,7 +89,8 @@ class Clients:
             self._settle(pid)
 
     def _settle(self, pid: int) -> None:
-        if not any(holder_of(word) == pid for table in self.holdings.tables() for word in state_words(table.seg)):
+        if not any(holder_of(word) == pid for table in self.holdings.tables() for word in state_words(table.seg)) \
+                and not any(pid in table.shared_readers() for table in self.holdings.tables()):
             return  # held nothing (a client that closed its files): no lock, no pass over the slots
         for table in self.holdings.tables():
             settled = table.settle_holder(pid)
@@ -105,6 +106,7 @@ class Clients:
         died before recording them; discard spill records no file owns any
         more."""
         holders = {holder_of(word) for table in self.holdings.tables() for word in state_words(table.seg)} - {0}
+        holders.update(*(table.shared_readers() for table in self.holdings.tables()))
         for pid in holders:
             if pid not in self._pidfds and pid != os.getpid() and not lib.tfem_pid_alive(pid):
                 self._settle(pid)

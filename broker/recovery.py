@@ -45,6 +45,7 @@ class Recovery:
     dropped_corrupt: int = 0  # slots that did not make sense
     spill_finished: int = 0  # interrupted moves to the spill store
     sizes_bounded: int = 0  # spilled files whose size was past what they can hold
+    holds_changed: int = 0  # shared reads and SHARED files made consistent
     discard_file_ids: list[int] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
@@ -119,6 +120,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
     claimed = bytearray(seg.block_count)
     keep_spill: set[int] = set()
     with table.locked():
+        report.holds_changed = table.check_holds()  # first: it may leave SHARED slots INVALID, to empty below
         live: list[int] = []
         for s in range(seg.slot_count):
             slot = seg.slot(s)
@@ -136,7 +138,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
             # A WAIT file cannot have been unlinked and kept: unlink frees it.
             problem = "unknown state" if state is None else \
                 "unlinked but waiting" if slot.flags & lib.TFEM_SLOT_DOOMED and state is State.WAIT else \
-                "held by no possible process" if state is not State.WAIT and not 0 < holder < 2**31 else \
+                "held by no possible process" if state in (State.WRITE, State.READ) and not 0 < holder < 2**31 else \
                 _slot_problem(table, s, claimed)
             if problem is not None:
                 log.warning("slot %d dropped at adoption: %s", s, problem)

@@ -61,6 +61,9 @@ MOVE_INTERVAL_S = 0.05  # while a replaced segment has files: how often they are
 # While the spill store holds files: how often the records of freed ones
 # are looked for (one pass over the slots in C, ~10 us for 4096) and deleted.
 TIDY_INTERVAL_S = 0.05
+# How often files whose ttl has passed are looked for (one pass over the
+# slots in C) and unlinked: a ttl is kept to within this.
+EXPIRE_INTERVAL_S = 0.25
 
 
 @dataclasses.dataclass
@@ -99,6 +102,8 @@ class Broker:
         self._socket_inode = 0  # of the ipc:// socket file, to notice its removal
         self._next_move = 0.0
         self._next_tidy = 0.0
+        self._next_expiry = 0.0
+        self.expired = 0  # files unlinked because their ttl passed
         self.policy = ModePolicy(config.mode, now=time.monotonic())  # checks the setting
         self.worker = DiskWorker()
         self.jobs_inline = self.jobs_on_worker = 0
@@ -260,6 +265,10 @@ class Broker:
             if holdings.relocations and time.monotonic() >= self._next_move:
                 self._next_move = time.monotonic() + MOVE_INTERVAL_S
                 self._own_job("move files", lambda: move_files(holdings, self.dispatch.ask_self))
+            if time.monotonic() >= self._next_expiry:
+                # In the loop, as a client's unlink would be: a stripe lock per file, no disk.
+                self._next_expiry = time.monotonic() + EXPIRE_INTERVAL_S
+                self.expired += sum(table.expire() for table in holdings.tables())
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
                 self._sweep()
@@ -351,7 +360,8 @@ class Broker:
         assert self.holdings is not None, "the broker has not started"
         limit_from = "--spill-size" if self.config.spill_size is not None else "half the disk's free room at start"
         return stats(self.holdings, self.dispatch, self.clients, endpoint=self.endpoint, started=self.started,
-                     recovery=self.recovery, limit_from=limit_from, broker_mode=self.mode_stats())
+                     recovery=self.recovery, limit_from=limit_from, broker_mode=self.mode_stats(),
+                     expired=self.expired)
 
     # ---- the sweep ----
 

@@ -17,7 +17,7 @@ from .recovery import Recovery
 
 
 def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint: str, started: float,
-          recovery: Recovery | None, limit_from: str, broker_mode: dict[str, Any]) -> dict[str, Any]:
+          recovery: Recovery | None, limit_from: str, broker_mode: dict[str, Any], expired: int) -> dict[str, Any]:
     """Answered in the request loop, while the disk worker may be changing
     the table and the store: each figure is read once, and together they
     are a near snapshot, not an exact one."""
@@ -63,4 +63,5 @@ def stats(holdings: Holdings, dispatch: Dispatch, clients: Clients, *, endpoint:
         "opened_for_read": h.opened_read,
         "published": h.closed_write,
         "consumed": h.closed_read,
+        "expired": expired,
     }

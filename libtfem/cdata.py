@@ -62,6 +62,7 @@ class Header(Protocol):
     slots_offset: int
     index_offset: int
     free_stack_offset: int
+    holds_offset: int
     bitmap_offset: int
     arena_offset: int
     max_file_size: int
@@ -90,6 +91,10 @@ class Slot(Protocol):
     checksum: int
     extent_count: int
     claims: int
+    readers: int
+    readers_left: int
+    holders: int
+    expires_ns: int
     extents: Pointer[Extent]
     name: CharPtr
 
@@ -108,6 +113,7 @@ class FileCore(Protocol):
     index: int
     generation: int
     pid: int
+    hold: int
     writing: int
     spilled: int
     checked: int
@@ -123,9 +129,13 @@ class FileInfo(Protocol):
     size: int
     file_id: int
     created_ns: int
+    expires_ns: int
     slot: int
     state: int
     spilled: int
+    readers: int
+    readers_left: int
+    holders: int
     name_len: int
     name: CharPtr
 
@@ -138,4 +148,5 @@ class Claim(Protocol):
     file_id: int
     for_write: int
     state: int
+    hold: int
     discard_id: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import mmap
@@ -426,11 +427,15 @@ def cmd_stat(args: argparse.Namespace) -> int:
     with connect(args.keyfile) as client:
         st = client.stat(args.name)
     if args.json:
-        print(json.dumps(st.__dict__))
+        print(json.dumps({**dataclasses.asdict(st), "lifetime": st.lifetime}))
     else:
+        left = "" if st.readers_left is None or st.readers == 1 else f", {st.readers_left} to come"
+        expires = "" if st.expires is None else \
+            f"\nexpires: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.expires))}"
         print(f"name:    {st.name}\nsize:    {st.size}\nstate:   {st.state}\n"
               f"spilled: {'yes' if st.spilled else 'no'}\n"
-              f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.created))}")
+              f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.created))}\n"
+              f"life:    {st.lifetime}{left}, {st.holders} reading now{expires}")
     return 0
 
 

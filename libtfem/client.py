@@ -41,9 +41,10 @@ from .protocol import Op, Reply, Request
 from .segment import Segment
 from . import spill_reader
 from .spill_reader import SpillReader, reader_for
-from .states import State
+from .states import KEPT, State
 from .table import NAME_MAX, Deadline, FileStat, SlotTable, encode_name, table_error
 
+READERS_MAX = 2**31 - 1  # readers fit the slot's 32-bit counts
 REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
 CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
 BYE_TIMEOUT_S = 1.0  # for its answer to goodbye: it may have stopped meanwhile
@@ -76,6 +77,23 @@ def _wait_mode_from_environment() -> None:
 
 
 _wait_mode_from_environment()
+
+
+def _lifetime(kind: str, readers: int, keep: bool, ttl: float | None) -> tuple[int, int]:
+    """The core's (readers, expires_ns) for a writer's choice of lifetime;
+    InvalidArgument for a choice that means nothing."""
+    if kind == "r":
+        raise InvalidArgument("readers, keep and ttl are the writer's choice: open with 'w' or 'a'")
+    if type(keep) is not bool:
+        raise InvalidArgument(f"keep must be True or False, not {keep!r}")
+    if type(readers) is not int or not 1 <= readers <= READERS_MAX:
+        raise InvalidArgument(f"readers must be an integer from 1 to {READERS_MAX}, not {readers!r}")
+    if keep and readers != 1:
+        raise InvalidArgument("a kept file has any number of readers: give keep=True or readers=N, not both")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9):
+        raise InvalidArgument(f"ttl must be None or seconds greater than 0, not {ttl!r}")
+    expires_ns = 0 if ttl is None else time.time_ns() + int(ttl * 1e9)
+    return (KEPT if keep else readers), expires_ns
 
 
 def _reconnect_timeout() -> float:
@@ -265,7 +283,7 @@ class Client:
     # ---- files ----
 
     def open(self, name: str | bytes, mode: str = "r", timeout: float | None = None,
-             wait: bool = True) -> TfemFile:
+             wait: bool = True, *, readers: int = 1, keep: bool = False, ttl: float | None = None) -> TfemFile:
         """Open `name` for writing ("w") or reading ("r"), binary.
 
         "w" creates the name (AlreadyExists if it is held). "r" takes the
@@ -273,6 +291,14 @@ class Client:
         not exist yet or is still being written, up to `timeout` seconds
         (None: no limit), or fails at once with `wait=False`. "a" (auto) is
         the paper's open: read the name if it exists, else create it.
+
+        The writer chooses how long the file lives: for one reader (the
+        default: freed when its consumer closes it), for `readers` readers
+        (freed after the last of them closes it; they may read it at the
+        same time), or `keep=True` for any number until it is unlinked.
+        `ttl` seconds after it is created the broker unlinks it whatever
+        its lifetime. A file with readers still to come may be spilled to
+        disk under memory pressure, never freed.
 
         A writer meeting a full slot table, or a full arena with spilling
         off, gets NoSpace at once; with a `timeout` it waits that long for
@@ -297,6 +323,8 @@ class Client:
             raise InvalidArgument(f"mode must be 'r', 'w' or 'a' (binary), not {mode!r}")
         if timeout is not None and not timeout >= 0:  # NaN too
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
+        plain = readers == 1 and type(readers) is int and keep is False and ttl is None  # consume-once
+        lifetime = None if plain else _lifetime(kind, readers, keep, ttl)
         room_timeout = 0 if timeout is None else timeout
         deadline = None if timeout is None else Deadline(timeout)
         core = ffi.new(_FILE)
@@ -313,12 +341,14 @@ class Client:
                 break
         if rc:
             raise self._open_error(rc, raw, kind, timeout if wait else None)
+        if lifetime is not None and core.writing:
+            lib.tfem_f_set_lifetime(core, lifetime[0], lifetime[1])
         f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
         self.held.add(core)
         return f
 
     def create(self, name: str | bytes, size: int, *, timeout: float | None = None,
-               checksum: bool = True) -> TfemFile:
+               checksum: bool = True, readers: int = 1, keep: bool = False, ttl: float | None = None) -> TfemFile:
         """A new file of `size` bytes (zeros), in one piece in memory, for
         writing in place: `getbuffer()` gives a writable view of all of it
         (for numpy and anything that takes the buffer protocol), and
@@ -330,14 +360,15 @@ class Client:
         NoSpace if it cannot, at once or after waiting up to `timeout`
         seconds for room. `checksum=False` skips the producer's pass at
         close and the consumer's before its view: damage then goes
-        unseen, the price of a handoff that costs no pass over the bytes."""
+        unseen, the price of a handoff that costs no pass over the bytes.
+        `readers`, `keep` and `ttl` choose its lifetime, as for open()."""
         try:
             size = operator.index(size)
         except TypeError:
             raise InvalidArgument(f"size must be an integer, not {type(size).__name__}") from None
         if size < 0:
             raise InvalidArgument(f"size must be at least 0, not {size}")
-        f = self.open(name, "w", timeout=timeout)
+        f = self.open(name, "w", timeout=timeout, readers=readers, keep=keep, ttl=ttl)
         try:
             self._reserve(f, size, timeout, checksum)
         except BaseException:
@@ -364,6 +395,8 @@ class Client:
 
     def _open_error(self, rc: int, raw: bytes, kind: str, timeout: float | None) -> TfemError:
         text = raw.decode()
+        if rc == errno.EAGAIN and self._state_found[0] == State.SHARED:
+            return WouldBlock(f"every read of {text!r} is taken: it is freed when its readers close it")
         if rc == errno.EAGAIN:
             return WouldBlock(f"{text!r} is {State(self._state_found[0]).name}, not ready to read")
         if rc == errno.ETIMEDOUT:

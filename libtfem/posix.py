@@ -22,7 +22,15 @@ TFEM_RDONLY = 0
 TFEM_WRONLY = 1
 TFEM_AUTO = 2  # the paper's open: read the name if it is waiting, else create it
 TFEM_NONBLOCK = 0o4000  # as O_NONBLOCK: fail with EAGAIN instead of waiting
+TFEM_KEEP = 0o10000  # with TFEM_WRONLY: kept for any number of readers until unlinked
+TFEM_READERS_MAX = 0x7FFF
 _ACCESS_MASK = 3
+_READERS_SHIFT = 16
+
+
+def TFEM_READERS(n: int) -> int:
+    """With TFEM_WRONLY: freed after `n` readers (as tfem.h's macro)."""
+    return (n & TFEM_READERS_MAX) << _READERS_SHIFT
 
 _lock = threading.Lock()
 _client: Client | None = None
@@ -57,12 +65,19 @@ def _file(fd: Any) -> TfemFile:
 
 def tfem_open(name: str | bytes, flags: int = TFEM_RDONLY, timeout: float | None = None) -> int:
     """Open `name`; a descriptor. Readers wait for the producer's close
-    unless TFEM_NONBLOCK is in `flags`."""
+    unless TFEM_NONBLOCK is in `flags`; a writer's TFEM_KEEP or
+    TFEM_READERS(n) chooses the file's lifetime."""
     global _next_fd
-    if not isinstance(flags, int) or flags & ~(_ACCESS_MASK | TFEM_NONBLOCK) or flags & _ACCESS_MASK == 3:
+    known = _ACCESS_MASK | TFEM_NONBLOCK | TFEM_KEEP | TFEM_READERS(TFEM_READERS_MAX)
+    if not isinstance(flags, int) or flags & ~known or flags & _ACCESS_MASK == 3:
         raise InvalidArgument(f"bad flags {flags!r}")
     mode = {TFEM_RDONLY: "r", TFEM_WRONLY: "w", TFEM_AUTO: "a"}[flags & _ACCESS_MASK]
-    f = default_client().open(name, mode, timeout=timeout, wait=not flags & TFEM_NONBLOCK)
+    lifetime: dict[str, Any] = {}
+    if flags & TFEM_KEEP:
+        lifetime["keep"] = True
+    if flags >> _READERS_SHIFT:
+        lifetime["readers"] = flags >> _READERS_SHIFT
+    f = default_client().open(name, mode, timeout=timeout, wait=not flags & TFEM_NONBLOCK, **lifetime)
     with _lock:
         fd, _next_fd = _next_fd, _next_fd + 1
         _files[fd] = f

@@ -63,7 +63,10 @@ class Layout:
         self.slots_offset = self.header_size
         self.index_offset = _round_up(self.slots_offset + slots * self.slot_size, CACHE_LINE)
         self.free_stack_offset = _round_up(self.index_offset + 4 * self.index_size, CACHE_LINE)
-        self.bitmap_offset = _round_up(self.free_stack_offset + 4 * slots, CACHE_LINE)
+        self.holds_offset = _round_up(self.free_stack_offset + 4 * slots, CACHE_LINE)
+        self.hold_count = lib.TFEM_HOLDS_PER_SLOT * slots
+        self.bitmap_offset = _round_up(self.holds_offset + ffi.sizeof("struct tfem_hold") * self.hold_count,
+                                       CACHE_LINE)
         bitmap_bytes = 8 * ((self.block_count + 63) // 64)
         self.arena_offset = _round_up(self.bitmap_offset + bitmap_bytes, PAGE)
         self.size = self.arena_offset + self.block_count * block_size
@@ -88,7 +91,8 @@ def _header_problem(h: Header, size: int) -> str | None:
         "header_size": layout.header_size, "segment_size": layout.size,
         "slot_size": layout.slot_size, "index_size": layout.index_size,
         "slots_offset": layout.slots_offset, "index_offset": layout.index_offset,
-        "free_stack_offset": layout.free_stack_offset, "bitmap_offset": layout.bitmap_offset,
+        "free_stack_offset": layout.free_stack_offset, "holds_offset": layout.holds_offset,
+        "bitmap_offset": layout.bitmap_offset,
         "arena_offset": layout.arena_offset,
     }
     for field, value in expected.items():
@@ -129,6 +133,7 @@ class Segment:
         self.inline_offset = ffi.sizeof("struct tfem_slot")
         self.index = ffi.cast("uint32_t *", base + h.index_offset)
         self.free_stack = ffi.cast("uint32_t *", base + h.free_stack_offset)
+        self.hold_count: int = lib.TFEM_HOLDS_PER_SLOT * h.slot_count
         self.bitmap = ffi.cast("uint64_t *", base + h.bitmap_offset)
 
     # ---- life cycle ----
@@ -178,6 +183,7 @@ class Segment:
         h.slots_offset = layout.slots_offset
         h.index_offset = layout.index_offset
         h.free_stack_offset = layout.free_stack_offset
+        h.holds_offset = layout.holds_offset
         h.bitmap_offset = layout.bitmap_offset
         h.arena_offset = layout.arena_offset
         h.max_file_size = layout.max_file_size

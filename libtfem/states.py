@@ -9,7 +9,11 @@ behalf, or a recovering broker): callers compute the next state here and then
 make it so. An illegal transition raises and changes nothing.
 
 States are the paper's: WRITE (a producer holds the file), WAIT (closed by its
-producer, waiting for a consumer), READ (a consumer holds it), INVALID (free).
+producer, waiting for a consumer), READ (a consumer holds it), INVALID (free),
+and one for lifetimes beyond one reader: SHARED (one or more readers hold a
+file written for several readers, or kept). Which event a shared reader's
+close is depends on the counts kept beside the word (`shared_close`): a
+table stays a table, and the arithmetic is one pure function.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class State(enum.IntEnum):
     WRITE = 1
     WAIT = 2
     READ = 3
+    SHARED = 4
 
 
 class Event(enum.Enum):
@@ -34,6 +39,12 @@ class Event(enum.Enum):
     CLOSE_READ = "consumer close"
     RELEASE_READ = "consumer released"  # died, or the broker finished moving it
     UNLINK = "unlink"
+    # Lifetimes beyond one reader; numbered after the first seven, so that
+    # the C numbering of those never changes.
+    OPEN_SHARED = "open for a shared read"
+    CLOSE_SHARED = "shared reader close, others still hold it"
+    LAST_CLOSE = "last holder close, readers still to come"
+    FINAL_CLOSE = "last reader close"
 
 
 TRANSITIONS: dict[State, dict[Event, State]] = {
@@ -43,10 +54,17 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.ABORT_WRITE: State.INVALID,
         Event.UNLINK: State.INVALID,
     },
-    State.WAIT: {Event.OPEN_READ: State.READ, Event.UNLINK: State.INVALID},
+    State.WAIT: {Event.OPEN_READ: State.READ, Event.OPEN_SHARED: State.SHARED, Event.UNLINK: State.INVALID},
     State.READ: {
         Event.CLOSE_READ: State.INVALID,
         Event.RELEASE_READ: State.WAIT,
+        Event.UNLINK: State.INVALID,
+    },
+    State.SHARED: {
+        Event.OPEN_SHARED: State.SHARED,
+        Event.CLOSE_SHARED: State.SHARED,
+        Event.LAST_CLOSE: State.WAIT,
+        Event.FINAL_CLOSE: State.INVALID,
         Event.UNLINK: State.INVALID,
     },
 }
@@ -56,8 +74,23 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 EVENT_NUMBER = {event: number for number, event in enumerate(Event)}
 # Claiming a slot starts a new generation, so stale handles to it fail.
 BUMPS_GENERATION = frozenset({Event.OPEN_WRITE})
-# States in which a process holds the file; its pid is kept in the word.
+# States in which one process holds the file; its pid is kept in the word.
+# A SHARED file's readers are in the segment's hold table instead.
 HELD = frozenset({State.WRITE, State.READ})
+# A lifetime's reader count for a file kept until unlinked.
+KEPT = 0
+
+
+def shared_close(holders_after: int, readers_left: int | None) -> Event:
+    """The event for a reader letting go of a SHARED file: `holders_after`
+    readers still hold it, `readers_left` opens are still to come (None:
+    kept, any number). A reader that gives its read back (abort, or died)
+    counts it in `readers_left` first."""
+    if holders_after:
+        return Event.CLOSE_SHARED
+    if readers_left is None or readers_left > 0:
+        return Event.LAST_CLOSE
+    return Event.FINAL_CLOSE
 
 
 class TransitionError(Exception):

@@ -31,7 +31,7 @@ from ._native import ffi, lib
 from .cdata import Claim, FileInfo, Header
 from .errors import InvalidArgument, NameTooLong, NoSpace, TfemError, Timeout, from_errno
 from .segment import Segment
-from .states import EVENT_NUMBER, Event, State, generation_of, pack_word, unpack_word
+from .states import EVENT_NUMBER, KEPT, Event, State, generation_of, pack_word, unpack_word
 
 WAKE_BUCKETS = lib.TFEM_WAKE_BUCKETS
 LIST_BATCH = 256
@@ -113,10 +113,19 @@ class Handle(NamedTuple):
 class FileStat:
     name: str
     size: int
-    state: str  # "WRITE", "WAIT", "READ" or "INVALID"
+    state: str  # "WRITE", "WAIT", "READ", "SHARED" or "INVALID"
     created: float  # seconds since the epoch
     spilled: bool
     slot: int
+    readers: int = 1  # its lifetime: opens it was written for; 0 when kept
+    readers_left: int | None = 1  # opens still to come; None when kept
+    holders: int = 0  # readers holding it now
+    expires: float | None = None  # when its ttl frees it (seconds since the epoch)
+
+    @property
+    def lifetime(self) -> str:
+        """"once", "3 readers" or "keep"."""
+        return "keep" if self.readers == KEPT else "once" if self.readers == 1 else f"{self.readers} readers"
 
 
 def table_error(rc: int, what: str, header: Header) -> TfemError:
@@ -129,6 +138,8 @@ def table_error(rc: int, what: str, header: Header) -> TfemError:
         errno.EEXIST: f"{what} already exists",
         errno.ENOSPC: f"the slot table is full: all {header.slot_count} slots hold files",
         errno.ENOENT: f"no file named {what}",
+        errno.EMFILE: f"{header.slot_count * lib.TFEM_HOLDS_PER_SLOT} shared reads are open at once, "
+                      "as many as the instance holds",
     }.get(rc, f"{what}: {os.strerror(rc)}")
     return from_errno(rc, message)
 
@@ -142,6 +153,10 @@ def file_stat(info: FileInfo) -> FileStat:
         created=info.created_ns / 1e9,
         spilled=bool(info.spilled),
         slot=info.slot,
+        readers=info.readers,
+        readers_left=None if info.readers == KEPT else info.readers_left,
+        holders=info.holders if info.state == State.SHARED else int(info.state == State.READ),
+        expires=info.expires_ns / 1e9 if info.expires_ns else None,
     )
 
 
@@ -308,11 +323,14 @@ class SlotTable:
 
     def settle_holder(self, pid: int) -> Settled:
         """Settle the files of a holder that has died: a file it was
-        writing is dropped, a file it was reading goes back to WAIT."""
+        writing is dropped, a file it was reading goes back to WAIT, a
+        shared read it held is given back."""
         dropped, returned, discard = 0, 0, []
         buckets = set()
         claim = self._claim_struct()
+        freed = ffi.new("uint32_t *")
         with self.locked():
+            shared = lib.tfem_t_settle_holds_locked(self._h, pid, freed)
             for s in range(self.seg.slot_count):
                 state, generation, holder = self.state_of(s)
                 if holder != pid or state not in (State.WRITE, State.READ):
@@ -327,15 +345,36 @@ class SlotTable:
                     self._transition_locked(s, Event.RELEASE_READ, generation, 0)
                     buckets.add(slot.name_hash % WAKE_BUCKETS)
                     returned += 1
+        if shared:  # reads given back: readers waiting for one of them may take it
+            buckets.update(range(WAKE_BUCKETS))
         for bucket in buckets:
             lib.tfem_publish(self._wake_seq + bucket, self._wake_waiters + bucket)
-        if dropped:  # after the lock: no system call under it
+        if dropped or freed[0]:  # after the lock: no system call under it
             lib.tfem_publish(self._space_seq, self._space_waiters)
-        return Settled(dropped, returned, tuple(discard))
+        return Settled(dropped, returned + shared, tuple(discard))
 
     def holders(self) -> set[int]:
-        """The pids holding files now."""
-        return {self.state_of(s)[2] for s in range(self.seg.slot_count)} - {0}
+        """The pids holding files now, alone or shared."""
+        return ({self.state_of(s)[2] for s in range(self.seg.slot_count)} | self.shared_readers()) - {0}
+
+    def shared_readers(self) -> set[int]:
+        """The pids holding shared reads now."""
+        pids = ffi.new("uint32_t[]", self.seg.hold_count)
+        return {pids[i] for i in range(lib.tfem_t_hold_pids(self._h, pids, self.seg.hold_count))}
+
+    def check_holds(self) -> int:
+        """Adoption (under the lock, first): hold entries and SHARED files
+        made consistent; how many were changed."""
+        return int(lib.tfem_t_check_holds_locked(self._h))
+
+    def expire(self) -> int:
+        """Unlink the files whose ttl has passed; how many."""
+        count = self.seg.slot_count
+        slots, generations = ffi.new("uint32_t[]", count), ffi.new("uint32_t[]", count)
+        now = time.time_ns()
+        claim = self._claim_struct()
+        n = lib.tfem_t_expired(self._h, now, slots, generations, count)
+        return sum(lib.tfem_t_expire(self._h, slots[i], generations[i], self.pid, now, claim) == 0 for i in range(n))
 
     def wake_all(self) -> None:
         """Wake every waiter, to look again (after the table was rebuilt)."""

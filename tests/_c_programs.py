@@ -21,6 +21,7 @@ SOURCES = {
     "fork": ROOT / "tests" / "c" / "fork.c",
     "space": ROOT / "tests" / "c" / "space.c",
     "cat": ROOT / "tests" / "c" / "cat.c",
+    "lifetimes": ROOT / "tests" / "c" / "lifetimes.c",
 }
 
 

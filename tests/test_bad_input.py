@@ -573,3 +573,25 @@ def test_garbage_messages_to_the_registry(instance) -> None:
     os.kill(pid, 0)  # the same registry, alive
     assert _registry_list(instance)["dropped"] == before + len(garbage)
     assert_serves(instance)
+
+
+def test_posix_lifetime_flags(instance, posix) -> None:
+    name = fresh("posix-readers")
+    fd = posix.tfem_open(name, posix.TFEM_WRONLY | posix.TFEM_READERS(2))
+    posix.tfem_write(fd, b"two")
+    posix.tfem_close(fd)
+    assert (posix.tfem_stat(name).readers, posix.tfem_stat(name).lifetime) == (2, "2 readers")
+    readers = [posix.tfem_open(name, posix.TFEM_RDONLY | posix.TFEM_NONBLOCK) for _ in range(2)]
+    assert [posix.tfem_read(fd, 10) for fd in readers] == [b"two", b"two"]
+    for fd in readers:
+        posix.tfem_close(fd)
+    with pytest.raises(tfem.NotFound):
+        posix.tfem_stat(name)
+    kept = fresh("posix-kept")
+    posix.tfem_close(posix.tfem_open(kept, posix.TFEM_WRONLY | posix.TFEM_KEEP))
+    assert posix.tfem_stat(kept).lifetime == "keep"
+    posix.tfem_unlink(kept)
+    for flags in (posix.TFEM_RDONLY | posix.TFEM_KEEP, posix.TFEM_WRONLY | posix.TFEM_KEEP | posix.TFEM_READERS(2),
+                  posix.TFEM_WRONLY | 1 << 31):
+        with pytest.raises(InvalidArgument):
+            posix.tfem_open(fresh("posix-bad"), flags)

@@ -215,11 +215,21 @@ def test_ls_long_and_stat(instance, client):
         assert "state:   WAIT" in text
         assert "spilled: no" in text
         st = json.loads(out(instance.tfem("stat", "--json", "w/writing")))
-        assert set(st) == {"name", "size", "state", "created", "spilled", "slot"}
+        assert set(st) == {"name", "size", "state", "created", "spilled", "slot", "readers", "readers_left",
+                           "holders", "expires", "lifetime"}
         assert (st["name"], st["size"], st["state"], st["spilled"]) == ("w/writing", 3, "WRITE", False)
+        assert (st["lifetime"], st["readers_left"], st["expires"]) == ("once", 1, None)
         assert abs(st["created"] - time.time()) < 60
+        assert "life:    once, 0 reading now" in text
     finally:
         writing.close()
+    with client.open("w/kept", "w", keep=True, ttl=3600) as f:
+        f.write(b"k")
+    reading = client.open("w/kept")
+    text = out(instance.tfem("stat", "w/kept"))
+    reading.close()
+    client.unlink("w/kept")
+    assert "state:   SHARED" in text and "life:    keep, 1 reading now" in text and "expires: " in text
     missing = instance.tfem("stat", "nothing", check=False)
     assert_clear_failure(missing, 1, "nothing")
 
@@ -252,7 +262,7 @@ def test_status(instance, client):
     assert STATUS_KEYS <= set(stats)
     assert stats["slots_used"] == 2
     assert stats["slots_free"] == 254
-    assert stats["files_by_state"] == {"WRITE": 0, "WAIT": 2, "READ": 0}
+    assert stats["files_by_state"] == {"WRITE": 0, "WAIT": 2, "READ": 0, "SHARED": 0}
     assert 100_000 - KIB <= stats["arena_bytes_used"] < 200_000
     assert stats["arena_bytes_used"] + stats["arena_bytes_free"] == MIB
     assert stats["spilled_bytes"] >= 2 * MIB - KIB

@@ -159,7 +159,7 @@ def test_a_thousand_killed_clients_leak_nothing(up_factory):
 
         wait_until(settled, 20, "every dead client to be settled")
         stats = client.stats()
-        assert stats["files_by_state"] == {"WRITE": 0, "WAIT": READERS, "READ": 0}
+        assert stats["files_by_state"] == {"WRITE": 0, "WAIT": READERS, "READ": 0, "SHARED": 0}
         assert stats["slots_used"] == READERS
         assert stats["arena_bytes_used"] == baseline[1]
         assert stats["spilled_bytes"] == 0

@@ -22,6 +22,13 @@ EXPECTED: dict[tuple[State, Event], State] = {
     (State.READ, Event.CLOSE_READ): State.INVALID,
     (State.READ, Event.RELEASE_READ): State.WAIT,
     (State.READ, Event.UNLINK): State.INVALID,
+    # lifetimes beyond one reader
+    (State.WAIT, Event.OPEN_SHARED): State.SHARED,
+    (State.SHARED, Event.OPEN_SHARED): State.SHARED,
+    (State.SHARED, Event.CLOSE_SHARED): State.SHARED,
+    (State.SHARED, Event.LAST_CLOSE): State.WAIT,
+    (State.SHARED, Event.FINAL_CLOSE): State.INVALID,
+    (State.SHARED, Event.UNLINK): State.INVALID,
 }
 
 ALL_PAIRS = list(itertools.product(State, Event))
@@ -41,12 +48,20 @@ def test_state_numbers_match_the_segment_header() -> None:
     assert State.WRITE == lib.TFEM_STATE_WRITE
     assert State.WAIT == lib.TFEM_STATE_WAIT
     assert State.READ == lib.TFEM_STATE_READ
+    assert State.SHARED == lib.TFEM_STATE_SHARED
+
+
+def test_event_numbers_of_the_first_seven_never_change() -> None:
+    """C programs built against an older libtfem number them so."""
+    first = [Event.OPEN_WRITE, Event.CLOSE_WRITE, Event.ABORT_WRITE, Event.OPEN_READ, Event.CLOSE_READ,
+             Event.RELEASE_READ, Event.UNLINK]
+    assert [states.EVENT_NUMBER[e] for e in first] == list(range(7))
 
 
 def test_the_table_is_exactly_the_designed_one() -> None:
     table = {(s, e): t for s, row in states.TRANSITIONS.items() for e, t in row.items()}
     assert table == EXPECTED
-    assert len(ALLOWED) == 9 and len(ALLOWED) + len(REFUSED) == len(State) * len(Event)
+    assert len(ALLOWED) == 15 and len(ALLOWED) + len(REFUSED) == len(State) * len(Event)
 
 
 @pytest.mark.parametrize("pair", ALLOWED, ids=_id)
@@ -146,6 +161,48 @@ def test_holder_is_cleared_when_the_holder_leaves() -> None:
     assert unpack_word(apply(reading, Event.RELEASE_READ, 501)) == (State.WAIT, 3, 0)
     waiting = pack_word(State.WAIT, 3, 0)
     assert unpack_word(apply(waiting, Event.OPEN_READ, 502)) == (State.READ, 3, 502)
+
+
+# ---- a shared reader's close: which event, from the counts ----
+
+
+@pytest.mark.parametrize("holders_after, readers_left, event", [
+    (2, 0, Event.CLOSE_SHARED),      # others still read it
+    (1, 5, Event.CLOSE_SHARED),
+    (1, None, Event.CLOSE_SHARED),   # kept, others still read it
+    (0, 3, Event.LAST_CLOSE),        # nobody reads it, three readers to come: WAIT
+    (0, None, Event.LAST_CLOSE),     # kept: WAIT for the next reader
+    (0, 0, Event.FINAL_CLOSE),       # the last reader of all: freed
+])
+def test_shared_close_event(holders_after: int, readers_left: int | None, event: Event) -> None:
+    assert states.shared_close(holders_after, readers_left) is event
+    assert next_state(State.SHARED, event) is {Event.CLOSE_SHARED: State.SHARED, Event.LAST_CLOSE: State.WAIT,
+                                               Event.FINAL_CLOSE: State.INVALID}[event]
+
+
+def test_three_readers_sharing_a_file_walk_the_table() -> None:
+    """readers=3: two read at once, one gives the read back, then three
+    reads are done and the last close frees the slot."""
+    word, readers_left, holders = pack_word(State.WAIT, 7, 0), 3, 0
+    trace = []
+
+    def open_shared() -> None:
+        nonlocal word, readers_left, holders
+        word, readers_left, holders = apply(word, Event.OPEN_SHARED, 0), readers_left - 1, holders + 1
+        trace.append(unpack_word(word)[0])
+
+    def let_go(give_back: bool) -> None:
+        nonlocal word, readers_left, holders
+        readers_left, holders = readers_left + give_back, holders - 1
+        word = apply(word, states.shared_close(holders, readers_left))
+        trace.append(unpack_word(word)[0])
+
+    open_shared(); open_shared(); let_go(True); let_go(False)
+    open_shared(); let_go(False); open_shared(); let_go(False)
+    assert trace == [State.SHARED, State.SHARED, State.SHARED, State.WAIT,
+                     State.SHARED, State.WAIT, State.SHARED, State.INVALID]
+    assert unpack_word(word) == (State.INVALID, 7, 0)  # no claim: the generation stays
+    assert readers_left == 0 and holders == 0
 
 
 def test_unpack_rejects_an_unknown_state() -> None:

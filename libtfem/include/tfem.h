@@ -12,6 +12,12 @@
  *   ssize_t got = tfem_read(fd, buf, n);
  *   tfem_close(fd);                      consumes the file (READ -> freed)
  *
+ * A producer may give its file more than one reader, TFEM_WRONLY |
+ * TFEM_READERS(4) (freed after the fourth reader closes it; readers may
+ * hold it at once), or keep it, TFEM_WRONLY | TFEM_KEEP (freed by
+ * tfem_unlink, its time limit, or the instance's stop); tfem_set_ttl(fd,
+ * seconds) sets that time limit on any file being written.
+ *
  * The instance is found as in Python: TFEM_KEYFILE (else the per-user
  * default key file) names the registry, whose key file names the shared
  * segment; the library maps it and works on it in plain C. Only a broker
@@ -53,18 +59,26 @@ extern "C" {
 #define TFEM_WRONLY 1   /* create the name; EEXIST if it is held */
 #define TFEM_AUTO 2     /* the paper's open: read if it exists, else create */
 #define TFEM_NONBLOCK 04000 /* do not wait: ENOENT or EAGAIN */
+#define TFEM_KEEP 010000    /* with TFEM_WRONLY: kept for any number of readers until unlinked */
+#define TFEM_READERS_MAX 0x7fff
+#define TFEM_READERS(n) (((n) & TFEM_READERS_MAX) << 16) /* with TFEM_WRONLY: freed after n readers */
 
 /* File states, as in the paper. */
 #define TFEM_STATE_INVALID 0
 #define TFEM_STATE_WRITE 1 /* being written by its producer */
 #define TFEM_STATE_WAIT 2  /* closed by its producer, waiting for a consumer */
 #define TFEM_STATE_READ 3  /* being read by a consumer */
+#define TFEM_STATE_SHARED 4 /* being read by readers of a kept or several-reader file */
 
 struct tfem_stat {
     uint64_t size;    /* bytes */
     int state;        /* TFEM_STATE_* */
     int spilled;      /* 1 if part of it lives in the spill store */
     double created;   /* seconds since the epoch */
+    int readers;      /* its lifetime: 1 consume-once, n readers, 0 kept */
+    int readers_left; /* reads still to come (readers > 1) */
+    int holders;      /* readers holding it now */
+    double expires;   /* when its time limit frees it, seconds since the epoch; 0: none */
 };
 
 int tfem_open(const char *name, int flags);
@@ -76,6 +90,7 @@ int tfem_stat(const char *name, struct tfem_stat *st);
 int tfem_fstat(int fd, struct tfem_stat *st);
 int tfem_close(int fd);
 int tfem_unlink(const char *name);
+int tfem_set_ttl(int fd, double seconds); /* a file being written: freed that long after now */
 
 #ifdef __cplusplus
 }

@@ -276,8 +276,12 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
     uint32_t len = 0;
     int rc = check_name(name, &len);
     if (rc) return fail(rc);
-    int access = flags & 3;
-    if (flags & ~(3 | TFEM_NONBLOCK) || access == 3 || isnan(timeout_seconds)) return fail(EINVAL);
+    int access = flags & 3, keep = (flags & TFEM_KEEP) != 0;
+    uint32_t readers = (uint32_t)(flags >> 16) & TFEM_READERS_MAX; /* 0: not chosen */
+    if (flags & ~(3 | TFEM_NONBLOCK | TFEM_KEEP | TFEM_READERS(TFEM_READERS_MAX)) || access == 3 ||
+        isnan(timeout_seconds))
+        return fail(EINVAL);
+    if ((keep || readers) && (access == TFEM_RDONLY || (keep && readers))) return fail(EINVAL);
     struct tfem_header *h = connected();
     if (!h) return -1;
     int i = 0;
@@ -303,6 +307,7 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
         free_descriptor(d);
         return fail(rc);
     }
+    if (d->f.writing && (keep || readers)) tfem_f_set_lifetime(&d->f, keep ? 0 : readers, 0);
     d->owner = my_pid;
     return FIRST_FD + i;
 }
@@ -400,6 +405,10 @@ static void fill_stat(const struct tfem_fileinfo *info, struct tfem_stat *st) {
     st->state = info->state;
     st->spilled = info->spilled;
     st->created = (double)info->created_ns / 1e9;
+    st->readers = (int)info->readers;
+    st->readers_left = (int)info->readers_left;
+    st->holders = info->state == TFEM_STATE_SHARED ? (int)info->holders : info->state == TFEM_STATE_READ;
+    st->expires = (double)info->expires_ns / 1e9;
 }
 
 int tfem_stat(const char *name, struct tfem_stat *st) {
@@ -437,6 +446,17 @@ int tfem_close(int fd) {
     }
     free_descriptor(d);
     return rc ? fail(rc == ESTALE ? EBADF : rc) : 0;
+}
+
+int tfem_set_ttl(int fd, double seconds) {
+    struct descriptor *d = lookup(fd);
+    if (!d) return -1;
+    if (!d->f.writing) return fail(EBADF);
+    if (!(seconds > 0 && seconds < 1e9)) return fail(EINVAL);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t expires = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec + (uint64_t)(seconds * 1e9);
+    return tfem_f_set_lifetime(&d->f, d->f.slot->readers, expires) ? fail(EBADF) : 0;
 }
 
 int tfem_unlink(const char *name) {

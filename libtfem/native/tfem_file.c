@@ -168,6 +168,7 @@ static void start_file(struct tfem_header *h, const struct tfem_claim *claim, ui
     f->pid = pid;
     f->hash = hash;
     f->writing = writing;
+    f->hold = claim->hold;
     f->held = 1;
     f->size = writing ? 0 : f->slot->size;
     f->max_size = h->max_file_size; /* here, not in the header's shared line, for the write path */
@@ -492,7 +493,15 @@ int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out) {
     return 0;
 }
 
-/* ---- closing ---- */
+/* ---- lifetime and closing ---- */
+
+int tfem_f_set_lifetime(struct tfem_file *f, uint32_t readers, uint64_t expires_ns) {
+    if (!f->held || !f->writing) return EBADF;
+    struct tfem_slot *slot = f->slot; /* the writer's own until it publishes */
+    slot->readers = slot->readers_left = readers;
+    slot->expires_ns = expires_ns;
+    return 0;
+}
 
 int tfem_f_publish(struct tfem_file *f, uint32_t checksum) {
     struct tfem_claim out;
@@ -515,14 +524,17 @@ int tfem_f_close(struct tfem_file *f) {
     if (f->damaged) return tfem_f_abort(f);
     struct tfem_claim out;
     f->held = 0;
+    if (f->hold) return tfem_t_let_go_shared(f->h, f->index, f->generation, f->pid, f->hold, 0, &out);
     return tfem_t_consume(f->h, f->index, f->generation, f->pid, &out);
 }
 
-/* Producer: drop the file. Consumer: give it back unread (READ -> WAIT). */
+/* Producer: drop the file. Consumer: give it back unread (READ -> WAIT;
+ * a shared read is not counted). */
 int tfem_f_abort(struct tfem_file *f) {
     if (!f->held) return EBADF;
     struct tfem_claim out;
     f->held = 0;
-    return f->writing ? tfem_t_abort(f->h, f->index, f->generation, f->pid, &out)
-                      : tfem_t_release(f->h, f->index, f->generation, f->pid, &out);
+    if (f->writing) return tfem_t_abort(f->h, f->index, f->generation, f->pid, &out);
+    if (f->hold) return tfem_t_let_go_shared(f->h, f->index, f->generation, f->pid, f->hold, 1, &out);
+    return tfem_t_release(f->h, f->index, f->generation, f->pid, &out);
 }

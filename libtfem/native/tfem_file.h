@@ -50,6 +50,7 @@ struct tfem_file {
     uint32_t generation;
     uint32_t pid;        /* the holder recorded in the state word */
     uint32_t hash;       /* crc32 of the name */
+    uint32_t hold;       /* a shared read: its hold-table entry + 1; 0 otherwise */
     int32_t writing;
     int32_t spilled;
     int32_t checked;     /* a reader compared the checksum: it matched */
@@ -80,6 +81,10 @@ int tfem_f_spilled_read(struct tfem_file *f, const void *buf, uint64_t n);
 int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out);
 
 uint32_t tfem_f_memory_crc(struct tfem_file *f);
+/* A writer chooses its file's lifetime before publishing it: `readers`
+ * opens (1, the default: consume-once), or kept (0) until unlinked;
+ * expires_ns (CLOCK_REALTIME, 0: never) is when the broker frees it. */
+int tfem_f_set_lifetime(struct tfem_file *f, uint32_t readers, uint64_t expires_ns);
 int tfem_f_close(struct tfem_file *f);
 int tfem_f_publish(struct tfem_file *f, uint32_t checksum);
 int tfem_f_abort(struct tfem_file *f);

@@ -22,7 +22,9 @@ static const char *problem(const struct tfem_header *h, uint64_t size) {
     if (h->slots_offset < sizeof *h || h->slots_offset + (uint64_t)h->slot_count * h->slot_size > h->index_offset)
         return "the slot table overlaps what follows it";
     if (h->index_offset + 4ull * h->index_size > h->free_stack_offset) return "the name index overlaps what follows it";
-    if (h->free_stack_offset + 4ull * h->slot_count > h->bitmap_offset) return "the free-slot stack overlaps the bitmap";
+    if (h->free_stack_offset + 4ull * h->slot_count > h->holds_offset) return "the free-slot stack overlaps the hold table";
+    if (h->holds_offset + sizeof(struct tfem_hold) * TFEM_HOLDS_PER_SLOT * (uint64_t)h->slot_count > h->bitmap_offset)
+        return "the hold table overlaps the bitmap";
     if (h->bitmap_offset + 8ull * ((h->block_count + 63ull) / 64) > h->arena_offset) return "the bitmap overlaps the arena";
     if (h->arena_offset + (uint64_t)h->block_count * h->block_size > size) return "the arena runs past the mapping";
     return NULL;
@@ -46,6 +48,8 @@ const char *tfem_geometry_attach(struct tfem_header *h, uint64_t size) {
     g->slots_offset = h->slots_offset;
     g->index_offset = h->index_offset;
     g->free_stack_offset = h->free_stack_offset;
+    g->holds_offset = h->holds_offset;
+    g->hold_count = TFEM_HOLDS_PER_SLOT * h->slot_count;
     g->bitmap_offset = h->bitmap_offset;
     g->arena_offset = h->arena_offset;
     g->arena = (char *)h + h->arena_offset;

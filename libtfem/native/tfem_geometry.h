@@ -24,6 +24,7 @@ struct tfem_geometry {
     uint64_t slots_offset;
     uint64_t index_offset;
     uint64_t free_stack_offset;
+    uint64_t holds_offset;
     uint64_t bitmap_offset;
     uint64_t arena_offset;
     uint32_t slot_count;
@@ -32,6 +33,7 @@ struct tfem_geometry {
     uint32_t index_size;
     uint32_t block_size;
     uint32_t block_count;
+    uint32_t hold_count;
 };
 
 /* Check the header of a mapping of `size` bytes and keep a copy of its

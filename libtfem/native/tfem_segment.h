@@ -6,7 +6,7 @@
  * with atomic operations. Python reads these structures through cffi, C
  * callers include this file; nobody restates the layout by hand.
  *
- *   [ header | slot table | name index | free-slot stack | block bitmap | arena ]
+ *   [ header | slot table | name index | free-slot stack | hold table | block bitmap | arena ]
  *
  * - A slot is the paper's temp-file object: a state word, the file's size,
  *   name and times, a list of arena extents, and an inline buffer of
@@ -20,6 +20,15 @@
  * - The free-slot stack is a linked stack without a lock: free_stack[s] is
  *   the next free slot + 1 (0 ends it), free_head the top, tagged against
  *   ABA, changed by compare-and-swap.
+ * - A slot's lifetime: `readers` opens of it (1: consume-once, the
+ *   default), or kept (0) until unlinked or its `expires_ns`. A file with
+ *   more than one reader is SHARED while read: `holders` readers hold it,
+ *   `readers_left` opens are still to come. Each shared read is an entry of
+ *   the hold table (pid, slot, generation), claimed by compare-and-swap on
+ *   its pid and changed under the name's stripe lock: the broker finds a
+ *   dead reader's holds there, as it finds a dead holder's pid in a word.
+ *   `counted` is set once the slot's counts include the entry, so a reader
+ *   killed inside its open is settled by what it had done.
  * - The block bitmap has a set bit per arena block in use. Writers claim
  *   runs themselves by compare-and-swap; the last holder of a file clears
  *   them. A slot's `claims` count is odd while blocks are claimed for it
@@ -47,7 +56,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 7
+#define TFEM_LAYOUT_VERSION 8
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -64,6 +73,17 @@
 #define TFEM_SLOT_ARENA 4u   /* made whole (zero copy): its bytes start at its first extent, the
                                 inline buffer is unused, and it stays in memory (never spilled) */
 #define TFEM_SLOT_UNCHECKED 8u /* its producer chose no checksum (zero copy): none is compared */
+
+/* One shared read (see above); a free entry has pid 0. */
+struct tfem_hold {
+    uint32_t pid;
+    uint32_t slot;
+    uint32_t generation;
+    uint32_t counted; /* 1 once the slot's holders and readers_left include this read */
+};
+
+/* Hold-table entries per slot: shared reads open at once, on average. */
+#define TFEM_HOLDS_PER_SLOT 2
 
 struct tfem_extent {
     uint32_t start; /* first arena block */
@@ -94,6 +114,7 @@ struct tfem_header {
     uint64_t slots_offset;
     uint64_t index_offset;
     uint64_t free_stack_offset;
+    uint64_t holds_offset;  /* TFEM_HOLDS_PER_SLOT * slot_count entries */
     uint64_t bitmap_offset;
     uint64_t arena_offset;
     uint64_t max_file_size; /* bytes a file may reach */
@@ -126,7 +147,10 @@ struct tfem_slot {
     uint32_t checksum;    /* crc32c of the whole file, taken at the producer's close */
     uint32_t extent_count;
     uint32_t claims;      /* odd while blocks are claimed and not yet recorded; bumped by the claimer only */
-    uint32_t unused;
+    uint32_t readers;     /* its lifetime: opens it was written for; 0: kept until unlinked or expired */
+    uint32_t readers_left; /* opens still to come (readers > 1) */
+    uint32_t holders;     /* readers holding it now (SHARED) */
+    uint64_t expires_ns;  /* CLOCK_REALTIME when the broker frees it; 0: never */
     struct tfem_extent extents[TFEM_MAX_EXTENTS];
     char name[TFEM_NAME_MAX + 1];
     /* buf_size inline bytes follow; slot_size rounds the whole up to 64 */

@@ -23,6 +23,11 @@
  * claiming it leaves that slot off the stack until the broker adopts the
  * segment again; nothing else is lost.
  *
+ * Shared reads (files kept, or written for several readers) take more than
+ * one store: a hold-table entry, the slot's counts, then the entry marked
+ * counted. A reader killed among them is settled by its entry: counted, its
+ * read is given back; not yet, nothing was taken.
+ *
  * State words change only by compare-and-swap, to the word the state
  * machine gives: the transition table is generated from states.py
  * (tfem_states.h). Each stripe's index is linear probing with
@@ -219,6 +224,9 @@ static int claim(const struct tfem_geometry *g, const char *name, uint32_t len, 
     slot->checksum = 0;
     slot->extent_count = 0;
     slot->claims = 0; /* even: a dead holder's claim left odd is over */
+    slot->readers = slot->readers_left = 1; /* consume-once until the writer says otherwise */
+    slot->holders = 0;
+    slot->expires_ns = 0;
     memcpy(slot->name, name, len);
     slot->name[len] = 0;
     if (tfem_t_index_insert(h, s)) { /* this stripe of the index is full */
@@ -256,7 +264,7 @@ static int free_slot(const struct tfem_geometry *g, uint32_t s, int event, uint3
     slot->name_len = 0;
     int rc = transition(slot, event, generation, 0);
     if (rc) return rc;
-    if (event == TFEM_EVENT_CLOSE_READ) __atomic_fetch_add(&h->closed_read, 1, SC);
+    if (event == TFEM_EVENT_CLOSE_READ || event == TFEM_EVENT_FINAL_CLOSE) __atomic_fetch_add(&h->closed_read, 1, SC);
     tfem_t_push_free(h, s);
     return 0;
 }
@@ -266,6 +274,89 @@ static void publish_space(struct tfem_header *h) { tfem_publish(&h->space_seq, &
 static void publish_bucket(struct tfem_header *h, uint32_t hash) {
     uint32_t b = hash % TFEM_WAKE_BUCKETS;
     tfem_publish(&h->wake_seq[b], &h->wake_waiters[b]);
+}
+
+/* ---- shared reads: the hold table (entries under the name's stripe lock) ---- */
+
+/* A free entry for pid's read of slot s, not yet counted; -1 if none. */
+static int64_t claim_hold(const struct tfem_geometry *g, uint32_t pid, uint32_t s, uint32_t generation) {
+    uint32_t n = g->hold_count, start = (uint32_t)(((uint64_t)s * 2654435761u + pid) % n);
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = (start + k) % n;
+        struct tfem_hold *e = tfem_hold_at(g, i);
+        uint32_t free_pid = 0;
+        if (__atomic_load_n(&e->pid, SC) || !__atomic_compare_exchange_n(&e->pid, &free_pid, pid, 0, SC, SC))
+            continue;
+        e->slot = s;
+        e->generation = generation;
+        e->counted = 0;
+        return i;
+    }
+    return -1;
+}
+
+static void free_hold(struct tfem_hold *e) {
+    e->counted = 0;
+    __atomic_store_n(&e->pid, 0, SC);
+}
+
+/* The event for a reader letting go (states.py's shared_close). */
+static int shared_close_event(const struct tfem_slot *slot) {
+    if (slot->holders) return TFEM_EVENT_CLOSE_SHARED;
+    if (slot->readers == 0 || slot->readers_left > 0) return TFEM_EVENT_LAST_CLOSE;
+    return TFEM_EVENT_FINAL_CLOSE;
+}
+
+/* Open a WAIT or SHARED file of more than one reader for a shared read. */
+static int open_shared(const struct tfem_geometry *g, uint32_t s, uint64_t word, uint32_t pid,
+                       struct tfem_claim *out) {
+    struct tfem_slot *slot = slot_at(g, s);
+    uint32_t generation = generation_of(word);
+    if (slot->readers > 1 && slot->readers_left == 0) return EAGAIN; /* every read taken: gone at the last close */
+    int64_t i = claim_hold(g, pid, s, generation);
+    if (i < 0) return EMFILE;
+    int rc = transition(slot, TFEM_EVENT_OPEN_SHARED, generation, 0);
+    if (rc) {
+        free_hold(tfem_hold_at(g, (uint32_t)i));
+        return rc;
+    }
+    slot->holders++;
+    if (slot->readers > 1) slot->readers_left--;
+    tfem_hold_at(g, (uint32_t)i)->counted = 1;
+    out->hold = (uint32_t)i + 1;
+    return 0;
+}
+
+/* Let go of hold entry i (the caller checked it is of a SHARED slot of its
+ * generation): the slot's counts and state follow. closing: a close, which
+ * counts as a read done; else the read is given back. */
+static int drop_hold(const struct tfem_geometry *g, uint32_t i, int closing, struct tfem_claim *out) {
+    struct tfem_hold *e = tfem_hold_at(g, i);
+    uint32_t s = e->slot, generation = e->generation;
+    struct tfem_slot *slot = slot_at(g, s);
+    int counted = e->counted;
+    free_hold(e);
+    if (!counted) return 0; /* its reader died before taking the read */
+    if (!closing && slot->readers > 1) slot->readers_left++;
+    if (slot->holders) slot->holders--;
+    int event = shared_close_event(slot);
+    if (!slot->holders && slot->flags & TFEM_SLOT_DOOMED) event = TFEM_EVENT_UNLINK;
+    if (event == TFEM_EVENT_UNLINK || event == TFEM_EVENT_FINAL_CLOSE) {
+        int rc = free_slot(g, s, event, generation, out);
+        out->for_write = -1;
+        return rc;
+    }
+    if (closing) __atomic_fetch_add(&g->h->closed_read, 1, SC);
+    return transition(slot, event, generation, 0);
+}
+
+/* Entry i is pid's read of a SHARED file of that generation. */
+static int holds(const struct tfem_geometry *g, uint32_t i, uint32_t pid, uint32_t s, uint32_t generation) {
+    if (i >= g->hold_count || s >= g->slot_count) return 0;
+    struct tfem_hold *e = tfem_hold_at(g, i);
+    uint64_t word = __atomic_load_n(&slot_at(g, s)->state, SC);
+    return __atomic_load_n(&e->pid, SC) == pid && e->slot == s && e->generation == generation &&
+           state_of(word) == TFEM_STATE_SHARED && generation_of(word) == generation;
 }
 
 /* ---- the operations ---- */
@@ -296,6 +387,13 @@ int tfem_t_take(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
         if (state_of(word) == TFEM_STATE_READ &&
             holder_of(word) == (uint32_t)__atomic_load_n(&h->broker_pid, SC)) {
             rc = EINPROGRESS; /* the broker moving it to or from the spill store: WAIT again in a moment */
+        } else if (slot->readers != 1 && (state_of(word) == TFEM_STATE_WAIT || state_of(word) == TFEM_STATE_SHARED)) {
+            if ((rc = open_shared(g, (uint32_t)s, word, holder, out)) == 0) {
+                __atomic_fetch_add(&h->opened_read, 1, SC);
+                out->slot = (uint32_t)s;
+                out->generation = generation_of(word);
+                out->file_id = slot->file_id;
+            }
         } else if (state_of(word) != TFEM_STATE_WAIT) {
             rc = EAGAIN;
         } else if ((rc = transition(slot, TFEM_EVENT_OPEN_READ, generation_of(word), holder)) == 0) {
@@ -383,29 +481,92 @@ int tfem_t_release(struct tfem_header *h, uint32_t s, uint32_t generation, uint3
     return let_go(h, s, generation, pid, TFEM_STATE_READ, TFEM_EVENT_RELEASE_READ, NULL, out);
 }
 
+int tfem_t_let_go_shared(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint32_t hold,
+                         int give_back, struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    memset(out, 0, sizeof *out);
+    if (s >= g->slot_count || hold == 0) return ESTALE;
+    uint32_t hash = slot_at(g, s)->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
+    int rc = holds(g, hold - 1, pid, s, generation) ? drop_hold(g, hold - 1, !give_back, out) : ESTALE;
+    unlock_stripe(h, stripe_of(hash));
+    if (rc == 0 && out->for_write == -1) publish_space(h);
+    else if (rc == 0 && give_back) publish_bucket(h, hash); /* a read to take again */
+    return rc;
+}
+
+/* Unlink slot s (under its stripe's lock): freed now if nobody holds it,
+ * else its name goes now and its last holder frees it. 1 if freed. */
+static int unlink_at(const struct tfem_geometry *g, uint32_t s, struct tfem_claim *out, int *rc) {
+    struct tfem_slot *slot = slot_at(g, s);
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    if (state_of(word) == TFEM_STATE_WAIT) {
+        *rc = free_slot(g, s, TFEM_EVENT_UNLINK, generation_of(word), out);
+        return *rc == 0;
+    }
+    index_remove(g, s);
+    slot->flags |= TFEM_SLOT_DOOMED;
+    *rc = 0;
+    return 0;
+}
+
 int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out) {
     const struct tfem_geometry *g = tfem_geometry(h);
     memset(out, 0, sizeof *out);
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
-    int rc = 0, freed = 0;
+    int rc = ENOENT, freed = 0;
     int64_t s = find(g, name, len, hash);
-    if (s < 0) {
-        rc = ENOENT;
-    } else {
-        struct tfem_slot *slot = slot_at(g, (uint32_t)s);
-        uint64_t word = __atomic_load_n(&slot->state, SC);
-        if (state_of(word) == TFEM_STATE_WAIT) {
-            rc = free_slot(g, (uint32_t)s, TFEM_EVENT_UNLINK, generation_of(word), out);
-            freed = rc == 0;
-        } else { /* held: the name goes now, the holder frees the file */
-            index_remove(g, (uint32_t)s);
-            slot->flags |= TFEM_SLOT_DOOMED;
-        }
-    }
+    if (s >= 0) freed = unlink_at(g, (uint32_t)s, out, &rc);
     unlock_stripe(h, stripe_of(hash));
     if (freed) publish_space(h);
     return rc;
+}
+
+static int expired(const struct tfem_slot *slot, uint64_t word, uint64_t now_ns) {
+    return slot->expires_ns && slot->expires_ns <= now_ns && state_of(word) != TFEM_STATE_INVALID &&
+           state_of(word) != TFEM_STATE_WRITE && !(slot->flags & TFEM_SLOT_DOOMED);
+}
+
+uint32_t tfem_t_expired(struct tfem_header *h, uint64_t now_ns, uint32_t *slots, uint32_t *generations,
+                        uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
+        uint64_t word = __atomic_load_n(&slot->state, SC);
+        if (!expired(slot, word, now_ns)) continue;
+        slots[n] = s;
+        generations[n++] = generation_of(word);
+    }
+    return n;
+}
+
+int tfem_t_expire(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint64_t now_ns,
+                  struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    memset(out, 0, sizeof *out);
+    if (s >= g->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
+    uint32_t hash = slot->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    int rc = ESTALE, freed = 0;
+    if (generation_of(word) == generation && slot->name_hash == hash && expired(slot, word, now_ns))
+        freed = unlink_at(g, s, out, &rc);
+    unlock_stripe(h, stripe_of(hash));
+    if (freed) publish_space(h);
+    return rc;
+}
+
+uint32_t tfem_t_hold_pids(struct tfem_header *h, uint32_t *pids, uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < g->hold_count && n < max; i++) {
+        uint32_t pid = __atomic_load_n(&tfem_hold_at(g, i)->pid, SC);
+        if (pid) pids[n++] = pid;
+    }
+    return n;
 }
 
 int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
@@ -434,6 +595,10 @@ void tfem_t_info(struct tfem_header *h, uint32_t s, struct tfem_fileinfo *out) {
     out->size = slot->size;
     out->file_id = slot->file_id;
     out->created_ns = slot->created_ns;
+    out->expires_ns = slot->expires_ns;
+    out->readers = slot->readers;
+    out->readers_left = slot->readers_left;
+    out->holders = slot->holders;
     out->slot = s;
     out->state = state_of(__atomic_load_n(&slot->state, SC));
     out->spilled = (slot->flags & TFEM_SLOT_SPILLED) != 0;
@@ -682,4 +847,54 @@ int tfem_t_free_locked(struct tfem_header *h, uint32_t s, int event, uint32_t ge
     memset(out, 0, sizeof *out);
     if (s >= g->slot_count || event < 0 || event >= TFEM_EVENT_COUNT) return ESTALE;
     return free_slot(g, s, event, generation, out);
+}
+
+uint32_t tfem_t_settle_holds_locked(struct tfem_header *h, uint32_t pid, uint32_t *freed) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t n = 0;
+    *freed = 0;
+    for (uint32_t i = 0; i < g->hold_count; i++) {
+        struct tfem_hold *e = tfem_hold_at(g, i);
+        if (!pid || __atomic_load_n(&e->pid, SC) != pid) continue;
+        struct tfem_claim out = {0};
+        if (holds(g, i, pid, e->slot, e->generation)) {
+            if (drop_hold(g, i, 0, &out) == 0 && out.for_write == -1) ++*freed;
+        } else {
+            free_hold(e); /* of no SHARED file (died between claiming it and the file changing) */
+        }
+        n++;
+    }
+    return n;
+}
+
+uint32_t tfem_t_check_holds_locked(struct tfem_header *h) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t changed = 0;
+    for (uint32_t i = 0; i < g->hold_count; i++) {
+        struct tfem_hold *e = tfem_hold_at(g, i);
+        if (!e->pid) continue;
+        if (!holds(g, i, e->pid, e->slot, e->generation) || !e->counted) {
+            free_hold(e);
+            changed++;
+        }
+    }
+    for (uint32_t s = 0; s < g->slot_count; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
+        uint64_t word = __atomic_load_n(&slot->state, SC);
+        if (state_of(word) != TFEM_STATE_SHARED) continue;
+        uint32_t count = 0;
+        for (uint32_t i = 0; i < g->hold_count; i++) {
+            struct tfem_hold *e = tfem_hold_at(g, i);
+            count += e->pid && e->slot == s && e->generation == generation_of(word);
+        }
+        if (count == slot->holders) continue;
+        slot->holders = count;
+        changed++;
+        if (count) continue;
+        /* Nobody holds it: WAIT again, or INVALID (unlinked, or no readers
+         * to come), which adoption then empties like any free slot. */
+        int event = slot->flags & TFEM_SLOT_DOOMED ? TFEM_EVENT_UNLINK : shared_close_event(slot);
+        transition(slot, event, generation_of(word), 0);
+    }
+    return changed;
 }

@@ -6,7 +6,8 @@
  * name), EAGAIN (name exists but is not in WAIT), ENOSPC (no free slot or
  * no free blocks), E2BIG (a file at its extent limit), ESTALE (the slot is
  * no longer held as the caller says), EBUSY (the table lock was held too
- * long), EPERM (the state machine forbids the transition).
+ * long), EPERM (the state machine forbids the transition), EMFILE (the
+ * hold table is full: too many shared reads open at once).
  */
 #ifndef TFEM_TABLE_H
 #define TFEM_TABLE_H
@@ -20,10 +21,14 @@ struct tfem_fileinfo {
     uint64_t size;
     uint64_t file_id;
     uint64_t created_ns;
+    uint64_t expires_ns;  /* 0: no time limit */
     uint32_t slot;
     int32_t state;
     int32_t spilled;
     uint32_t name_len;
+    uint32_t readers;      /* its lifetime: 1 consume-once, N readers, 0 kept */
+    uint32_t readers_left; /* opens still to come (readers > 1) */
+    uint32_t holders;      /* readers holding it now */
     char name[TFEM_NAME_MAX + 1];
 };
 
@@ -33,6 +38,7 @@ struct tfem_claim {
     uint64_t file_id;
     int32_t for_write;    /* tfem_t_take: 1 if it created the name */
     int32_t state;        /* tfem_t_take: the state found when not WAIT */
+    uint32_t hold;        /* tfem_t_take: a shared read's hold-table entry + 1, or 0 */
     uint64_t discard_id;  /* a file id whose spill records must go, or 0 */
 };
 
@@ -48,6 +54,11 @@ int tfem_t_consume(struct tfem_header *h, uint32_t slot, uint32_t generation, ui
                    struct tfem_claim *out);
 int tfem_t_release(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
                    struct tfem_claim *out);
+/* A shared read's reader lets go: closing it (give_back 0) or giving the
+ * read back (1: abort). The last holder of a file with no readers to come,
+ * or unlinked meanwhile, frees it (out->for_write = -1). */
+int tfem_t_let_go_shared(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, uint32_t hold,
+                         int give_back, struct tfem_claim *out);
 int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out);
 int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
@@ -85,6 +96,16 @@ void tfem_t_info(struct tfem_header *h, uint32_t slot, struct tfem_fileinfo *out
 uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uint64_t *since, uint32_t max);
 /* The file ids of spilled files a slot still holds (not INVALID). */
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max);
+/* Slots of files whose time limit has passed by now_ns (not yet unlinked),
+ * and their generations. */
+uint32_t tfem_t_expired(struct tfem_header *h, uint64_t now_ns, uint32_t *slots, uint32_t *generations, uint32_t max);
+/* Unlink the file in slot s of that generation if its time is up by now_ns
+ * (the broker, for a ttl): ESTALE if it is another file by now. */
+int tfem_t_expire(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, uint64_t now_ns,
+                  struct tfem_claim *out);
+/* The pids of shared reads in the hold table (at most max of them, repeats
+ * possible), for the broker's watch over clients. */
+uint32_t tfem_t_hold_pids(struct tfem_header *h, uint32_t *pids, uint32_t max);
 /* crc32 of a name (zlib's): keys the name index and the wake buckets. */
 uint32_t tfem_name_hash(const char *name, uint32_t len);
 int tfem_t_index_insert(struct tfem_header *h, uint32_t slot);
@@ -97,6 +118,16 @@ int tfem_t_transition_locked(struct tfem_header *h, uint32_t slot, int event, in
                              uint32_t holder);
 int tfem_t_free_locked(struct tfem_header *h, uint32_t slot, int event, uint32_t generation,
                        struct tfem_claim *out);
+/* Let go of the shared reads of a dead pid, giving back the reads it had
+ * counted: the number let go of. *freed counts files freed (unlinked while
+ * it read them); out names the last. */
+uint32_t tfem_t_settle_holds_locked(struct tfem_header *h, uint32_t pid, uint32_t *freed);
+/* Adoption, before it rebuilds the index and the free-slot stack: clear
+ * hold entries of no SHARED file, count each SHARED file's holders again
+ * from its entries, and turn a SHARED file nobody holds to WAIT, or to
+ * INVALID (for adoption to empty) if it was unlinked or has no readers to
+ * come. The number of slots or entries changed. */
+uint32_t tfem_t_check_holds_locked(struct tfem_header *h);
 int tfem_t_lock(struct tfem_header *h, uint32_t pid);
 void tfem_t_unlock(struct tfem_header *h);
 
