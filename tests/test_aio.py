@@ -312,3 +312,31 @@ def test_waiting_opens_follow_a_replaced_segment(instance):
             assert await client.list() == []
 
     asyncio.run(main())
+
+
+def test_lifetimes_go_to_the_blocking_open(client, instance):
+    async def main() -> None:
+        async with await tfem.aio.connect(instance.keyfile) as aclient:
+            readers = [asyncio.create_task(aclient.open("two", "r", timeout=30)) for _ in range(2)]
+            await all_parked(aclient, readers, ["two"])
+            async with await aclient.open("two", "w", readers=2) as f:
+                await f.write(b"for two")
+            first, second = await asyncio.wait_for(asyncio.gather(*readers), 10)  # held by both at once
+            assert (await aclient.stat("two")).holders == 2
+            for f in (first, second):
+                assert await f.read() == b"for two"
+                await f.close()
+            async with await aclient.open("kept", "w", keep=True) as f:
+                await f.write(b"kept")
+            for _ in range(3):
+                async with await aclient.open("kept", "r", wait=False) as f:
+                    assert await f.read() == b"kept"
+            await aclient.unlink("kept")
+            assert await aclient.list() == []
+            with pytest.raises(tfem.InvalidArgument) as blocking:
+                client.open("both", "w", keep=True, readers=2)
+            with pytest.raises(tfem.InvalidArgument) as asynchronous:
+                await aclient.open("both", "w", keep=True, readers=2)
+            assert str(asynchronous.value) == str(blocking.value)
+
+    asyncio.run(main())
