@@ -340,3 +340,45 @@ def test_lifetimes_go_to_the_blocking_open(client, instance):
             assert str(asynchronous.value) == str(blocking.value)
 
     asyncio.run(main())
+
+
+def test_closing_the_client_fails_its_waiting_opens_and_counts_the_watcher_out(instance):
+    async def main() -> None:
+        client = await tfem.aio.connect(instance.keyfile)
+        opening = asyncio.create_task(client.open("never", "r"))
+        await all_parked(client, [opening], ["never"])
+        await client.close()
+        with pytest.raises(ValueError, match="closed while this open waited"):
+            await opening
+        await client.close()  # idempotent
+
+    asyncio.run(main())
+    with instance.connect() as other:
+        assert other.segment is not None
+        assert list(other.segment.header.wake_waiters) == [0] * WAKE_BUCKETS
+
+
+def test_the_watchers_wait_returns_when_a_word_moves_or_too_many_to_sleep_on():
+    from tfem._native import ffi, lib
+
+    control = ffi.new("uint32_t[]", 1)
+    words = ffi.new("uint32_t[]", 200)
+    pointers = ffi.new("uint32_t *[]", 200)
+    expected = ffi.new("uint32_t[]", 200)
+    for i in range(200):
+        pointers[i] = words + i
+
+    def bump_later() -> None:
+        time.sleep(0.1)
+        lib.tfem_add32(words + 5, 1)
+        lib.tfem_futex_wake(words + 5, 1)
+
+    bumper = threading.Thread(target=bump_later)
+    start = time.monotonic()
+    bumper.start()
+    assert lib.tfem_wait_any(pointers, expected, 10, control, 0) == 0  # futex_waitv on 10 words and the control
+    bumper.join()
+    assert 0.09 <= time.monotonic() - start < 5 and words[5] == 1
+    start = time.monotonic()
+    assert lib.tfem_wait_any(pointers, expected, 200, control, 0) == 0  # past one call's 128: a 1 ms look
+    assert time.monotonic() - start < 1
