@@ -28,6 +28,9 @@ Libs: -L${libdir} -Wl,-rpath,${libdir} -ltfem
 Cflags: -I${includedir}
 """
 VERSION = "0.1.0"
+# 2025.1: pipe_file's mode, which fsspec's reusable tests ask for
+FSSPEC = ["fsspec>=2025.1.0"]
+DASK = [*FSSPEC, "pandas>=2", "pyarrow>=14", "dask[dataframe]>=2025.1.0", "distributed>=2025.1.0"]
 
 
 class BuildWithCShim(build_ext):
@@ -82,11 +85,23 @@ setup(
     extras_require={
         # matplotlib: the test of the benchmark harness draws its plots;
         # numpy: the zero-copy tests use views from numpy, as users will;
-        # mypy (and cffi's stubs): tests/test_types.py type-checks the package
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "numpy>=1.22", "mypy>=1.10", "types-cffi"],
+        # mypy (and cffi's stubs): tests/test_types.py type-checks the package;
+        # fsspec and the rest of the dask extra: tests/test_fsspec.py runs
+        # fsspec's own test suite, pandas, pyarrow and Dask against tfem://
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "numpy>=1.22", "mypy>=1.10", "types-cffi",
+                 *DASK],
+        # tfem:// for fsspec (and so for pandas and pyarrow through it)
+        "fsspec": FSSPEC,
+        # examples/dask_dcr.py: Dask dataframes on a local cluster, parquet
+        "dask": DASK,
         # python -m bench (also needs redis-server on PATH)
         "bench": ["redis>=4.2", "matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["tfem=tfem.cli:main"]},
+    entry_points={
+        "console_scripts": ["tfem=tfem.cli:main"],
+        # the protocol tfem:// for fsspec, pandas, pyarrow and Dask, known
+        # in every process (Dask's spawned workers too) without an import
+        "fsspec.specs": ["tfem=tfem.fsspec_fs:TfemFileSystem"],
+    },
     zip_safe=False,
 )

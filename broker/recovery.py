@@ -130,7 +130,7 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
             except ValueError:  # not a state at all
                 state = None
             holder = holder_of(word)
-            if state in (State.INVALID, State.WAIT) and holder:  # nobody holds these: no pid to ask about
+            if state in (State.INVALID, State.WAIT, State.SHARED) and holder:  # no pid belongs in these words
                 slot.state = pack_word(state, generation_of(word), 0)
             if state is State.INVALID:
                 table.empty_locked(s)

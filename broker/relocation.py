@@ -107,6 +107,8 @@ class Relocation:
             if rc not in (errno.EEXIST, errno.ENOSPC):
                 log.error("cannot move %r into the new segment: %s", raw, os.strerror(rc))
             return
+        lib.tfem_f_set_lifetime(core, slot.readers, slot.expires_ns)
+        core.slot.readers_left = slot.readers_left  # reads already done stay done
         if slot.flags & lib.TFEM_SLOT_ARENA:
             self._make_whole(core, slot, into)
         f = TfemFile(core, raw.decode(), into)

@@ -273,7 +273,8 @@ class TfemFile(io.RawIOBase):
 
     def abort(self) -> None:
         """Producer: drop the file instead of publishing it. Consumer: give
-        it back unread (READ -> WAIT), for another consumer to take."""
+        it back unread (READ -> WAIT), for another consumer to take; of a
+        file for several readers or kept, the read is not counted."""
         f = self._f
         if not f.held or self._epoch != forks.epoch and self._in_forked_child():
             return

@@ -1,14 +1,18 @@
 """Every example in the README runs, as the README shows it, and checks its
 own result: the quick-start demo, the producer and consumer, the pipeline
-through tfem and through plain files, and the Slurm batch script (outside
-Slurm it runs its one-node fallback)."""
+through tfem and through plain files, the Slurm batch script (outside
+Slurm it runs its one-node fallback), and the Dask job."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 from tests._instances import leftovers
 from tfem.config import Instance
@@ -61,3 +65,23 @@ def test_slurm_script_runs_its_one_node_fallback(tmp_path):
     keyfiles = list(tmp_path.glob("tfem-job-*.key"))
     assert keyfiles == []  # the registry removes the key file it made
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tfem-job-")]
+
+
+def test_dask_job_gives_the_answer_of_a_direct_computation(instance):
+    pytest.importorskip("dask.distributed")
+    spec = importlib.util.spec_from_file_location("dask_dcr", EXAMPLES / "dask_dcr.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = run([sys.executable, str(EXAMPLES / "dask_dcr.py"), "--rows", "20000", "--parts", "5", "--keys", "7",
+               "--workers", "2", "--json"], env=instance.env)
+    result = json.loads(out.stdout.splitlines()[-1])
+    # The same sums, here in plain Python over the example's input.
+    table = example.make_input(20000, 7, 1)
+    expected: dict[str, list[int]] = {}
+    for key, x in zip(table["key"].tolist(), table["x"].tolist()):
+        sums = expected.setdefault(str(key), [0, 0])
+        sums[0] += x * x % example.MODULUS
+        sums[1] += 1
+    assert result["answer"] == expected and result["ok"]
+    with instance.connect() as client:
+        assert client.list() == []  # every stage's files removed

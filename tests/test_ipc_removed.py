@@ -68,6 +68,13 @@ def test_a_removed_segment_is_made_again_with_every_file(instance: RunningInstan
         files = publish_all(old, "seg")
         in_flight = old.open("seg/in-flight", "w")  # a writer the move overtakes
         in_flight.write(content("seg/in-flight", 20 * KIB))
+        with old.open("seg/kept", "w", keep=True, ttl=3600) as f:  # lifetimes move with their files
+            f.write(b"kept")
+        with old.open("seg/three", "w", readers=3) as f:
+            f.write(b"three")
+        with old.open("seg/three") as f:
+            f.read()
+        expires = old.stat("seg/kept").expires
         before = inode(path)
         os.unlink(path)
         wait_until(lambda: inode(path) not in (None, before), NOTICE_S, "a new segment")
@@ -78,7 +85,13 @@ def test_a_removed_segment_is_made_again_with_every_file(instance: RunningInstan
             f.write(b"written after the move")
         files["seg/old-client"] = b"written after the move"
         with instance.connect() as new:
-            read_all(new, files)
+            wait_until(lambda: new.stat("seg/three").readers_left == 2, NOTICE_S, "the move of seg/three")
+            st = new.stat("seg/kept")
+            assert (st.lifetime, st.expires) == ("keep", expires)
+            read_all(new, {"seg/three": b"three"} | files)
+            assert new.stat("seg/three").readers_left == 1
+            read_all(new, {"seg/three": b"three"})
+            new.unlink("seg/kept")
             assert new.list() == []
             assert new.stats()["spilled_files"] == 0, "a moved spilled file left its records"
 

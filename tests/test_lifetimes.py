@@ -8,6 +8,7 @@ read to come back) are real processes (tests/_tfem_worker.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -311,3 +312,24 @@ def test_lifetimes_through_the_c_api(instance, programs):
     ]
     with instance.connect() as c:
         assert_all_free(c)
+
+
+def test_a_full_hold_table_is_a_clear_error_and_loses_nothing(client):
+    """The instance's 256 slots give 512 hold entries: shared reads open
+    at once past that are refused, and the reads already open go on."""
+    data = put(client, "popular", 1_500, keep=True)
+    limit = client.table.seg.hold_count
+    files = [client.open("popular", wait=False) for _ in range(limit)]
+    with pytest.raises(tfem.TfemError, match=f"{limit} shared reads are open at once") as info:
+        client.open("popular", wait=False)
+    assert info.value.errno == errno.EMFILE
+    assert client.stat("popular").holders == limit
+    files.pop().close()
+    files.append(client.open("popular", wait=False))  # a freed entry is taken again
+    assert all(f.read() == data for f in files)
+    for f in files:
+        f.close()
+    st = client.stat("popular")
+    assert (st.state, st.holders) == ("WAIT", 0)
+    client.unlink("popular")
+    assert_all_free(client)

@@ -887,7 +887,7 @@ uint32_t tfem_t_check_holds_locked(struct tfem_header *h) {
             struct tfem_hold *e = tfem_hold_at(g, i);
             count += e->pid && e->slot == s && e->generation == generation_of(word);
         }
-        if (count == slot->holders) continue;
+        if (count == slot->holders && count) continue;
         slot->holders = count;
         changed++;
         if (count) continue;
