@@ -64,7 +64,7 @@ from .errors import InvalidArgument, NoSpace, NotFound, WouldBlock
 from .files import TfemFile
 from .table import WAKE_BUCKETS, FileStat, encode_name, name_hash
 
-BIG_TRANSFER = 1 << 20  # bytes a read or write copies on the loop (~0.1-0.3 ms here); more go to a thread
+BIG_TRANSFER = 1 << 20  # bytes a read or write copies on the loop (63 us here; a thread hop 49 us); more: a thread
 
 T = TypeVar("T")
 
