@@ -198,7 +198,7 @@ class _Watcher:
         for word in self._words.values():
             lib.tfem_add32(word.waiters, -1)
             for future in word.parked:
-                if not future.done():
+                if not future.done() and not self.loop.is_closed():
                     future.set_exception(ValueError("the tfem client was closed while this open waited"))
         self._words.clear()
 
@@ -291,7 +291,8 @@ class File:
 
 class Client:
     """A connection to one broker for asyncio: coroutines over the blocking
-    Client (`blocking`), bound to the event loop of its first waiting open."""
+    Client (`blocking`). Its opens wait in one event loop at a time: the
+    loop of its first waiting open, until that loop is closed."""
 
     def __init__(self, blocking: _client.Client) -> None:
         self.blocking = blocking
@@ -377,10 +378,14 @@ class Client:
         return self.blocking
 
     def _watching(self, loop: asyncio.AbstractEventLoop) -> _Watcher:
+        if self._watcher is not None and self._watcher.loop is not loop:
+            if not self._watcher.loop.is_closed():
+                raise InvalidArgument("a tfem.aio client waits in one event loop at a time: connect again "
+                                      "for another")
+            self._watcher.close()  # its loop is gone, and every open that waited there with it
+            self._watcher = None
         if self._watcher is None:
             self._watcher = _Watcher(loop)
-        elif self._watcher.loop is not loop:
-            raise InvalidArgument("a tfem.aio client waits in one event loop: connect again for another")
         return self._watcher
 
     def _words_of(self, segment: Any) -> tuple[Pointer[int], Pointer[int], Pointer[int], Pointer[int]]:

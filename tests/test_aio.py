@@ -382,3 +382,26 @@ def test_the_watchers_wait_returns_when_a_word_moves_or_too_many_to_sleep_on():
     start = time.monotonic()
     assert lib.tfem_wait_any(pointers, expected, 200, control, 0) == 0  # past one call's 128: a 1 ms look
     assert time.monotonic() - start < 1
+
+
+def test_a_client_waits_in_one_loop_at_a_time(instance):
+    client = asyncio.run(tfem.aio.connect(instance.keyfile))
+    try:
+        async def times_out() -> None:
+            with pytest.raises(tfem.Timeout):
+                await client.open("later", "r", timeout=0.05)
+
+        asyncio.run(times_out())
+
+        async def served() -> None:  # in a new loop, once the first is closed
+            opening = asyncio.create_task(client.open("later", "r"))
+            await all_parked(client, [opening], ["later"])
+            with pytest.raises(tfem.InvalidArgument, match="one event loop at a time"):
+                await asyncio.to_thread(asyncio.run, client.open("elsewhere", "r"))
+            await asyncio.to_thread(publish, instance, ["later"])
+            async with await asyncio.wait_for(opening, 10) as f:
+                assert await f.read() == b"x"
+
+        asyncio.run(served())
+    finally:
+        asyncio.run(client.close())
