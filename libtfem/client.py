@@ -303,6 +303,12 @@ class Client:
         A writer meeting a full slot table, or a full arena with spilling
         off, gets NoSpace at once; with a `timeout` it waits that long for
         consumers to free room first (back-pressure).
+
+        `wait=False` never waits for the open itself: a writer gets NoSpace
+        at once for a full slot table (its writes still wait up to
+        `timeout` for room), and a reader waits for a file the broker holds
+        a moment (moving it to or from the spill store) up to 5 s, or
+        `timeout` if shorter (0: not at all, WouldBlock).
         """
         if self._epoch != forks.epoch:
             self._check_fork()
@@ -319,13 +325,13 @@ class Client:
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
         plain = readers == 1 and type(readers) is int and keep is False and ttl is None  # consume-once
         lifetime = None if plain else _lifetime(kind, readers, keep, ttl)
-        room_timeout = 0 if timeout is None or not wait else timeout
+        room_timeout = 0 if timeout is None else timeout
         deadline = None if timeout is None else Deadline(timeout)
         core = ffi.new(_FILE)
         while True:  # again after a signal (EINTR), once Python has run its handlers
             left = -1 if deadline is None else deadline.remaining_ns()
             if kind == "w":
-                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
+                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout and wait else 0, core)
             else:
                 rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
                                      self._state_found)
@@ -334,7 +340,7 @@ class Client:
             elif rc != errno.EINTR:
                 break
         if rc:
-            raise self._open_error(rc, raw, kind, timeout)
+            raise self._open_error(rc, raw, kind, timeout if wait else None)
         if lifetime is not None and core.writing:
             lib.tfem_f_set_lifetime(core, lifetime[0], lifetime[1])
         f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)

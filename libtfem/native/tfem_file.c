@@ -228,8 +228,10 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
         if (rc == EINPROGRESS && !wait) {
             /* Published, and held by the broker a moment (a move to or from
              * the spill store): waited for even by an open that does not
-             * wait, since to its caller the file is there. */
-            if (!moment) moment = deadline_of(BROKER_HOLD_NS);
+             * wait, since to its caller the file is there; a timeout bounds
+             * the moment too (0: not at all, what tfem.aio asks). */
+            if (!moment)
+                moment = deadline_of(timeout_ns >= 0 && timeout_ns < BROKER_HOLD_NS ? timeout_ns : BROKER_HOLD_NS);
             if (!waited++) COUNT(h, read_waits);
             rc = wait_seq(&h->wake_seq[bucket], &h->wake_waiters[bucket], seen, moment);
             if (rc == ETIMEDOUT) {
