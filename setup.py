@@ -81,15 +81,19 @@ setup(
         # a compressed record back, so they are not optional.
         "lz4>=4",
         "zstandard>=0.22",
+        # tfem put/get progress bars on a terminal: rate, ETA, terminal width
+        # and redraws done right, pure Python; imported only for a bar.
+        "tqdm>=4.60",
     ],
     extras_require={
         # matplotlib: the test of the benchmark harness draws its plots;
         # numpy: the zero-copy tests use views from numpy, as users will;
         # mypy (and cffi's stubs): tests/test_types.py type-checks the package;
         # fsspec and the rest of the dask extra: tests/test_fsspec.py runs
-        # fsspec's own test suite, pandas, pyarrow and Dask against tfem://
+        # fsspec's own test suite, pandas, pyarrow and Dask against tfem://;
+        # prometheus_client: its parser reads `tfem status --prometheus` (test_cli.py)
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "numpy>=1.22", "mypy>=1.10", "types-cffi",
-                 *DASK],
+                 "prometheus_client>=0.16", *DASK],
         # tfem:// for fsspec (and so for pandas and pyarrow through it)
         "fsspec": FSSPEC,
         # examples/dask_dcr.py: Dask dataframes on a local cluster, parquet

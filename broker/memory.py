@@ -72,6 +72,7 @@ class Memory:
         self.lock = threading.Lock()  # the broker's allocations: one at a time (see the module's docstring)
         self.moving: set[int] = set()  # ids of files whose move to the store is under way
         self.ahead_due = False  # an ALLOC found the arena full: evict ahead of the next ones
+        self.spills = 0  # files moved to the spill store
         self.restores = 0  # files brought back into memory
         self.restore_hits = 0  # ... and consumed from there
         self.restores_evicted = 0  # ... and spilled again before that
@@ -208,6 +209,7 @@ class Memory:
         finally:
             self.moving.discard(file_id)
         table.release_extents(s)
+        self.spills += 1
 
     def write(self, file_id: int, offset: int, data: memoryview) -> Generator[None, None, None]:
         """SPILL_WRITE's store write, a step at a time."""

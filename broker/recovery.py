@@ -130,7 +130,9 @@ def adopt(table: SlotTable, alive: Callable[[int], bool], spilled: Mapping[int, 
             except ValueError:  # not a state at all
                 state = None
             holder = holder_of(word)
-            if state in (State.INVALID, State.WAIT, State.SHARED) and holder:  # no pid belongs in these words
+            # Nobody holds these by their word (a SHARED file's readers are in
+            # the hold table): a pid there is damage, not a process to ask about.
+            if state in (State.INVALID, State.WAIT, State.SHARED) and holder:
                 slot.state = pack_word(state, generation_of(word), 0)
             if state is State.INVALID:
                 table.empty_locked(s)

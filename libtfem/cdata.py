@@ -74,6 +74,12 @@ class Header(Protocol):
     opened_read: int
     closed_write: int
     closed_read: int
+    read_waits: int
+    room_waits: int
+    timeouts: int
+    refused_full: int
+    refused_large: int
+    checksum_errors: int
     moved: int
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,10 +17,10 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from . import launch
+from . import launch, metrics
 from .client import connect
 from .config import ENV_KEYFILE, Instance, format_size, parse_size, resolve_keyfile
-from .errors import TfemError
+from .errors import BrokerUnavailable, InvalidArgument, NotFound, TfemError, Timeout, WouldBlock
 from .spill_format import CODECS
 
 READY_TIMEOUT_S = 60.0
@@ -30,6 +31,19 @@ BROKER_MODES = ("adaptive", "sync", "async")
 # gives up on a broker (keeping its data), and starts a registry again after
 # a pause that doubles up to MAX_RESTART_PAUSE_S.
 MAX_RESTARTS, RESTART_WINDOW_S, MAX_RESTART_PAUSE_S = 5, 60.0, 30.0
+# Exit statuses, for scripts: the first of these an error is an instance of
+# (errors.py), else 1. `tfem up -- CMD` exits with CMD's status instead.
+EXIT_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (InvalidArgument, 2), (NotFound, 3), (Timeout, 4), (WouldBlock, 4), (BrokerUnavailable, 5))
+EXIT_CODES = (
+    (0, "done"),
+    (1, "an error: tfem's, or a local file's (the message says which)"),
+    (2, "the command line is wrong (usage)"),
+    (3, "no file of that name"),
+    (4, "a file was not ready in time (--timeout, --no-wait)"),
+    (5, "no instance answers for the key file (start one with `tfem up`)"),
+    (130, "interrupted (Ctrl-C)"),
+)
 
 
 def _size(text: str) -> int:
@@ -126,11 +140,13 @@ def _command(sub: Any, name: str, run: Callable[[argparse.Namespace], int], help
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tfem",
-        description="Hand temporary files from process to process through memory. "
-                    "Start an instance with `tfem up`; put, get and inspect files with the "
-                    "other commands. Sizes take K, M, G, T suffixes (binary).")
+        prog="tfem", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Hand temporary files from process to process through memory.\n"
+                    "Start an instance with `tfem up`; put, get and inspect files with the\n"
+                    "other commands. Sizes take K, M, G, T suffixes (binary).",
+        epilog="exit status:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in EXIT_CODES))
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command(sub, "up", cmd_up, help="run a registry and a broker in the foreground",
@@ -161,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "LOCAL files, NAME is a prefix ending in / and each file keeps "
                              "its base name.")
     p.add_argument("paths", nargs="+", metavar="LOCAL... NAME")
+    life = p.add_mutually_exclusive_group()
+    life.add_argument("--readers", type=int, default=1, metavar="N",
+                      help="freed after N readers (default 1: the first reader consumes it)")
+    life.add_argument("--keep", action="store_true", help="kept for any number of readers until `tfem rm`")
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="unlinked that long after it is written")
 
     p = _command(sub, "get", cmd_get, help="take files out of tfem (consumes them)",
                  description="Read NAME into LOCAL (or - for standard output) and free it. "
@@ -172,7 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "ls", cmd_ls, help="list the names held")
     p.add_argument("prefix", nargs="?", default="", help="only names starting with this")
-    p.add_argument("-l", "--long", action="store_true", help="show state and size")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("-l", "--long", action="store_true",
+                       help="a table: state, size in bytes, lifetime, age, name")
+    shown.add_argument("--json", action="store_true", help="one JSON array of objects, a file each")
+
+    p = _command(sub, "save", cmd_save, help="copy the published files to a directory (stage-out)",
+                 description="Copy every published file (WAIT, or SHARED: a kept or many-reader file "
+                             "that others read), or those whose names start with "
+                             "PREFIX, into DIR as plain files; a / in a name makes a subdirectory. "
+                             "The files stay in tfem unless --consume. Files being written or read "
+                             "are skipped and listed; a name that would land outside DIR is refused.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="only names starting with this")
+    p.add_argument("--consume", action="store_true", help="consume the files saved (free them in tfem)")
 
     p = _command(sub, "stat", cmd_stat, help="show a file's size and state")
     p.add_argument("name")
@@ -182,7 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+")
 
     p = _command(sub, "status", cmd_status, help="show the broker's slots, memory, spill and requests")
-    p.add_argument("--json", action="store_true")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the broker's whole STATS reply")
+    shown.add_argument("--prometheus", action="store_true",
+                       help="counters and gauges in Prometheus' text format, for node_exporter's "
+                            "textfile collector (README: Monitoring)")
+    shown.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                       help="show it again every SECONDS (default 2) until Ctrl-C")
 
     p = _command(sub, "config", cmd_config, help="compiler flags for C programs using libtfem",
                  description="Print what a C compiler needs to use tfem.h and libtfem.so: "
@@ -373,56 +413,76 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # ---- clients ----
 
+# A transfer this large shows a progress bar, when stderr is a terminal.
+PROGRESS_MIN_BYTES = 16 << 20
+CHUNK = 16 << 20
+
+
+def _progress(label: str, total: int | None) -> Any:
+    """A progress bar on stderr for a large transfer (of unknown size: one
+    that lasts over a second), when stderr is a terminal; else nothing, and
+    tqdm is not even imported."""
+    if not sys.stderr.isatty() or (total is not None and total < PROGRESS_MIN_BYTES):
+        return contextlib.nullcontext(None)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                delay=0 if total is not None else 1.0, dynamic_ncols=True)
+
 
 def cmd_put(args: argparse.Namespace) -> int:
     *locals_, name = args.paths
     if not locals_:
-        raise TfemError("put takes LOCAL... NAME")
+        raise InvalidArgument("put takes LOCAL... NAME")
     if len(locals_) > 1 and not name.endswith("/"):
-        raise TfemError("with several files, NAME must be a prefix ending in /")
+        raise InvalidArgument("with several files, NAME must be a prefix ending in /")
     with connect(args.keyfile) as client:
         for local in locals_:
             target = name + os.path.basename(local) if name.endswith("/") else name
-            with client.open(target, "w") as out:
-                _copy_local_into(local, out)
+            with client.open(target, "w", readers=args.readers, keep=args.keep, ttl=args.ttl) as out:
+                _copy_local_into(local, out, target)
     return 0
 
 
-def _copy_local_into(local: str, out: Any) -> None:
+def _copy_local_into(local: str, out: Any, name: str) -> None:
     if local == "-":
         src = sys.stdin.buffer
-        while chunk := src.read(16 << 20):
-            out.write(chunk)
+        with _progress(name, None) as bar:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
         return
     with open(local, "rb") as src:
         size = os.fstat(src.fileno()).st_size
         if size == 0:
             return
-        with mmap.mmap(src.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-            with memoryview(mapped) as view:
-                out.write(view)
+        with mmap.mmap(src.fileno(), size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            with _progress(name, size) as bar:
+                for start in range(0, size, CHUNK):
+                    out.write(view[start:start + CHUNK])
+                    if bar is not None:
+                        bar.update(min(CHUNK, size - start))
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     *names, local = args.paths
     if not names:
-        raise TfemError("get takes NAME... LOCAL")
+        raise InvalidArgument("get takes NAME... LOCAL")
     into_dir = len(names) > 1 or os.path.isdir(local)
     if len(names) > 1 and not os.path.isdir(local):
-        raise TfemError(f"with several names, {local} must be a directory")
+        raise InvalidArgument(f"with several names, {local} must be a directory")
     with connect(args.keyfile) as client:
         for name in names:
             target = _local_target(local, name) if into_dir else local
             src = client.open(name, "r", timeout=args.timeout, wait=not args.no_wait)
             try:
                 if target == "-":
-                    for chunk in src.chunks():
-                        sys.stdout.buffer.write(chunk)
+                    _copy_out(src, sys.stdout.buffer, name)
                     sys.stdout.buffer.flush()
                 else:
                     with open(target, "wb") as out:
-                        for chunk in src.chunks():
-                            out.write(chunk)
+                        _copy_out(src, out, name)
             except BaseException:
                 src.abort()  # not delivered, so not consumed: it stays for another try
                 raise
@@ -430,21 +490,102 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _copy_out(src: Any, out: Any, name: str) -> int:
+    """The rest of a file open for read, into `out`; how many bytes."""
+    done = 0
+    with _progress(name, src.fstat().size) as bar:
+        for chunk in src.chunks(CHUNK):
+            out.write(chunk)
+            done += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    return done
+
+
 def _local_target(directory: str, name: str) -> str:
+    """Where file `name` goes under `directory` (made as needed): refused if
+    it would land outside it, through `..` or a symbolic link."""
     parts = [p for p in name.split("/") if p]
     if not parts or any(p in (".", "..") for p in parts):
-        raise TfemError(f"cannot store {name!r} under a directory: it is not a plain relative name")
+        raise InvalidArgument(f"cannot store {name!r} under a directory: it is not a plain relative name")
     path = os.path.join(directory, *parts)
+    top = os.path.realpath(directory)
+    if os.path.commonpath([top, os.path.realpath(path)]) != top:
+        raise InvalidArgument(f"cannot store {name!r} under {directory}: a symbolic link leads outside it")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
 
+def _age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     with connect(args.keyfile) as client:
-        for st in sorted(client.list_stats(), key=lambda s: s.name):
-            if st.name.startswith(args.prefix):
-                print(f"{st.state:7} {st.size:>14} {st.name}" if args.long else st.name)
+        stats = sorted((st for st in client.list_stats() if st.name.startswith(args.prefix)), key=lambda s: s.name)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(st), "lifetime": st.lifetime} for st in stats]))
+    elif args.long:
+        now = time.time()
+        rows = [("STATE", "SIZE", "LIFETIME", "AGE", "NAME")]
+        rows += [(st.state, str(st.size), st.lifetime, _age(now - st.created), st.name) for st in stats]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for state, size, lifetime, age, name in rows:
+            print(f"{state:<{widths[0]}}  {size:>{widths[1]}}  {lifetime:<{widths[2]}}  {age:>{widths[3]}}  {name}")
+    else:
+        for st in stats:
+            print(st.name)
     return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.dir):
+        raise InvalidArgument(f"{args.dir} is not a directory")
+    saved = saved_bytes = 0
+    busy: list[str] = []
+    failed = 0
+    with connect(args.keyfile) as client:
+        for st in sorted(client.list_stats(), key=lambda s: s.name):
+            if not st.name.startswith(args.prefix):
+                continue
+            try:
+                if st.state not in ("WAIT", "SHARED"):  # published (SHARED: a kept or many-reader file being read)
+                    raise WouldBlock(st.state)
+                saved_bytes += _save_one(client, st.name, args.dir, args.consume)
+                saved += 1
+            except (WouldBlock, NotFound):  # held by its writer or a reader (now), or gone
+                busy.append(st.name)
+            except OSError as exc:  # a refused name, a damaged file, a local file's error
+                _error(f"{st.name}: not saved: {_describe(exc)}")
+                failed += 1
+    what = "consumed" if args.consume else "kept in tfem"
+    print(f"saved {saved} file{'s' if saved != 1 else ''}, {saved_bytes} bytes ({_mib(saved_bytes)}), "
+          f"to {args.dir} ({what})")
+    if busy:
+        print(f"skipped {len(busy)} being written or read: {' '.join(busy)}")
+    return 1 if failed else 0
+
+
+def _save_one(client: Any, name: str, directory: str, consume: bool) -> int:
+    """Copy one file into `directory`; its size. Consumed, or given back."""
+    target = _local_target(directory, name)
+    src = client.open(name, "r", wait=False)
+    try:
+        with open(target, "wb") as out:
+            size = _copy_out(src, out, name)
+    except BaseException:
+        src.abort()
+        if os.path.exists(target):
+            os.unlink(target)  # half a file is no copy
+        raise
+    if consume:
+        src.close()
+    else:
+        src.abort()  # the read given back: the file stays for its consumer
+    return size
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
@@ -470,41 +611,86 @@ def cmd_rm(args: argparse.Namespace) -> int:
             try:
                 client.unlink(name)
             except TfemError as exc:
-                print(f"tfem rm: {name}: {exc}", file=sys.stderr)
-                status = 1
+                _error(str(exc))
+                status = exit_status(exc)
     return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.prometheus:
+        return _status_prometheus(args)
+    if args.watch is not None:
+        return _status_watch(args)
     with connect(args.keyfile) as client:
         stats = client.stats()
-    if args.json:
-        print(json.dumps(stats, indent=2))
-        return 0
+    print(json.dumps(stats, indent=2) if args.json else _status_text(stats))
+    return 0
+
+
+def _status_prometheus(args: argparse.Namespace) -> int:
+    try:
+        with connect(args.keyfile) as client:
+            stats = client.stats()
+    except BrokerUnavailable:
+        # Said in the metrics too: the collector's file must not go on
+        # showing the last figures of an instance that has stopped.
+        sys.stdout.write(metrics.render_down(Instance.for_keyfile(args.keyfile).segment))
+        raise
+    sys.stdout.write(metrics.render(stats))
+    return 0
+
+
+def _status_watch(args: argparse.Namespace) -> int:
+    """The status, drawn again in place every `args.watch` seconds: the
+    screen is cleared once, then each frame overwrites the last (no blank
+    moment, so no flicker)."""
+    if args.watch <= 0:
+        raise InvalidArgument("--watch takes a number of seconds above 0")
+    out = sys.stdout
+    with connect(args.keyfile) as client:
+        out.write("\033[H\033[2J")
+        try:
+            while True:
+                text = _status_text(client.stats())
+                head = f"tfem status, every {args.watch:g} s (Ctrl-C to stop)   {time.strftime('%H:%M:%S')}"
+                lines = [head, "", *text.splitlines()]
+                out.write("\033[H" + "".join(line + "\033[K\n" for line in lines) + "\033[J")
+                out.flush()
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _status_text(stats: dict[str, Any]) -> str:
     files = ", ".join(f"{k} {v}" for k, v in stats["files_by_state"].items())
-    print(f"broker      pid {stats['broker_pid']} at {stats['endpoint']}, up {stats['uptime_s']} s\n"
-          f"slots       {stats['slots_used']} used, {stats['slots_free']} free of {stats['slots_total']}"
-          f" (inline {format_size(stats['buf_size'])} each)\n"
-          f"files       {files}\n"
-          f"arena       {_mib(stats['arena_bytes_used'])} used, {_mib(stats['arena_bytes_free'])} free"
-          f" of {_mib(stats['arena_bytes_total'])}\n"
-          f"{_spill_lines(stats)}"
-          f"files up to {_mib(stats['max_file_size'])} each\n"
-          f"recovered   {stats['dead_clients_settled']} dead clients settled,"
-          f" {stats['segments_replaced']} removed segments made again\n"
-          f"handoffs    {stats['published']} published, {stats['consumed']} consumed\n"
-          f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
-          f" {stats['clients']} clients")
+    text = (f"broker      pid {stats['broker_pid']} at {stats['endpoint']}, up {stats['uptime_s']} s\n"
+            f"slots       {stats['slots_used']} used, {stats['slots_free']} free of {stats['slots_total']}"
+            f" (inline {format_size(stats['buf_size'])} each)\n"
+            f"files       {files}\n"
+            f"arena       {_mib(stats['arena_bytes_used'])} used, {_mib(stats['arena_bytes_free'])} free"
+            f" of {_mib(stats['arena_bytes_total'])}\n"
+            f"{_spill_lines(stats)}"
+            f"files up to {_mib(stats['max_file_size'])} each\n"
+            f"recovered   {stats['dead_clients_settled']} dead clients settled,"
+            f" {stats['segments_replaced']} removed segments made again\n"
+            f"handoffs    {stats['published']} published, {stats['consumed']} consumed,"
+            f" {stats['expired']} expired (ttl)\n"
+            f"waits       {stats['read_waits']} for a file, {stats['room_waits']} for a slot,"
+            f" {stats['timeouts']} timed out\n"
+            f"refused     {stats['refused_full']} slot table full, {stats['refused_large']} too large,"
+            f" {stats['checksum_errors']} damaged reads\n"
+            f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
+            f" {stats['clients']} clients")
     mode = stats.get("broker_mode")
     if mode:  # a broker of before the modes has none
-        print(_mode_line(mode))
+        text += "\n" + _mode_line(mode)
     cluster = stats.get("cluster")
     if cluster:
         peers = ", ".join(f"{p['endpoint']} ({'alive' if p['alive'] else 'silent'})" for p in cluster["peers"])
-        print(f"peers       {cluster['node']}{' with CURVE' if cluster['curve'] else ''}; {peers or 'none'}\n"
-              f"across      {cluster['pulled']} pulled here ({_mib(cluster['pulled_bytes'])}),"
-              f" {cluster['lent']} lent ({_mib(cluster['lent_bytes'])}), {cluster['homed_names']} names homed here")
-    return 0
+        text += (f"\npeers       {cluster['node']}{' with CURVE' if cluster['curve'] else ''}; {peers or 'none'}\n"
+                 f"across      {cluster['pulled']} pulled here ({_mib(cluster['pulled_bytes'])}),"
+                 f" {cluster['lent']} lent ({_mib(cluster['lent_bytes'])}), {cluster['homed_names']} names homed here")
+    return text
 
 
 def _spill_lines(stats: dict[str, Any]) -> str:
@@ -516,7 +702,8 @@ def _spill_lines(stats: dict[str, Any]) -> str:
             f" limit {_mib(store['limit'])} ({store['limit_from']})\n"
             f"spill disk  data file {_mib(store['file_bytes'])} in {stats['spill']},"
             f" made afresh {store['renewals']} times once empty\n"
-            f"restored    {store['restores']} spilled files brought back into memory:"
+            f"restored    {store['restores']} spilled files brought back into memory"
+            f" (of {store['spills']} spilled):"
             f" {store['restore_hits']} read from there, {store['restores_spilled_again']} spilled again first\n")
 
 
@@ -604,6 +791,21 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(message: str) -> None:
+    print(f"tfem: error: {message}", file=sys.stderr, flush=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error: tfem's own message, or a local file's."""
+    if isinstance(exc, OSError) and not isinstance(exc, TfemError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def exit_status(exc: BaseException) -> int:
+    return next((code for cls, code in EXIT_BY_ERROR if isinstance(exc, cls)), 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -611,14 +813,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except TfemError as exc:
-        print(f"tfem {args.command}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        return 130
+    except BrokenPipeError:  # a reader of our output went away: nobody to tell
         return 1
-    except BrokenPipeError:
-        return 1
-    except OSError as exc:  # a local file that cannot be read or written
-        print(f"tfem {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        known = isinstance(exc, OSError)  # tfem's errors, and local files'
+        _error(_describe(exc) if known else f"{type(exc).__name__}: {exc} (a bug in tfem: --debug shows where)")
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -310,6 +310,12 @@ class Client:
         A writer meeting a full slot table, or a full arena with spilling
         off, gets NoSpace at once; with a `timeout` it waits that long for
         consumers to free room first (back-pressure).
+
+        `wait=False` never waits for the open itself: a writer gets NoSpace
+        at once for a full slot table (its writes still wait up to
+        `timeout` for room), and a reader waits for a file the broker holds
+        a moment (moving it to or from the spill store) up to 5 s, or
+        `timeout` if shorter (0: not at all, WouldBlock).
         """
         if self._epoch != forks.epoch:
             self._check_fork()
@@ -326,7 +332,7 @@ class Client:
             raise InvalidArgument(f"timeout must be None or at least 0 s, not {timeout!r}")
         plain = readers == 1 and type(readers) is int and keep is False and ttl is None  # consume-once
         lifetime = None if plain else _lifetime(kind, readers, keep, ttl)
-        room_timeout = 0 if timeout is None or not wait else timeout
+        room_timeout = 0 if timeout is None else timeout
         deadline = None if timeout is None else Deadline(timeout)
         core = ffi.new(_FILE)
         if self.cluster and kind == "r":
@@ -339,7 +345,7 @@ class Client:
         while True:  # again after a signal (EINTR), once Python has run its handlers
             left = -1 if deadline is None else deadline.remaining_ns()
             if kind == "w":
-                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout else 0, core)
+                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout and wait else 0, core)
             else:
                 rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
                                      self._state_found)
@@ -348,7 +354,7 @@ class Client:
             elif rc != errno.EINTR:
                 break
         if rc:
-            raise self._open_error(rc, raw, kind, timeout)
+            raise self._open_error(rc, raw, kind, timeout if wait else None)
         return self._opened(core, name, raw, lifetime, room_timeout)
 
     def _opened(self, core: FileCore, name: str | bytes, raw: bytes, lifetime: tuple[int, int] | None,

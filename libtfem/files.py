@@ -28,7 +28,7 @@ import io
 import operator
 import os
 import pickle
-from typing import Any, Generator, Protocol
+from typing import Any, Callable, Generator, Protocol
 
 from . import forks
 from ._native import ffi, lib
@@ -203,6 +203,45 @@ class TfemFile(io.RawIOBase):
         if done != n:
             self._write_rest(buf, n, done)
         return n
+
+    # ---- for callers that must not block (tfem.aio): what needs only the segment, at once ----
+
+    def read_nowait(self, size: int | None = -1, most: int = BIG_READ) -> bytes | None:
+        """read(size) if all it takes is a copy of at most `most` bytes out
+        of the segment; None if it takes more (a longer copy, the spill
+        store): the caller reads where it may block."""
+        f = self._f
+        if self._writing or not f.held or self._epoch != forks.epoch:
+            return self.read(size)  # the error, at once
+        left = max(0, f.size - f.pos)
+        if f.spilled or (left if size is None or size < 0 else min(size, left)) > most:
+            return None
+        return self.read(size)
+
+    def write_nowait(self, data: Any) -> int | Callable[[], int]:
+        """write(data) as far as the segment takes it: its count if that
+        was all, else a call that writes the rest (asking the broker for
+        room, or sending it to the spill store), to make where it may block."""
+        if self._epoch != forks.epoch or not self._writing:
+            self._check_mode(reading=False)
+        buf, n = _source(data)
+        done = lib.tfem_f_write(self._f, buf, n)
+        if done == n:
+            return n
+
+        def rest() -> int:
+            self._write_rest(buf, n, done)
+            return n
+        return rest
+
+    def close_nowait(self) -> bool:
+        """close() if it needs neither the broker nor the spill store; False,
+        and still open, if it does (spill writes not yet sent, a spilled
+        producer's checksum): the caller closes where it may block."""
+        if self._pending or (self._writing and self._f.spilled and self._f.held):
+            return False
+        self.close()
+        return True
 
     def close(self) -> None:
         """Producer: publish the file. Consumer: free it (or give it back,

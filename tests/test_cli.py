@@ -3,16 +3,22 @@ process against a real instance."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 
 import pytest
 import sysv_ipc
+from prometheus_client.parser import text_string_to_metric_families
 
 import tfem
 from tfem.config import Instance
@@ -22,6 +28,13 @@ from tfem.keyfile import registry_pid
 from tests._instances import SMALL, leftovers
 from tests._proc_tools import pid_gone, stop_server, tfem_cli, wait_until
 from tests._tfem_worker import KIB, MIB, content
+from tests.test_recovery import mapped  # the segment as a test sees it
+
+
+# The exit statuses `tfem --help` documents.
+EXIT_CODES = {0: "done", 1: "error", 2: "usage", 3: "not found", 4: "not ready in time", 5: "no instance",
+              130: "interrupted"}
+ERROR, USAGE, NOT_FOUND, NOT_READY, NO_BROKER = 1, 2, 3, 4, 5
 
 
 def out(result):
@@ -58,10 +71,11 @@ HELP = {
                "--broker-mode", "--endpoint", "--ready-fd"],
     "put": ["--keyfile", "LOCAL", "NAME", "standard input"],
     "get": ["--keyfile", "NAME", "LOCAL", "--timeout", "--no-wait", "standard output"],
-    "ls": ["--keyfile", "prefix", "-l", "--long"],
+    "ls": ["--keyfile", "prefix", "-l", "--long", "--json"],
+    "save": ["--keyfile", "DIR", "PREFIX", "--consume"],
     "stat": ["--keyfile", "name", "--json"],
     "rm": ["--keyfile", "names"],
-    "status": ["--keyfile", "--json"],
+    "status": ["--keyfile", "--json", "--prometheus", "--watch"],
     "clean": ["--keyfile"],
 }
 
@@ -74,6 +88,8 @@ def test_every_command_has_help():
     assert top.returncode == 0
     for command in HELP:
         assert command in out(top)
+    for code in EXIT_CODES:
+        assert f"\n  {code:<3} " in out(top), out(top)  # the exit statuses, for scripts
     for command, proc in runs.items():
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, (command, stderr.decode())
@@ -106,6 +122,25 @@ def test_put_get_round_trip(instance, tmp_path, size):
     assert out(instance.tfem("ls")) == ""
 
 
+def test_put_with_a_lifetime(instance, client, tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"twice")
+    instance.tfem("put", "--readers", "2", str(src), "cli/two")
+    instance.tfem("put", "--keep", "--ttl", "3600", str(src), "cli/kept")
+    assert (client.stat("cli/two").lifetime, client.stat("cli/kept").lifetime) == ("2 readers", "keep")
+    assert client.stat("cli/kept").expires is not None
+    for i in range(2):
+        instance.tfem("get", "cli/two", str(tmp_path / f"two-{i}"))
+        instance.tfem("get", "cli/kept", str(tmp_path / f"kept-{i}"))
+    assert client.list() == ["cli/kept"]
+    bad = instance.tfem("put", "--keep", "--readers", "2", str(src), "cli/bad", check=False)
+    assert bad.returncode == 2 and "not allowed with argument" in err(bad)
+    bad = instance.tfem("put", "--readers", "0", str(src), "cli/bad", check=False)
+    assert_clear_failure(bad, 2, "readers must be an integer from 1")
+    instance.tfem("rm", "cli/kept")
+    assert client.list() == []
+
+
 def test_put_several_with_a_prefix_and_get_them_into_a_directory(instance, tmp_path):
     local = {}
     for name, size in (("a", 10), ("b", 20 * KIB), ("c", 0)):
@@ -128,25 +163,26 @@ def test_put_several_needs_a_prefix_and_get_several_needs_a_directory(instance, 
     (tmp_path / "a").write_bytes(b"a")
     (tmp_path / "b").write_bytes(b"b")
     bad = instance.tfem("put", str(tmp_path / "a"), str(tmp_path / "b"), "noslash", check=False)
-    assert_clear_failure(bad, 1, "ending in /")
+    assert_clear_failure(bad, USAGE, "ending in /")
     assert out(instance.tfem("ls")) == ""
     instance.tfem("put", str(tmp_path / "a"), str(tmp_path / "b"), "p/")
     bad = instance.tfem("get", "p/a", "p/b", str(tmp_path / "not-a-dir"), check=False)
-    assert_clear_failure(bad, 1, "must be a directory")
+    assert_clear_failure(bad, USAGE, "must be a directory")
     assert out(instance.tfem("ls")).split() == ["p/a", "p/b"]  # nothing consumed
 
 
 def test_put_of_a_missing_local_file_leaves_nothing(instance, tmp_path):
     bad = instance.tfem("put", str(tmp_path / "absent"), "x", check=False)
-    assert_clear_failure(bad, 1, "tfem put:", "No such file", "absent")
+    assert_clear_failure(bad, ERROR, "tfem: error: ", "No such file", "absent")
     assert out(instance.tfem("ls")) == ""
 
 
 def test_get_that_cannot_write_locally_leaves_the_file(instance, tmp_path):
     instance.tfem("put", "-", "kept", input=b"do not lose me")
     bad = instance.tfem("get", "kept", str(tmp_path / "no" / "such" / "dir"), check=False)
-    assert_clear_failure(bad, 1, "tfem get:", "No such file")
-    assert out(instance.tfem("ls", "-l")).split() == ["WAIT", "14", "kept"]  # given back, not consumed
+    assert_clear_failure(bad, ERROR, "tfem: error: ", "No such file")
+    listed = json.loads(out(instance.tfem("ls", "--json")))
+    assert [(st["name"], st["state"], st["size"]) for st in listed] == [("kept", "WAIT", 14)]  # given back
     assert instance.tfem("get", "kept", "-").stdout == b"do not lose me"
 
 
@@ -189,11 +225,11 @@ def test_get_waits_for_a_file_put_later(instance, tmp_path):
 
 def test_get_no_wait_on_a_missing_name(instance, tmp_path):
     result = instance.tfem("get", "--no-wait", "missing", str(tmp_path / "x"), check=False)
-    assert_clear_failure(result, 1, "tfem get:", "missing")
+    assert_clear_failure(result, NOT_FOUND, "tfem: error: ", "missing")
     assert not (tmp_path / "x").exists()
     start = time.monotonic()
     result = instance.tfem("get", "--timeout", "0.5", "missing", "-", check=False)
-    assert_clear_failure(result, 1, "within 0.5 s")
+    assert_clear_failure(result, NOT_READY, "within 0.5 s")
     assert time.monotonic() - start < 10
     assert result.stdout == b""
 
@@ -208,7 +244,8 @@ def test_ls_long_and_stat(instance, client):
     writing.write(b"abc")
     try:
         lines = [line.split() for line in out(instance.tfem("ls", "-l")).splitlines()]
-        assert lines == [["WAIT", "5000", "w/done"], ["WRITE", "3", "w/writing"]]
+        assert lines == [["STATE", "SIZE", "LIFETIME", "AGE", "NAME"], ["WAIT", "5000", "once", "0s", "w/done"],
+                         ["WRITE", "3", "once", "0s", "w/writing"]]
         text = out(instance.tfem("stat", "w/done"))
         assert "name:    w/done" in text
         assert "size:    5000" in text
@@ -231,7 +268,7 @@ def test_ls_long_and_stat(instance, client):
     client.unlink("w/kept")
     assert "state:   SHARED" in text and "life:    keep, 1 reading now" in text and "expires: " in text
     missing = instance.tfem("stat", "nothing", check=False)
-    assert_clear_failure(missing, 1, "nothing")
+    assert_clear_failure(missing, NOT_FOUND, "tfem: error: ", "nothing")
 
 
 def test_rm(instance, client):
@@ -241,7 +278,7 @@ def test_rm(instance, client):
     instance.tfem("rm", "r/1", "r/2")
     assert client.list() == ["r/3"]
     result = instance.tfem("rm", "r/3", "r/missing", check=False)
-    assert_clear_failure(result, 1, "r/missing")
+    assert_clear_failure(result, NOT_FOUND, "tfem: error: ", "r/missing")
     assert client.list() == []  # the existing one went anyway
     assert client.stats()["arena_bytes_used"] == 0
 
@@ -282,7 +319,8 @@ def test_client_commands_without_an_instance(tmp_path):
     for args in (["ls"], ["status"], ["stat", "x"], ["rm", "x"], ["get", "--no-wait", "x", "-"]):
         start = time.monotonic()
         result = tfem_cli(*args, "--keyfile", keyfile, env=env)
-        assert_clear_failure(result, 1, "tfem up")
+        assert_clear_failure(result, NO_BROKER, "tfem: error: ", "tfem up")
+        assert len(err(result).splitlines()) == 1, err(result)
         assert time.monotonic() - start < 10
 
 
@@ -460,3 +498,347 @@ def test_clean_after_sigkill_removes_only_that_instance(tmp_path, instance_facto
         assert c.list() == []
     assert stop_server(again) == 0
     assert leftovers(names) == []
+
+
+# ---- metrics: status --prometheus ----
+
+
+def scrape(inst):
+    """`tfem status --prometheus`, parsed by Prometheus' own client library:
+    {(name, labels without segment): value}, and the families' types."""
+    text = out(inst.tfem("status", "--prometheus"))
+    assert text.endswith("\n")
+    values, types = {}, {}
+    segment = inst.names.segment
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        assert family.documentation, family.name  # every family has its HELP
+        assert family.name.startswith("tfem_"), family.name
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            assert labels.pop("segment") == segment, sample
+            values[sample.name, tuple(sorted(labels.items()))] = sample.value
+    return values, types
+
+
+def test_status_prometheus_parses_and_moves_with_the_files(instance_factory):
+    inst = instance_factory("--slots", "8", "--buf-size", "1K", "--block-size", "4K", "--memory", "1M",
+                            "--max-file-size", "4M")
+    before, types = scrape(inst)
+    assert types["tfem_files"] == "gauge" and types["tfem_errors"] == "counter"  # the parser drops _total
+    assert {"tfem_memory_bytes", "tfem_spilled_bytes", "tfem_published_files", "tfem_waits", "tfem_spills",
+            "tfem_restores", "tfem_clients", "tfem_requests", "tfem_expired_files"} <= set(types)
+    assert before["tfem_files", (("state", "shared"),)] == 0
+    assert before["tfem_up", ()] == 1
+    assert before["tfem_files", (("state", "wait"),)] == 0
+    assert before["tfem_memory_bytes", (("status", "free"),)] == MIB
+
+    with inst.connect() as c:
+        with c.open("m/big", "w") as f:  # past the 1 MiB arena: spilled
+            f.write(content("m/big", 2 * MIB))
+        with c.open("m/mem", "w") as f:
+            f.write(content("m/mem", 100_000))
+        with c.open("m/damaged", "w") as f:
+            f.write(content("m/damaged", 500))
+        with mapped(inst.names.segment) as seg:
+            seg.view[seg.inline_data_offset(c.stat("m/damaged").slot) + 7] ^= 0xFF
+        with pytest.raises(tfem.ChecksumMismatch):
+            with c.open("m/damaged") as f:
+                f.read()
+        with c.open("m/mem") as f:
+            assert f.read() == content("m/mem", 100_000)
+        with pytest.raises(tfem.Timeout):  # a wait, and a timeout
+            c.open("m/never", timeout=0.05)
+        with pytest.raises(tfem.FileTooLarge):
+            with c.open("m/huge", "w") as f:
+                f.seek(5 * MIB)
+                f.write(b"x")
+        held = [c.open(f"m/held{i}", "w") for i in range(6)]  # with m/big and m/damaged: all 8 slots
+        try:
+            with pytest.raises(tfem.NoSpace):
+                c.open("m/one-too-many", "w")
+            during, _ = scrape(inst)
+        finally:
+            for f in held:
+                f.abort()
+    after, _ = scrape(inst)
+
+    def moved(name, *labels):
+        return after[name, tuple(labels)] - before[name, tuple(labels)]
+
+    assert during["tfem_files", (("state", "write"),)] == 6
+    assert during["tfem_slots", (("status", "free"),)] == 0
+    assert after["tfem_files", (("state", "wait"),)] == 2  # m/big, and m/damaged given back
+    assert after["tfem_files", (("state", "write"),)] == 0
+    assert moved("tfem_published_files_total") == 3
+    assert moved("tfem_consumed_files_total") == 1
+    assert moved("tfem_opened_files_total", ("mode", "read")) == 2
+    assert moved("tfem_waits_total", ("for", "file")) == 1
+    for kind in ("timeout", "no_space", "too_large", "checksum"):
+        assert moved("tfem_errors_total", ("kind", kind)) == 1, kind
+    assert moved("tfem_spills_total") >= 1
+    assert after["tfem_spilled_files", ()] == 1
+    assert after["tfem_spilled_bytes", ()] >= 2 * MIB - KIB
+    assert after["tfem_spill_written_bytes_total", ()] >= 2 * MIB - KIB
+    assert after["tfem_requests_total", (("op", "stats"),)] > before["tfem_requests_total", (("op", "stats"),)]
+
+
+def test_status_prometheus_without_an_instance_says_it_is_down(tmp_path):
+    keyfile = tmp_path / "none.key"
+    env = dict(os.environ)
+    env.pop("TFEM_BROKER", None)
+    result = tfem_cli("status", "--prometheus", "--keyfile", str(keyfile), env=env)
+    assert_clear_failure(result, NO_BROKER, "tfem: error: ")
+    [family] = text_string_to_metric_families(out(result))
+    [sample] = family.samples
+    assert (sample.name, sample.value) == ("tfem_up", 0)
+    assert sample.labels == {"segment": Instance.for_keyfile(keyfile).segment}
+
+
+# ---- status --watch ----
+
+
+def read_until(stream, done, timeout=30.0):
+    """Bytes from a pipe until done(bytes so far) or the timeout."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(stream.fileno(), False)
+    while not done(got):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out; read so far: {got!r}")
+        chunk = stream.read()
+        if chunk:
+            got += chunk
+        else:
+            time.sleep(0.02)
+    return got
+
+
+def test_status_watch_redraws_until_ctrl_c(instance, client):
+    watch = subprocess.Popen([sys.executable, "-m", "tfem", "status", "--watch", "0.1"], env=instance.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = read_until(watch.stdout, lambda got: b"requests" in got)
+        assert first.startswith(b"\033[H\033[2J\033[H")  # the screen cleared once
+        assert b"slots       0 used" in first
+        with client.open("watched", "w") as f:
+            f.write(b"x")
+        later = read_until(watch.stdout, lambda got: b"slots       1 used" in got)
+        assert b"\033[2J" not in later  # redrawn in place: no blank screen between frames
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(30) == 0
+        assert watch.stderr.read() == b""
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()
+        watch.stderr.close()
+
+
+def test_status_watch_of_a_broker_that_goes_away_is_one_line(instance_factory):
+    inst = instance_factory(*SMALL)
+    env = dict(inst.env, TFEM_RECONNECT_TIMEOUT="1")
+    watch = subprocess.Popen([sys.executable, "-m", "tfem", "status", "--watch", "0.1"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_until(watch.stdout, lambda got: b"requests" in got)
+        assert stop_server(inst.process) == 0
+        assert watch.wait(30) == NO_BROKER
+        stderr = watch.stderr.read().decode()
+        assert stderr.startswith("tfem: error: ") and len(stderr.splitlines()) == 1, stderr
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()
+        watch.stderr.close()
+
+
+# ---- progress bars ----
+
+
+@pytest.fixture
+def roomy(instance_factory):
+    """An instance that holds a 24 MiB file in memory."""
+    return instance_factory("--slots", "64", "--memory", "64M")
+
+
+def test_no_progress_bar_without_a_terminal(roomy, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(content("quiet", 24 * MIB))
+    put = roomy.tfem("put", str(src), "quiet")
+    got = roomy.tfem("get", "quiet", str(dst))
+    assert (put.stdout, put.stderr, got.stdout, got.stderr) == (b"", b"", b"", b"")
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def run_on_a_terminal(args, env):
+    """Run the command line with stderr on a pseudo-terminal; (status,
+    what the terminal showed)."""
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new one has no size
+    proc = subprocess.Popen([sys.executable, "-m", "tfem", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the last holder of the terminal closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return proc.wait(60), shown.decode(errors="replace")
+    finally:
+        os.close(main)
+        proc.kill()
+        proc.wait()
+
+
+def test_progress_bar_on_a_terminal(roomy, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(content("loud", 24 * MIB))
+    status, shown = run_on_a_terminal(["put", str(src), "loud"], roomy.env)
+    assert status == 0, shown
+    assert "loud" in shown and "100%" in shown and "24.0M" in shown, shown
+    status, shown = run_on_a_terminal(["get", "loud", str(dst)], roomy.env)
+    assert status == 0, shown
+    assert "100%" in shown, shown
+    assert dst.read_bytes() == src.read_bytes()
+    small = tmp_path / "small"
+    small.write_bytes(b"s" * 1000)
+    status, shown = run_on_a_terminal(["put", str(small), "small"], roomy.env)
+    assert (status, shown) == (0, "")  # a small file has no bar
+
+
+# ---- ls ----
+
+
+def test_ls_long_and_json(instance, client):
+    with client.open("l/a", "w", readers=3) as f:
+        f.write(content("l/a", 2 * MIB))  # spilled
+    with client.open("l/b", "w") as f:
+        f.write(b"b" * 10)
+    with client.open("l/c", "w", keep=True) as f:
+        f.write(b"c")
+    reading, sharing = client.open("l/b"), client.open("l/c")
+    try:
+        table = out(instance.tfem("ls", "--long", "l/"))
+        assert [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()] == [  # "3 readers" is one
+            ["STATE", "SIZE", "LIFETIME", "AGE", "NAME"], ["WAIT", str(2 * MIB), "3 readers", "0s", "l/a"],
+            ["READ", "10", "once", "0s", "l/b"], ["SHARED", "1", "keep", "0s", "l/c"]]
+        listed = json.loads(out(instance.tfem("ls", "--json")))
+    finally:
+        reading.close()
+        sharing.close()
+    assert [(st["name"], st["state"], st["size"], st["spilled"], st["lifetime"]) for st in listed] == [
+        ("l/a", "WAIT", 2 * MIB, True, "3 readers"), ("l/b", "READ", 10, False, "once"),
+        ("l/c", "SHARED", 1, False, "keep")]
+    # (readers, readers_left, holders): a read counts at its close
+    assert [(st["readers"], st["readers_left"], st["holders"]) for st in listed] == [(3, 3, 0), (1, 1, 1), (0, None, 1)]
+    assert all(abs(st["created"] - time.time()) < 60 for st in listed)
+    assert json.loads(out(instance.tfem("ls", "--json", "nothing/"))) == []
+    both = instance.tfem("ls", "-l", "--json", check=False)
+    assert_clear_failure(both, USAGE, "not allowed with")
+
+
+# ---- errors ----
+
+
+@pytest.mark.parametrize("args, code, phrase", [
+    (["get", "--no-wait", "absent", "-"], NOT_FOUND, "no file named 'absent'"),
+    (["stat", "absent"], NOT_FOUND, "absent"),
+    (["get", "--timeout", "0.1", "absent", "-"], NOT_READY, "within 0.1 s"),
+    (["get", "--no-wait", "writing", "-"], NOT_READY, "writing"),
+    (["put", "-", "x" * 300], USAGE, "name"),
+    (["get", "a", "b", "-"], USAGE, "must be a directory"),
+    (["status", "--watch", "0"], USAGE, "--watch"),
+    (["ls", "--bogus"], USAGE, "unrecognized arguments"),
+])
+def test_errors_are_one_line_with_a_status_by_cause(instance, client, args, code, phrase):
+    with client.open("writing", "w"):
+        result = instance.tfem(*args, check=False, input=b"")
+    assert_clear_failure(result, code, phrase)
+    if code != USAGE or "--bogus" not in args:  # argparse's own usage errors say how to call
+        assert err(result).startswith("tfem: error: ") and len(err(result).splitlines()) == 1, err(result)
+
+
+def test_debug_shows_the_traceback(instance):
+    result = instance.tfem("--debug", "stat", "absent", check=False)
+    assert result.returncode != 0
+    assert "Traceback" in err(result) and "NotFound" in err(result)
+
+
+# ---- save ----
+
+
+def test_save_copies_what_is_published_and_keeps_it(instance, client, tmp_path):
+    files = {"run/a": content("run/a", 10), "run/sub/b": content("run/sub/b", 2 * MIB), "other/c": b"c"}
+    for name, data in files.items():
+        with client.open(name, "w") as f:
+            f.write(data)
+    writing = client.open("run/writing", "w")
+    writing.write(b"not yet")
+    with client.open("run/being-read", "w") as f:
+        f.write(b"taken")
+    with client.open("run/kept", "w", keep=True) as f:
+        f.write(b"for all")
+    reading, sharing = client.open("run/being-read"), client.open("run/kept")  # SHARED: still savable
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    try:
+        result = instance.tfem("save", str(dest), "run/")
+        assert client.stat("run/kept").holders == 1  # the save's read was given back
+    finally:
+        writing.abort()
+        reading.abort()
+        sharing.close()
+    text = out(result)
+    assert f"saved 3 files, {10 + 2 * MIB + 7} bytes" in text and "kept in tfem" in text, text
+    assert "skipped 2 being written or read: run/being-read run/writing" in text, text
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "run/a", "run/kept", "run/sub/b"]
+    for name in ("run/a", "run/sub/b"):
+        assert (dest / name).read_bytes() == files[name]
+    assert (dest / "run/kept").read_bytes() == b"for all"
+    # Kept: each is still there for its one consumer.
+    assert sorted(client.list()) == ["other/c", "run/a", "run/being-read", "run/kept", "run/sub/b"]
+    for name, data in files.items():
+        with client.open(name, wait=False) as f:
+            assert f.read() == data
+    assert sorted(client.list()) == ["run/being-read", "run/kept"]
+
+
+def test_save_consume_frees_what_it_saved(instance, client, tmp_path):
+    for name in ("c/1", "c/2"):
+        with client.open(name, "w") as f:
+            f.write(content(name, 50_000))
+    result = instance.tfem("save", "--consume", str(tmp_path))
+    assert "saved 2 files, 100000 bytes" in out(result) and "consumed" in out(result), out(result)
+    assert client.list() == []
+    assert (tmp_path / "c" / "2").read_bytes() == content("c/2", 50_000)
+    stats = client.stats()
+    assert stats["consumed"] == 2 and stats["arena_bytes_used"] == 0
+
+
+def test_save_refuses_names_outside_the_directory_and_damaged_files(instance, client, tmp_path):
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    (dest / "link").symlink_to(outside)
+    for name in ("../escape", "link/escape", "/abs/ok", "damaged"):
+        with client.open(name, "w") as f:
+            f.write(content(name, 300))
+    with mapped(instance.names.segment) as seg:
+        seg.view[seg.inline_data_offset(client.stat("damaged").slot) + 5] ^= 0xFF
+    result = instance.tfem("save", str(dest), check=False)
+    assert_clear_failure(result, ERROR, "'../escape'", "'link/escape'", "damaged: not saved")
+    assert "saved 1 file, 300 bytes" in out(result), out(result)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "escape").exists()
+    assert (dest / "abs" / "ok").read_bytes() == content("/abs/ok", 300)  # a leading / is no way out
+    assert not (dest / "damaged").exists()  # no half copy
+    assert sorted(client.list()) == ["../escape", "/abs/ok", "damaged", "link/escape"]
+    assert client.stat("damaged").state == "WAIT"
+    missing = instance.tfem("save", str(tmp_path / "nope"), check=False)
+    assert_clear_failure(missing, USAGE, "not a directory")

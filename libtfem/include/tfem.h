@@ -58,7 +58,9 @@ extern "C" {
 #define TFEM_RDONLY 0   /* take the file once its producer has closed it */
 #define TFEM_WRONLY 1   /* create the name; EEXIST if it is held */
 #define TFEM_AUTO 2     /* the paper's open: read if it exists, else create */
-#define TFEM_NONBLOCK 04000 /* do not wait: ENOENT or EAGAIN */
+#define TFEM_NONBLOCK 04000 /* do not wait: ENOENT or EAGAIN (a file the broker holds a moment is
+                               waited for up to 5 s, or tfem_open_timeout's timeout if shorter; a
+                               writer waits for no slot, its writes up to the timeout for room) */
 #define TFEM_KEEP 010000    /* with TFEM_WRONLY: kept for any number of readers until unlinked */
 #define TFEM_READERS_MAX 0x7fff
 #define TFEM_READERS(n) (((n) & TFEM_READERS_MAX) << 16) /* with TFEM_WRONLY: freed after n readers */

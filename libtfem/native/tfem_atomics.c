@@ -29,6 +29,20 @@
 #include "tfem_segment.h"
 #include "tfem_atomics.h"
 
+#ifndef FUTEX_WAITV_MAX /* kernel headers older than 5.16: the call may still be there */
+#define FUTEX_WAITV_MAX 128
+#define FUTEX_32 2
+struct futex_waitv {
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t __reserved;
+};
+#endif
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+
 #define SC __ATOMIC_SEQ_CST
 
 uint64_t tfem_load64(uint64_t *p) { return __atomic_load_n(p, SC); }
@@ -101,6 +115,38 @@ int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t
     __atomic_fetch_sub(waiters, 1, SC);
     return rc;
 }
+
+/* Sleep until any of n words differs from its expected value, or the
+ * process-private *control from control_seen: one thread sleeping for many
+ * names at once (tfem.aio's watcher). Its caller has counted itself in each
+ * word's waiters, as tfem_wait_published does, so publishers wake it. One
+ * futex_waitv (Linux 5.16); without it, or with more words than one call
+ * takes, it sleeps a millisecond on the control word and the caller looks
+ * again. Returns 0 when the caller should look again (a word moved, may
+ * have, or the millisecond passed), else futex_waitv's errno (EINTR). */
+int tfem_wait_any(uint32_t **words, const uint32_t *expected, uint32_t n, uint32_t *control, uint32_t control_seen) {
+    static int no_waitv;
+    if (!__atomic_load_n(&no_waitv, __ATOMIC_RELAXED) && n < FUTEX_WAITV_MAX) {
+        struct futex_waitv v[FUTEX_WAITV_MAX];
+        memset(v, 0, sizeof v);
+        for (uint32_t i = 0; i < n; i++) {
+            v[i].uaddr = (uintptr_t)words[i];
+            v[i].val = expected[i];
+            v[i].flags = FUTEX_32; /* shared: the words live in the segment */
+        }
+        v[n].uaddr = (uintptr_t)control;
+        v[n].val = control_seen;
+        v[n].flags = FUTEX_32; /* shared too: tfem_futex_wake wakes it */
+        if (syscall(SYS_futex_waitv, v, n + 1, 0, NULL, CLOCK_MONOTONIC) >= 0) return 0;
+        if (errno == EAGAIN) return 0; /* a word had moved already */
+        if (errno != ENOSYS) return errno;
+        __atomic_store_n(&no_waitv, 1, __ATOMIC_RELAXED);
+    }
+    int rc = tfem_futex_wait(control, control_seen, 1000000);
+    return rc == ETIMEDOUT ? 0 : rc;
+}
+
+uint32_t tfem_add32(uint32_t *p, int32_t delta) { return __atomic_add_fetch(p, (uint32_t)delta, SC); }
 
 /* Whether a process runs: it exists and is not a zombie waiting to be
  * reaped (a zombie holds nothing any more). */

@@ -16,6 +16,8 @@ int tfem_futex_wake(uint32_t *addr, int count);
 void tfem_publish(uint32_t *seq, uint32_t *waiters);
 int tfem_wait_published(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t timeout_ns,
                         int64_t spin_ns, int *spun);
+int tfem_wait_any(uint32_t **words, const uint32_t *expected, uint32_t n, uint32_t *control, uint32_t control_seen);
+uint32_t tfem_add32(uint32_t *p, int32_t delta);
 int tfem_pid_alive(int32_t pid);
 int tfem_die_with_parent(int sig, int32_t parent);
 int tfem_lock(uint32_t *lock, uint32_t *waiters, uint32_t pid, int64_t timeout_ns);

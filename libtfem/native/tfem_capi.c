@@ -289,11 +289,11 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
     if (!d) return fail(ENOMEM);
     int wait = !(flags & TFEM_NONBLOCK);
     int64_t timeout_ns = timeout_seconds < 0 ? -1 : (int64_t)(timeout_seconds * 1e9);
-    d->room_timeout_ns = timeout_ns < 0 || !wait ? 0 : timeout_ns;
+    d->room_timeout_ns = timeout_ns < 0 ? 0 : timeout_ns; /* TFEM_NONBLOCK: the open waits for no slot, writes may */
     int32_t state = 0;
     for (;;) {
         if (access == TFEM_WRONLY)
-            rc = tfem_f_create(h, name, len, (uint32_t)my_pid, d->room_timeout_ns, &d->f);
+            rc = tfem_f_create(h, name, len, (uint32_t)my_pid, wait ? d->room_timeout_ns : 0, &d->f);
         else
             rc = tfem_f_open(h, name, len, (uint32_t)my_pid, access == TFEM_AUTO ? TFEM_OPEN_AUTO : TFEM_OPEN_READ, wait,
                              timeout_ns, &d->f, &state);

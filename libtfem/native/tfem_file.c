@@ -136,6 +136,9 @@ static int wait_seq(uint32_t *seq, uint32_t *waiters, uint32_t seen, int64_t dea
     return rc;
 }
 
+/* The header's statistics: bumped where a wait or a refusal happens anyway. */
+#define COUNT(h, counter) __atomic_fetch_add(&(h)->counter, 1, RELAXED)
+
 static int64_t deadline_of(int64_t timeout_ns) { return timeout_ns < 0 ? -1 : mono_ns() + timeout_ns; }
 
 /* The longest a non-waiting open waits for a file the broker holds: a move
@@ -183,6 +186,7 @@ int tfem_f_create(struct tfem_header *h, const char *name, uint32_t len, uint32_
     uint32_t hash = tfem_name_hash(name, len);
     int64_t deadline = deadline_of(room_timeout_ns);
     struct tfem_claim claim;
+    int waited = 0;
     for (;;) {
         if (__atomic_load_n(&h->moved, SC)) return EIDRM;
         uint32_t seen = __atomic_load_n(&h->space_seq, SC);
@@ -191,9 +195,17 @@ int tfem_f_create(struct tfem_header *h, const char *name, uint32_t len, uint32_
             start_file(h, &claim, pid, hash, 1, f);
             return 0;
         }
-        if (rc != ENOSPC || room_timeout_ns == 0) return rc;
+        if (rc != ENOSPC || room_timeout_ns == 0) {
+            if (rc == ENOSPC) COUNT(h, refused_full);
+            return rc;
+        }
+        if (!waited++) COUNT(h, room_waits);
         rc = wait_seq(&h->space_seq, &h->space_waiters, seen, deadline);
-        if (rc == ETIMEDOUT) return ENOSPC;
+        if (rc == ETIMEDOUT) {
+            COUNT(h, timeouts);
+            COUNT(h, refused_full);
+            return ENOSPC;
+        }
         if (rc == EINTR) return rc;
     }
 }
@@ -203,6 +215,7 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
     uint32_t hash = tfem_name_hash(name, len), bucket = hash % TFEM_WAKE_BUCKETS;
     int64_t deadline = deadline_of(timeout_ns), moment = 0;
     struct tfem_claim claim;
+    int waited = 0;
     for (;;) {
         if (__atomic_load_n(&h->moved, SC)) return EIDRM;
         uint32_t seen = __atomic_load_n(&h->wake_seq[bucket], SC);
@@ -215,16 +228,24 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
         if (rc == EINPROGRESS && !wait) {
             /* Published, and held by the broker a moment (a move to or from
              * the spill store): waited for even by an open that does not
-             * wait, since to its caller the file is there. */
-            if (!moment) moment = deadline_of(BROKER_HOLD_NS);
+             * wait, since to its caller the file is there; a timeout bounds
+             * the moment too (0: not at all, what tfem.aio asks). */
+            if (!moment)
+                moment = deadline_of(timeout_ns >= 0 && timeout_ns < BROKER_HOLD_NS ? timeout_ns : BROKER_HOLD_NS);
+            if (!waited++) COUNT(h, read_waits);
             rc = wait_seq(&h->wake_seq[bucket], &h->wake_waiters[bucket], seen, moment);
-            if (rc == ETIMEDOUT) return EAGAIN;
+            if (rc == ETIMEDOUT) {
+                COUNT(h, timeouts);
+                return EAGAIN;
+            }
             if (rc == EINTR) return rc;
             continue;
         }
         if (rc == EINPROGRESS) rc = EAGAIN;
         if ((rc != ENOENT && rc != EAGAIN) || !wait) return rc;
+        if (!waited++) COUNT(h, read_waits);
         rc = wait_seq(&h->wake_seq[bucket], &h->wake_waiters[bucket], seen, deadline);
+        if (rc == ETIMEDOUT) COUNT(h, timeouts);
         if (rc == ETIMEDOUT || rc == EINTR) return rc;
     }
 }
@@ -311,7 +332,10 @@ uint32_t tfem_f_memory_crc(struct tfem_file *f) {
  * is that long; the caller asks the broker to make room, and tries again. */
 int tfem_f_reserve(struct tfem_file *f, uint64_t size, int checked) {
     if (!f->held || !f->writing) return EBADF;
-    if (size > f->max_size) return EFBIG;
+    if (size > f->max_size) {
+        COUNT(f->h, refused_large);
+        return EFBIG;
+    }
     int rc = tfem_t_reserve(f->h, f->index, f->generation, f->pid, size, checked ? 0 : TFEM_SLOT_UNCHECKED);
     if (rc) return rc;
     tfem_f_reload(f);
@@ -335,7 +359,10 @@ int64_t tfem_f_pwrite(struct tfem_file *f, const void *buf, uint64_t n, uint64_t
     if (n == 0) return 0;
     if (pos > (uint64_t)INT64_MAX || n > (uint64_t)INT64_MAX - pos) return -EINVAL;
     uint64_t end = pos + n;
-    if (end > f->max_size) return -EFBIG; /* refused whole, at once: a gap past the limit costs nothing */
+    if (end > f->max_size) { /* refused whole, at once: a gap past the limit costs nothing */
+        COUNT(f->h, refused_large);
+        return -EFBIG;
+    }
     if (end > f->memory_end && !f->spilled) { /* room first: a write that fails leaves the file as it was */
         int rc = tfem_t_grow(f->h, f->index, f->generation, f->pid, end);
         tfem_f_reload(f);
@@ -389,6 +416,7 @@ static int compare(struct tfem_file *f, uint32_t crc) {
         return 0;
     }
     f->damaged = 1;
+    COUNT(f->h, checksum_errors);
     return EBADMSG;
 }
 

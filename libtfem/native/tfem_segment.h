@@ -46,6 +46,8 @@
  *   the writer's own core before a byte moves (a hole at 1 TiB costs
  *   nothing). The broker sets it at creation (--max-file-size; by default
  *   all the instance can hold).
+ * - The counters after next_file_id are bumped by every process with
+ *   atomic adds; they are statistics, read without a lock.
  *
  * Everything here is 8-byte aligned and fixed-width, so the layout is the
  * same in every process that maps the segment.
@@ -56,7 +58,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 8
+#define TFEM_LAYOUT_VERSION 9
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -126,6 +128,14 @@ struct tfem_header {
     uint64_t opened_read;
     uint64_t closed_write;
     uint64_t closed_read;
+    /* Counted off the fast path only, where a wait or a refusal happens
+     * anyway (for `tfem status --prometheus`): */
+    uint64_t read_waits;      /* opens for read that waited for their file */
+    uint64_t room_waits;      /* opens for write that waited for a free slot */
+    uint64_t timeouts;        /* of those, the waits that ran out */
+    uint64_t refused_full;    /* opens for write refused: no slot free (ENOSPC) */
+    uint64_t refused_large;   /* writes past max_file_size (EFBIG) */
+    uint64_t checksum_errors; /* files a reader found damaged (EBADMSG) */
     uint32_t space_seq;     /* bumped when slots or blocks are freed */
     uint32_t space_waiters;
     uint32_t moved;         /* set when the broker made a new segment because this one's name was
