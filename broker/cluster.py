@@ -169,7 +169,7 @@ def explicit_peers(specs: list[str], keys: Keys | None) -> list[PeerEntry]:
                 public = zmq.auth.load_certificate(key_file)[0].decode()
             except (OSError, ValueError) as exc:
                 raise InvalidArgument(f"cannot read the public key of peer {endpoint}: {exc}") from None
-        entries.append(PeerEntry(endpoint, public, 0, ""))
+        entries.append(PeerEntry(endpoint, public, 0, "", ""))
     return entries
 
 
@@ -227,7 +227,8 @@ class Cluster:
             self.context.term()
             raise InvalidArgument(f"cannot listen on {listen} for peers: {exc}") from None
         self.node: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.entry = PeerEntry(self.node, keys.public.decode() if keys else "", os.getpid(), socket.gethostname())
+        self.entry = PeerEntry(self.node, keys.public.decode() if keys else "", os.getpid(), socket.gethostname(),
+                               holdings.segment.name)
         self.peers: dict[str, Peer] = {}
         self.live: tuple[str, ...] = (self.node,)
         self._tickets = itertools.count(1)
@@ -435,14 +436,14 @@ class Cluster:
         if want is not None and want.error is not None:
             self._drop(want)
             raise want.error
+        answer = [] if wait else [(identity, request_id)]
         if want is None:
-            want = self._start(name, wait)
-        want.lease = max(want.lease, now + WANT_LEASE_S)
-        if wait:
-            want.wait = True
-            return Reply(request_id, 0, {})
-        want.answer.append((identity, request_id))
-        return None
+            self._start(name, wait, answer)  # may be answered at once: the home is here
+        else:
+            want.answer += answer
+            want.lease = max(want.lease, now + WANT_LEASE_S)
+            want.wait = want.wait or wait
+        return Reply(request_id, 0, {}) if wait else None
 
     def unwant(self, name: str) -> None:
         want = self.wants.get(name)
@@ -464,12 +465,11 @@ class Cluster:
                 want.finding.discard(node)
         return None
 
-    def _start(self, name: str, wait: bool) -> Want:
+    def _start(self, name: str, wait: bool, answer: list[tuple[bytes, int]]) -> None:
         ticket = next(self._tickets)
-        want = self.wants[name] = Want(name, wait, ticket, time.monotonic() + WANT_LEASE_S)
+        want = self.wants[name] = Want(name, wait, ticket, time.monotonic() + WANT_LEASE_S, answer)
         self._by_ticket[ticket] = want
         self._lookup(want)
-        return want
 
     def _lookup(self, want: Want) -> None:
         del self._by_ticket[want.ticket]

@@ -341,7 +341,7 @@ class Client:
             if rc == errno.ENOENT:  # not on this node: its broker pulls it from another
                 return self._open_across(raw, timeout, wait, deadline, core)
             if rc == 0:
-                return self._opened(core, name, raw, None, 0)
+                return self._opened(core, name, raw)
         while True:  # again after a signal (EINTR), once Python has run its handlers
             left = -1 if deadline is None else deadline.remaining_ns()
             if kind == "w":
@@ -355,13 +355,15 @@ class Client:
                 break
         if rc:
             raise self._open_error(rc, raw, kind, timeout if wait else None)
-        return self._opened(core, name, raw, lifetime, room_timeout)
-
-    def _opened(self, core: FileCore, name: str | bytes, raw: bytes, lifetime: tuple[int, int] | None,
-                room_timeout: float | None) -> TfemFile:
         if lifetime is not None and core.writing:
             lib.tfem_f_set_lifetime(core, lifetime[0], lifetime[1])
         f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
+        self.held.add(core)
+        return f
+
+    def _opened(self, core: FileCore, name: str | bytes, raw: bytes) -> TfemFile:
+        """A file opened for reading across nodes (the path above, inlined there for speed)."""
+        f = TfemFile(core, name if type(name) is str else raw.decode(), self, 0)
         self.held.add(core)
         return f
 
@@ -375,7 +377,7 @@ class Client:
         text = raw.decode()
         if not wait:
             self.call(Op.WANT, {"name": text, "wait": 0})  # answered once the copy is here
-            return self._opened(self._open_here(raw, False, 0, core, timeout), text, raw, None, 0)
+            return self._opened(self._open_here(raw, False, 0, core, timeout), text, raw)
         try:
             while True:
                 self.call(Op.WANT, {"name": text, "wait": 1})
@@ -384,7 +386,7 @@ class Client:
                     raise Timeout(f"{text!r} was not ready to read within {timeout} s")
                 part = int(WANT_SLICE_S * 1e9) if left < 0 else min(left, int(WANT_SLICE_S * 1e9))
                 try:
-                    return self._opened(self._open_here(raw, True, part, core, timeout), text, raw, None, 0)
+                    return self._opened(self._open_here(raw, True, part, core, timeout), text, raw)
                 except Timeout:
                     continue
         except BaseException:

@@ -1,11 +1,11 @@
 """The cluster directory: one file per broker on a file system every node sees.
 
 A broker writes its TCP endpoint and CURVE public key into `DIR/<hash of
-the endpoint>.peer` (owner-only; written under a temporary name, then
+host and instance>.peer` (owner-only; written under a temporary name, then
 renamed, so nobody reads half a file), reads the others', and removes its
 own at stop. A broker killed outright leaves its file behind: its peers
-find it silent (no heartbeat) and count it dead; the file is replaced when
-a broker starts again on that endpoint.
+find it silent (no heartbeat) and count it dead; the broker started again
+for the same instance on that host replaces it, with its new endpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ class PeerEntry:
     public_key: str  # its CURVE public key (Z85), or "" when run --insecure
     pid: int
     host: str
+    instance: str  # the instance's segment name: the same across restarts of its broker
 
 
-def entry_path(directory: pathlib.Path, endpoint: str) -> pathlib.Path:
-    return directory / (hashlib.blake2b(endpoint.encode(), digest_size=10).hexdigest() + SUFFIX)
+def entry_path(directory: pathlib.Path, entry: PeerEntry) -> pathlib.Path:
+    key = f"{entry.host}\0{entry.instance}".encode()
+    return directory / (hashlib.blake2b(key, digest_size=10).hexdigest() + SUFFIX)
 
 
 def write_entry(directory: pathlib.Path, entry: PeerEntry) -> pathlib.Path:
@@ -39,7 +41,7 @@ def write_entry(directory: pathlib.Path, entry: PeerEntry) -> pathlib.Path:
     try:
         with os.fdopen(fd, "w") as out:
             json.dump(dataclasses.asdict(entry), out)
-        path = entry_path(directory, entry.endpoint)
+        path = entry_path(directory, entry)
         os.rename(temp, path)
     except BaseException:
         pathlib.Path(temp).unlink(missing_ok=True)
@@ -57,17 +59,18 @@ def read_entries(directory: pathlib.Path) -> list[PeerEntry]:
     for path in paths:
         try:
             value = json.loads(path.read_text())
-            entry = PeerEntry(str(value["endpoint"]), str(value["public_key"]), int(value["pid"]), str(value["host"]))
+            entry = PeerEntry(str(value["endpoint"]), str(value["public_key"]), int(value["pid"]), str(value["host"]),
+                              str(value["instance"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # removed meanwhile, or not ours
-        if entry_path(directory, entry.endpoint) == path:
+        if entry_path(directory, entry) == path:
             found.append(entry)
     return found
 
 
 def remove_entry(directory: pathlib.Path, entry: PeerEntry) -> None:
-    """Remove our file, if it is still ours (not a successor's on the same endpoint)."""
-    path = entry_path(directory, entry.endpoint)
+    """Remove our file, if it is still ours (not a successor's)."""
+    path = entry_path(directory, entry)
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -83,15 +83,15 @@ def test_malformed_peer_messages_are_refused(frames):
 
 def test_cluster_directory_entries(tmp_path):
     directory = tmp_path / "cluster"
-    mine = cluster_dir.PeerEntry(NODES[0], "KEY", os.getpid(), "host-a")
+    mine = cluster_dir.PeerEntry(NODES[0], "KEY", os.getpid(), "host-a", "/tfem-1-abc")
     path = cluster_dir.write_entry(directory, mine)
     assert path.stat().st_mode & 0o777 == 0o600
     assert directory.stat().st_mode & 0o777 == 0o700
     (directory / "junk.peer").write_text("{")  # half a file of someone else: skipped
-    (directory / "forged.peer").write_text(json.dumps({"endpoint": NODES[1], "public_key": "", "pid": 1,
-                                                        "host": "h"}))  # not under its endpoint's name
+    (directory / "forged.peer").write_text(json.dumps({"endpoint": NODES[1], "public_key": "", "pid": 1, "host": "h",
+                                                        "instance": "/i"}))  # not under its own name
     assert cluster_dir.read_entries(directory) == [mine]
-    successor = cluster_dir.PeerEntry(NODES[0], "KEY2", os.getpid() + 1, "host-a")
+    successor = cluster_dir.PeerEntry(NODES[1], "KEY2", os.getpid() + 1, "host-a", "/tfem-1-abc")  # restarted
     cluster_dir.write_entry(directory, successor)
     cluster_dir.remove_entry(directory, mine)  # not ours any more: stays
     assert cluster_dir.read_entries(directory) == [successor]
