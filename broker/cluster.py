@@ -62,7 +62,10 @@ log = logging.getLogger("tfem.broker")
 
 HEARTBEAT_S = 0.5  # ping every peer this often; read the cluster directory again
 DEAD_AFTER_S = 3.0  # a peer silent this long is dead
-SCAN_INTERVAL_S = 0.05  # how often the broker looks for files its producers published
+# How often the broker looks at the header's counters for files its
+# producers published (and lists them if they moved): the loop wakes this
+# often with peers, ~100 times a second, a few microseconds each at idle.
+SCAN_INTERVAL_S = 0.01
 FULL_SCAN_S = 1.0  # ... and lists them even when the header's counters say nothing changed (unlinks, expiry)
 RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
 WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
@@ -395,8 +398,10 @@ class Cluster:
             elif want.finding is not None and (not want.finding or now >= want.find_until):
                 self._found_next(want)
 
-    def poll_sockets(self) -> list[zmq.Socket[Any]]:
-        return [self.router]
+    @property
+    def wake_ms(self) -> int:
+        """How long the loop may sleep between ticks."""
+        return int(SCAN_INTERVAL_S * 1000)
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -323,3 +323,24 @@ def test_a_broker_refuses_to_listen_beyond_loopback_without_keys(tmp_path):
     assert run.returncode != 0 and b"--curve-key" in run.stderr and b"--insecure" in run.stderr
     assert leftovers(Instance.for_keyfile(keyfile)) == []
     assert not list((tmp_path / "cluster").glob("*.peer"))
+
+
+def test_the_owner_gives_a_file_back_when_the_takers_node_dies(cluster):
+    a, b = cluster.start(2)
+    data = os.urandom(40_000)
+    published(a, "held/x", data)
+    with a.connect() as ca:
+        cb = b.connect()
+        try:
+            f = cb.open("held/x", "r", timeout=10)  # pulled; B's consumer holds its copy, A its original
+            assert ca.stat("held/x").state == "READ"
+            cluster.kill(b)
+            killed = time.monotonic()
+            wait_for("the owner's copy given back", lambda: ca.stat("held/x").state == "WAIT", DEAD_BOUND_S)
+            assert time.monotonic() - killed < DEAD_BOUND_S
+            f.abort()
+        finally:
+            cb.close()
+        with ca.open("held/x", "r", wait=False) as f:
+            assert f.read() == data  # nothing lost
+    cluster.wait_for_peers([a, cluster.restart(b)])
