@@ -8,13 +8,14 @@ alive by one process of its own, the holder (`sleep infinity`):
   the bridge 10.77.X.1: nodes reach each other, and the host reaches them,
   over IP only; each has its own loopback.
 - IPC: its own SysV queues (a registry's queue is the node's alone).
+- UTS: its own host name, its name (node0, node1, ...).
 - mount: private propagation (nothing mounted in it reaches the host), a
   tmpfs of its own on /dev/shm (the segments) and one on the runtime
   directory (key file, broker socket, $TMPDIR). The runtime directory has
   the same path on every node, as on a cluster: the namespaces alone keep
   the nodes apart, so a leak between them shows as a clash of names.
 
-Every process of a node runs under `nsenter` into its three namespaces,
+Every process of a node runs under `nsenter` into its four namespaces,
 with the node's environment ($TFEM_KEYFILE, $XDG_RUNTIME_DIR, $TMPDIR,
 $TFEM_TEST_NODE, and the venv's bin first on $PATH). The pid namespace is
 the host's: the harness signals and watches node processes by pid.
@@ -471,7 +472,7 @@ class Nodes:
             for i, holder in enumerate(holders):
                 self._wait_ready(i, holder)
                 enter = ["nsenter", f"--net={NETNS_DIR}/{token}-{i}", f"--ipc=/proc/{holder.pid}/ns/ipc",
-                         f"--mount=/proc/{holder.pid}/ns/mnt"]
+                         f"--uts=/proc/{holder.pid}/ns/uts", f"--mount=/proc/{holder.pid}/ns/mnt"]
                 self.nodes.append(Node(f"node{i}", f"10.77.{subnet}.{i + 2}", self.base / f"node{i}", private,
                                        enter, holder, f"{token}-{i}"))
         except BaseException:
@@ -489,6 +490,7 @@ link set {self.token}n{i} name eth0
 addr add {address}/24 dev eth0
 link set eth0 up
 EOF
+hostname node{i}
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0700 tmpfs {shlex.quote(str(private))}
 mkdir -m 0700 {shlex.quote(str(private / "tmp"))}
@@ -496,7 +498,7 @@ echo ready
 exec sleep infinity
 """
         with open(where / "holder.log", "wb") as log:
-            holder = subprocess.Popen(["ip", "netns", "exec", f"{self.token}-{i}", "unshare", "--ipc", "--mount",
+            holder = subprocess.Popen(["ip", "netns", "exec", f"{self.token}-{i}", "unshare", "--ipc", "--uts", "--mount",
                                        "--propagation", "private", "sh", "-c", script],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
         self._holders.append(holder)

@@ -7,7 +7,7 @@ pytest runs from.
 - _proc_tools: client processes, servers started by hand, `tfem up` with its
   log in a file (workers, steps_workers, servers, up_factory, small_disk);
 - _c_programs: the C programs built against libtfem (programs);
-- _nodes: simulated nodes, each in its own network, IPC and mount
+- _nodes: simulated nodes, each in its own network, IPC, UTS and mount
   namespaces, or on 127.0.0.1 where those cannot be made (nodes).
 """
 

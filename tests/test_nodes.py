@@ -101,6 +101,8 @@ def test_nodes_reach_each_other_over_tcp_by_address(nodes: Make, kind: str) -> N
     ns = nodes(2, kind=kind)
     a, b = ns
     assert a.address != b.address if ns.isolated else a.address == b.address == "127.0.0.1"
+    if ns.isolated:
+        assert [node.run(["hostname"]).stdout for node in ns] == [b"node0\n", b"node1\n"]
     port = b.free_port()
     server = b.popen([sys.executable, "-c", REPLY, f"tcp://*:{port}"], stdout=subprocess.PIPE)
     assert server.stdout is not None and server.stdout.readline() == b"bound\n"
