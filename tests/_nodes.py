@@ -385,11 +385,19 @@ class Node:
         left = _kill_all([pid for pid in self.pids() if pid not in keep])
         for process in self._started:
             process.wait()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
         if self.up_process is not None:
             self.stop_up()
         if self.isolated:
             left += [f"/dev/shm/{name}" for name in self.shm_names()]
             left += [f"SysV queue {key:#010x}" for key in self.queue_keys()]
+            # the socket, the state file, a key file with a record (the registry
+            # empties one it did not make); $TMPDIR is the test's
+            left += self.run(["find", str(self.private), "-path", str(self.private / "tmp"), "-prune", "-o",
+                              "(", "-type", "s", "-o", "-type", "f", "-size", "+0c", ")", "-print"]
+                             ).stdout.decode().split()
         else:
             found = leftovers(Instance.for_keyfile(self.keyfile))
             if found:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 from typing import Callable
@@ -106,6 +107,7 @@ def test_nodes_reach_each_other_over_tcp_by_address(nodes: Make, kind: str) -> N
     port = b.free_port()
     server = b.popen([sys.executable, "-c", REPLY, f"tcp://*:{port}"], stdout=subprocess.PIPE)
     assert server.stdout is not None and server.stdout.readline() == b"bound\n"
+    socket.create_connection((b.address, port), timeout=5).close()  # the host reaches it too
     answer = a.python(ASK, f"tcp://{b.address}:{port}", str(port)).stdout.decode().split("\n")
     assert answer[0] == ("loopback refused" if ns.isolated else "loopback reached")
     assert answer[1] == "ping from node1"
