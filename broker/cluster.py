@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import itertools
 import logging
 import os
 import pathlib
 import socket
+import struct
 import time
 from typing import Any, Callable, Generator, Iterator
 
@@ -78,6 +80,7 @@ FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
 # to a reconnection) starts again.
 STALL_S = 5.0
 CHUNK = 1 << 20
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
 WINDOW = 4  # chunks in flight per pull
 
 
@@ -185,14 +188,32 @@ def explicit_peers(specs: list[str], keys: Keys | None) -> list[PeerEntry]:
 
 
 def primary_address() -> str:
-    """The address this host reaches others from (no packet is sent)."""
+    """The address this host reaches others from: the source address of
+    its default route (no packet is sent), else its name's address, else
+    the first non-loopback address of an interface (a compute network
+    without a default route)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing only
-            address: str = probe.getsockname()[0]
-            return address
+            routed: str = probe.getsockname()[0]
+            return routed
         except OSError:
-            return socket.gethostbyname(socket.gethostname())
+            pass
+        try:
+            named = socket.gethostbyname(socket.gethostname())
+            if not named.startswith("127."):
+                return named
+        except OSError:
+            pass
+        for _, interface in socket.if_nameindex():
+            try:
+                request = struct.pack("256s", interface.encode()[:15])
+                address = socket.inet_ntoa(fcntl.ioctl(probe.fileno(), SIOCGIFADDR, request)[20:24])
+            except OSError:
+                continue  # no IPv4 address
+            if not address.startswith("127."):
+                return address
+    raise InvalidArgument("this host has no address but loopback: give --listen")
 
 
 def is_loopback(endpoint: str) -> bool:
