@@ -12,6 +12,7 @@ namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import signal
@@ -26,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests._instances import SMALL, RunningInstance, leftovers, start_instance, stop_instance
-from tfem import rendezvous
+from tfem import aio as tfem_aio, rendezvous
 from tfem.config import Instance
 from tfem.errors import BrokerUnavailable, NotFound, Timeout
 from tfem.segment import Segment
@@ -376,3 +377,19 @@ def test_peers_named_explicitly(instance_factory, tmp_path):
     published(a, "named", b"peers")
     with b.connect() as cb, cb.open("named", "r", timeout=10) as f:
         assert f.read() == b"peers"
+
+
+def test_an_asyncio_reader_across_nodes(cluster):
+    a, b = cluster.start(2)
+
+    async def read() -> bytes:
+        async with await tfem_aio.connect(b.keyfile) as cb:
+            async with await cb.open("aio/x", "r", timeout=10) as f:
+                return await f.read()
+
+    t = threading.Timer(0.5, lambda: published(a, "aio/x", b"from a"))
+    t.start()
+    try:
+        assert asyncio.run(read()) == b"from a"
+    finally:
+        t.join()
