@@ -268,7 +268,7 @@ class Cluster:
         self._by_ticket: dict[int, Want] = {}
         self.pulls: dict[int, Pull] = {}  # by ticket: being written, or published and watched
         self.lends: dict[tuple[str, int], Lend] = {}  # by (taker, its ticket)
-        self.where: dict[str, dict[str, int]] = {}  # home: name -> {owner node: created_ns}
+        self.where: dict[str, set[str]] = {}  # home: name -> the nodes that hold it
         self.pending: dict[str, dict[str, int]] = {}  # home: name -> lookups kept, asker -> its latest ticket
         self.announced: dict[str, str] = {}  # owner: name -> the home told
         self._next_beat = self._next_scan = self._next_full_scan = 0.0
@@ -281,7 +281,7 @@ class Cluster:
 
     # ---- peers ----
 
-    def _refresh_peers(self, now: float) -> None:
+    def _refresh_peers(self) -> None:
         entries = list(self._explicit)
         if self.directory is not None:
             entries += cluster_dir.read_entries(self.directory)
@@ -353,8 +353,9 @@ class Cluster:
         """Homes moved: announce everything again; look up again; give up
         what depended on the dead."""
         self.announced.clear()
-        for name in [n for n in self.where]:
-            self.where[name] = {o: c for o, c in self.where[name].items() if o not in gone}
+        self._counters_seen = ()  # list and announce at the next scan
+        for name in list(self.where):
+            self.where[name] -= gone
             if not self.where[name]:
                 del self.where[name]
         for name in list(self.pending):
@@ -402,7 +403,7 @@ class Cluster:
     def tick(self, now: float) -> None:
         if now >= self._next_beat:
             self._next_beat = now + HEARTBEAT_S
-            self._refresh_peers(now)
+            self._refresh_peers()
             for node in list(self.peers):
                 self._send(node, Kind.PING, {})
         self._check_members(now)
@@ -556,17 +557,17 @@ class Cluster:
         a = m.args
         if m.kind is Kind.ANNOUNCE:
             for name in a["names"]:
-                self.where.setdefault(name, {})[m.sender] = 0
+                self.where.setdefault(name, set()).add(m.sender)
                 for asker, ticket in self.pending.pop(name, {}).items():
                     self._send(asker, Kind.FOUND, {"ticket": ticket, "name": name, "owner": m.sender})
         elif m.kind is Kind.WITHDRAW:
             for name in a["names"]:
-                owners = self.where.get(name, {})
-                owners.pop(m.sender, None)
+                owners = self.where.get(name, set())
+                owners.discard(m.sender)
                 if not owners:
                     self.where.pop(name, None)
         elif m.kind is Kind.LOOKUP:
-            holders = [o for o in self.where.get(a["name"], {}) if o in self.live]
+            holders = sorted(o for o in self.where.get(a["name"], set()) if o in self.live)
             if holders:
                 owner = m.sender if m.sender in holders else holders[0]
                 self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": owner})
