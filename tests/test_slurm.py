@@ -162,12 +162,15 @@ def processes_mentioning(text: str) -> list[str]:
     return [f"{proc.name}: {line}" for proc, line in command_lines() if text in line]
 
 
-def processes_of_job(job: str) -> list[str]:
-    marker = f"\0SLURM_JOB_ID={job}\0".encode()
+def processes_of_job(job: str, conf: str) -> list[str]:
+    """Processes of job `job` of the cluster of `conf` (another cluster on
+    this host numbers its jobs from 1 too)."""
+    markers = [f"\0SLURM_JOB_ID={job}\0".encode(), f"\0SLURM_CONF={conf}\0".encode()]
     found = []
     for proc, line in command_lines():
         try:
-            if marker in b"\0" + (proc / "environ").read_bytes():
+            environ = b"\0" + (proc / "environ").read_bytes()
+            if all(m in environ for m in markers):
                 found.append(f"{proc.name}: {line}")
         except OSError:
             continue
@@ -247,7 +250,7 @@ class Run:
         """What the job left on the nodes, removed (the test fails on it, and
         leaves nothing either)."""
         deadline = time.monotonic() + 5  # slurmstepd reaps the last processes as the job leaves the queue
-        while (processes := processes_of_job(self.job)) and time.monotonic() < deadline:
+        while (processes := processes_of_job(self.job, self.cluster.env["SLURM_CONF"])) and time.monotonic() < deadline:
             time.sleep(0.2)
         found = [f"process {p}" for p in processes]
         for p in processes:
@@ -288,6 +291,8 @@ def runs(cluster: Cluster) -> dict[tuple[int, str], Run]:
                 assert run.running() and time.monotonic() < deadline, f"no tfem came up: {run.output()}"
                 time.sleep(0.1)
             time.sleep(1.5)
+            # The check for processes left behind sees the job's while it runs.
+            assert processes_of_job(run.job, cluster.env["SLURM_CONF"]), run.output()
             cluster.run("scancel", run.job)
         for n in sizes:
             for e in ("normal", "failing", "scancel"):
