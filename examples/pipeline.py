@@ -7,7 +7,9 @@ processes transform their share of the parts (worker w takes parts w, w+W,
 ...) into new temporary files; the reducer reads every result in order and
 folds a checksum, which is checked against one computed without temporary
 files. All stages start together: a worker or the reducer that asks for a
-part its producer has not finished waits for it.
+part its producer has not finished waits for it, and the splitter keeps at
+most --in-flight parts ahead of the reducer (and, through tfem, a writer
+that finds the instance full waits for room).
 
 Through tfem (the default backend), inside an instance:
 
@@ -34,20 +36,30 @@ import multiprocessing
 import os
 import queue
 import random
+import signal
 import sys
 import threading
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tfem.config import parse_size
 
 TABLE = bytes((b * 167 + 13) % 256 for b in range(256))  # a bijection: the "compute" step
-READ_TIMEOUT_S = 120.0
+READ_TIMEOUT_S = 120.0  # how long a reader waits for its part, and a writer for room
+CHUNK = 1 << 20  # a multiple of 4: the chunks join into what one randbytes call would give
+
+
+def input_chunks(seed: int, size: int) -> Iterator[bytes]:
+    """The input, CHUNK bytes at a time: one randbytes call would overflow
+    at 256 MiB, and the check below needs no copy of the whole input."""
+    rng = random.Random(seed)
+    for start in range(0, size, CHUNK):
+        yield rng.randbytes(min(CHUNK, size - start))
 
 
 def make_input(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+    return b"".join(input_chunks(seed, size))
 
 
 def transform(data: bytes) -> bytes:
@@ -64,7 +76,9 @@ class TfemStore:
         self.client = tfem.connect()  # the instance of $TFEM_KEYFILE, set by `tfem up -- ...`
 
     def write(self, name: str, data: Any) -> None:
-        with self.client.open(name, "w") as f:
+        # Waits for room while the slot table (or memory) is full: the
+        # splitter may run ahead of the workers by thousands of parts.
+        with self.client.open(name, "w", timeout=READ_TIMEOUT_S) as f:
             f.write(data)
 
     def read(self, name: str) -> bytes:
@@ -115,11 +129,12 @@ def open_store(backend: str) -> Any:
 # ---- the stages, one process each ----
 
 
-def splitter(backend: str, prefix: str, parts: int, part_size: int, seed: int, start: Any) -> None:
+def splitter(backend: str, prefix: str, parts: int, part_size: int, seed: int, start: Any, room: Any) -> None:
     store = open_store(backend)
     data = memoryview(make_input(seed, parts * part_size))
     start.wait()
     for i in range(parts):
+        room.acquire()  # at most --in-flight parts between here and the reducer
         store.write(f"{prefix}in-{i}", data[i * part_size: (i + 1) * part_size])
     store.close()
 
@@ -132,26 +147,36 @@ def worker(backend: str, prefix: str, parts: int, index: int, workers: int, star
     store.close()
 
 
-def reducer(backend: str, prefix: str, parts: int, start: Any, results: Any) -> None:
+def reducer(backend: str, prefix: str, parts: int, start: Any, room: Any, results: Any) -> None:
     store = open_store(backend)
     start.wait()
     checksum = total = 0
     for i in range(parts):
         data = store.read(f"{prefix}out-{i}")
+        room.release()
         checksum = zlib.crc32(data, checksum)
         total += len(data)
     results.put((time.perf_counter(), checksum, total))
     store.close()
 
 
-def run(backend: str, workers: int, parts: int, part_size: int, seed: int) -> dict[str, Any]:
+def stage(target: Callable[..., None], *args: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main's handler is for main: a stage stops at once
+    target(*args)
+
+
+def run(backend: str, workers: int, parts: int, part_size: int, seed: int, in_flight: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context()
     prefix = f"pipeline-{os.getpid()}-"
     start = ctx.Barrier(workers + 3)  # every stage, and this process
+    # Without a bound the splitter could fill the slot table with parts
+    # while a worker waits for a slot to write its result: nobody could go on.
+    room = ctx.Semaphore(in_flight)
     results = ctx.Queue()
-    stages = [ctx.Process(target=splitter, args=(backend, prefix, parts, part_size, seed, start))]
-    stages += [ctx.Process(target=worker, args=(backend, prefix, parts, w, workers, start)) for w in range(workers)]
-    stages.append(ctx.Process(target=reducer, args=(backend, prefix, parts, start, results)))
+    stages = [ctx.Process(target=stage, args=(splitter, backend, prefix, parts, part_size, seed, start, room))]
+    stages += [ctx.Process(target=stage, args=(worker, backend, prefix, parts, w, workers, start))
+               for w in range(workers)]
+    stages.append(ctx.Process(target=stage, args=(reducer, backend, prefix, parts, start, room, results)))
     for p in stages:
         p.start()
     try:
@@ -179,7 +204,9 @@ def run(backend: str, workers: int, parts: int, part_size: int, seed: int) -> di
             if p.is_alive():
                 p.terminate()
                 p.join()
-    expected = zlib.crc32(transform(make_input(seed, parts * part_size)))
+    expected = 0
+    for chunk in input_chunks(seed, parts * part_size):
+        expected = zlib.crc32(transform(chunk), expected)
     return {"backend": backend, "workers": workers, "parts": parts, "part_size": part_size,
             "bytes": total, "seconds": t1 - t0, "checksum": checksum, "expected": expected,
             "ok": checksum == expected and total == parts * part_size}
@@ -192,14 +219,20 @@ def main() -> int:
     parser.add_argument("--parts", type=int, default=256)
     parser.add_argument("--part-size", type=parse_size, default="256K")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--in-flight", type=int, default=1024,
+                        help="parts between splitter and reducer at most; through tfem, keep it "
+                             "within half the instance's slots (default 1024)")
     parser.add_argument("--json", action="store_true", help="print one line of JSON")
     args = parser.parse_args()
-    if args.workers < 1 or args.parts < 1 or args.part_size < 1:
-        parser.error("--workers, --parts and --part-size must be positive")
+    if min(args.workers, args.parts, args.part_size, args.in_flight) < 1:
+        parser.error("--workers, --parts, --part-size and --in-flight must be positive")
     if args.backend != "tfem" and not os.path.isdir(args.backend):
         parser.error(f"--backend: {args.backend} is neither tfem nor a directory")
+    # SIGTERM (a batch job's stop) ends this process through run()'s
+    # finally, which stops the stages.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        result = run(args.backend, args.workers, args.parts, args.part_size, args.seed)
+        result = run(args.backend, args.workers, args.parts, args.part_size, args.seed, args.in_flight)
     except (RuntimeError, OSError, threading.BrokenBarrierError) as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -250,15 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; servers poll it between requests."""
+    """Set by SIGINT/SIGTERM; servers poll it between requests. A plain
+    attribute: a handler that takes a lock (threading.Event.set) waits
+    forever on itself when a second signal runs it again while it holds
+    the lock, as when Slurm signals a whole job step and a script passes
+    the stop on too."""
 
     def __init__(self) -> None:
-        self.stopped = threading.Event()
+        self.stopped = False
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stopped.set())
+            signal.signal(sig, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.stopped = True
 
     def __call__(self) -> bool:
-        return self.stopped.is_set()
+        return self.stopped
 
 
 def _signal_ready(fd: int | None) -> None:
@@ -397,7 +403,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stop() and (worker is None or worker.poll() is None):
             for server in servers:
                 server.supervise()
-            stop.stopped.wait(0.1)
+            time.sleep(0.1)
         if worker is not None:
             if worker.poll() is None:
                 worker.terminate()

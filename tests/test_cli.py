@@ -441,6 +441,28 @@ def test_up_stopped_by_a_signal_leaves_nothing(tmp_path, servers, sig):
     assert time.monotonic() - start < 5  # a client outliving its instance closes promptly
 
 
+def test_up_stops_under_a_burst_of_signals(tmp_path, servers):
+    """Slurm signals every process of a job step at once, and a batch script
+    passes the stop on too: TERMs reach `tfem up` while its handler for the
+    first one runs. It must stop every time, not wait on itself."""
+    for attempt in range(8):
+        keyfile = tmp_path / f"burst{attempt}.key"
+        servers.track(keyfile)
+        up = servers.start("up", "--keyfile", str(keyfile), *SMALL)
+        names = Instance.for_keyfile(keyfile)
+        for _ in range(50):  # back to back: the earlier code hung in about half the attempts
+            if up.poll() is None:
+                up.send_signal(signal.SIGTERM)
+        try:
+            status = up.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"tfem up hung after a burst of SIGTERM (attempt {attempt + 1})")
+        # 0, or killed by a TERM that came after its cleanup, as the interpreter exited
+        assert status in (0, -signal.SIGTERM)
+        assert leftovers(names) == []
+        assert not keyfile.exists()
+
+
 def test_clean_after_sigkill_removes_only_that_instance(tmp_path, instance_factory, servers):
     other = instance_factory(*SMALL, subdir="other")
     with other.connect() as c:

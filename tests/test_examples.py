@@ -55,16 +55,30 @@ def test_pipeline_through_tfem_and_through_files(instance, tmp_path):
 
 
 def test_slurm_script_runs_its_one_node_fallback(tmp_path):
+    """`bash` it from another directory, with tfem's venv named but not on
+    PATH and an XDG_RUNTIME_DIR that does not exist: it finds its examples,
+    its venv and a runtime directory of its own, and removes them all."""
+    venv_bin = os.path.dirname(sys.executable)
     env = dict(os.environ, PARTS="32", PART_SIZE="64K", WORKERS="2", TFEM_MEMORY="64M",
-               TMPDIR=str(tmp_path), XDG_RUNTIME_DIR=str(tmp_path))
-    env.pop("SLURM_JOB_ID", None)
-    env.pop("TFEM_KEYFILE", None)
-    out = run(["bash", str(EXAMPLES / "slurm" / "pipeline.sbatch")], env=env)
-    assert "(ok)" in out.stdout
-    # The script's trap stopped the instance: nothing of it is left.
-    keyfiles = list(tmp_path.glob("tfem-job-*.key"))
-    assert keyfiles == []  # the registry removes the key file it made
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tfem-job-")]
+               TFEM_VENV=os.path.dirname(venv_bin),
+               XDG_RUNTIME_DIR=str(tmp_path / "no-such-runtime-dir"),
+               PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin))
+    for name in ("SLURM_JOB_ID", "TFEM_KEYFILE", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    (tmp_path / "submit").mkdir()
+    result = subprocess.run(["bash", str(EXAMPLES / "slurm" / "pipeline.sbatch")], env=env, capture_output=True,
+                            text=True, timeout=180, cwd=tmp_path / "submit")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(ok)" in result.stdout
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("tfem on ")]
+    keyfile = line.split("key file ")[1].split(",")[0]
+    segment = line.split("segment ")[1].split(",")[0]
+    # Each node's tfem up stopped its servers, which removed what they made,
+    # and the script removed its directories: the node's (in /tmp) and the shared one.
+    assert not os.path.exists(f"/dev/shm{segment}")
+    assert keyfile.startswith("/tmp/tfem-") and not os.path.exists(os.path.dirname(keyfile))
+    assert list((tmp_path / "submit").iterdir()) == []
+    assert not (tmp_path / "no-such-runtime-dir").exists()
 
 
 def test_dask_job_gives_the_answer_of_a_direct_computation(instance):
