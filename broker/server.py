@@ -254,10 +254,9 @@ class Broker:
         cluster = self.cluster
         if cluster is not None:
             poller.register(cluster.router, zmq.POLLIN)
-        poll_ms = 100 if cluster is None else cluster.wake_ms
         while not should_stop():
             try:
-                events = dict(poller.poll(poll_ms))
+                events = dict(poller.poll(100 if cluster is None else cluster.wake_ms))
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EINTR:  # a signal: look at should_stop()
                     continue
