@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Generator
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import zmq
 
@@ -29,6 +29,8 @@ from tfem.protocol import Op, Reply, Request
 from tfem.states import State
 
 from .clients import Clients
+if TYPE_CHECKING:
+    from .cluster import Cluster
 from .holdings import Holdings, Slot
 from .memory import Memory
 from .worker import Work
@@ -62,6 +64,7 @@ class Dispatch:
         # Whether the loop may allocate now: not while the disk worker runs
         # an exclusive job (a dead client's files, a replaced segment).
         self.may_allocate: Callable[[], bool] = lambda: True
+        self.cluster: Cluster | None = None  # the peer link, with peers
         # Requests of any peer: they name no slot.
         self._greetings: dict[Op, Callable[[bytes, Request], Reply]] = {
             Op.HELLO: self._hello, Op.STATS: self._stats_of, Op.BYE: self._bye}
@@ -74,7 +77,8 @@ class Dispatch:
 
     def take(self, frames: list[zmq.Frame]) -> Answer | Work | None:
         """The answer to one request's frames, or the disk job that will
-        make it; None for a request too malformed to answer. (Error replies
+        make it; None for a request too malformed to answer, or one the
+        cluster answers later. (Error replies
         are counted in `errors` by whoever sends them.)"""
         identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
         try:
@@ -94,6 +98,8 @@ class Dispatch:
             pid = self.clients.pids.get(identity)
             if pid is None:
                 raise UnknownClient("this broker does not know you (it may have restarted): say hello")
+            if request.op in (Op.WANT, Op.UNWANT, Op.NEXT):
+                return self._across(identity, request)
             quick = self._quick.get(request.op)
             reply = quick(pid, request) if quick is not None and self.may_allocate() else None
             if reply is not None:
@@ -141,7 +147,8 @@ class Dispatch:
         return Reply(request.request_id, 0, {
             "segment": seg.name, "broker_pid": os.getpid(), "instance_id": seg.header.instance_id,
             # where clients read spilled bytes themselves (spill_reader.py)
-            "spill": {"path": str(spill.path), "map_size": spill.map_size} if spill else None})
+            "spill": {"path": str(spill.path), "map_size": spill.map_size} if spill else None,
+            "cluster": self.cluster is not None})
 
     def _stats_of(self, identity: bytes, request: Request) -> Reply:
         return Reply(request.request_id, 0, self._stats())
@@ -149,6 +156,22 @@ class Dispatch:
     def _bye(self, identity: bytes, request: Request) -> Reply:
         self.clients.bye(identity)
         return Reply(request.request_id, 0, {})
+
+    # ---- clients: files on other nodes (cluster.py) ----
+
+    def _across(self, identity: bytes, request: Request) -> Answer | None:
+        """None: the cluster answers later."""
+        cluster, args = self.cluster, request.args
+        if cluster is None:
+            raise InvalidArgument("this broker has no peers")
+        if request.op is Op.WANT:
+            reply = cluster.want(identity, request.request_id, args["name"], bool(args["wait"]))
+        elif request.op is Op.NEXT:
+            reply = cluster.next(identity, request.request_id, args["prefix"])
+        else:
+            cluster.unwant(args["name"])
+            reply = Reply(request.request_id, 0, {})
+        return None if reply is None else (identity, reply)
 
     # ---- clients: at once, when no disk work is needed ----
 

@@ -30,7 +30,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
@@ -44,6 +44,8 @@ from tfem.spill_format import Codec
 from tfem.table import SlotTable
 
 from .clients import Clients
+if TYPE_CHECKING:
+    from .cluster import Cluster
 from .dispatch import Dispatch
 from .holdings import Holdings
 from .memory import Memory
@@ -81,6 +83,13 @@ class BrokerConfig:
     endpoint: str | None = None  # default: ipc:// socket of the instance
     keep: bool = False  # leave segment and spill files on stop
     mode: str = "adaptive"  # where disk work runs: modes.SETTINGS
+    # Across nodes (cluster.py): peers from a shared directory or named; none: one node, no TCP.
+    cluster_dir: pathlib.Path | None = None
+    peers: list[str] = dataclasses.field(default_factory=list)  # ENDPOINT[=PUBLIC-KEY-FILE]
+    listen: str | None = None  # TCP endpoint for peers (default: the host's primary address, any port)
+    curve_key: pathlib.Path | None = None  # this broker's secret key file (`tfem keys`)
+    trusted: pathlib.Path | None = None  # the directory of peers' public keys (default: the key's)
+    insecure: bool = False  # peers without CURVE on a non-loopback address
 
 
 class Broker:
@@ -89,6 +98,7 @@ class Broker:
     clients: Clients
     dispatch: Dispatch
     _socket: zmq.Socket[Any] | None = None
+    cluster: Cluster | None = None
 
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
@@ -151,6 +161,8 @@ class Broker:
                 stale.unlink(missing_ok=True)  # the segment was free, so no broker owns it
             self._bind()
             self._announce()
+            if c.cluster_dir is not None or c.peers:
+                self._join()
             self.instance.write_state({"broker_pid": os.getpid(), "spill_dir": str(self.spill_dir),
                                        "segment": segment.name, "endpoint": self.endpoint})
             self._owns_segment = True
@@ -160,6 +172,19 @@ class Broker:
         log.info("broker %d serving %s: segment %s, %d slots, %d MiB arena, spill %s",
                  os.getpid(), self.endpoint, segment.name, c.slots, c.memory >> 20,
                  holdings.spill.path if holdings.spill else "off")
+
+    def _join(self) -> None:
+        """Start the peer link (cluster.py)."""
+        from .cluster import Cluster, Keys, explicit_peers
+
+        c = self.config
+        assert self.holdings is not None
+        keys = Keys.load(c.curve_key, c.trusted) if c.curve_key is not None else None
+        self.cluster = self.dispatch.cluster = Cluster(
+            self.holdings, self.dispatch.ask_self, directory=c.cluster_dir, peers=explicit_peers(c.peers, keys),
+            listen=c.listen, keys=keys, insecure=c.insecure,
+            run_disk=lambda what, job: self._own_job(what, job, once=False, exclusive=False),
+            reply=self._send)
 
     def _bind(self) -> None:
         assert self._socket is not None
@@ -226,9 +251,13 @@ class Broker:
         self.clients.poller = poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(worker.fd, zmq.POLLIN)
+        cluster = self.cluster
+        if cluster is not None:
+            poller.register(cluster.router, zmq.POLLIN)
+        poll_ms = 100 if cluster is None else cluster.wake_ms
         while not should_stop():
             try:
-                events = dict(poller.poll(100))
+                events = dict(poller.poll(poll_ms))
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EINTR:  # a signal: look at should_stop()
                     continue
@@ -251,6 +280,10 @@ class Broker:
                         self._disk(taken)
                     elif taken is not None:
                         self._send(*taken)
+            if cluster is not None:
+                if cluster.router in events:
+                    cluster.receive()
+                cluster.tick(time.monotonic())
             if self.memory.ahead_due:  # writers met a full arena: room for the next ones, off their path
                 self.memory.ahead_due = False
                 self._own_steps("evict ahead", self.memory.evict_ahead(), background=True)
@@ -359,9 +392,11 @@ class Broker:
     def stats(self) -> dict[str, Any]:
         assert self.holdings is not None, "the broker has not started"
         limit_from = "--spill-size" if self.config.spill_size is not None else "half the disk's free room at start"
-        return stats(self.holdings, self.dispatch, self.clients, endpoint=self.endpoint, started=self.started,
-                     recovery=self.recovery, limit_from=limit_from, broker_mode=self.mode_stats(),
-                     expired=self.expired)
+        result = stats(self.holdings, self.dispatch, self.clients, endpoint=self.endpoint, started=self.started,
+                       recovery=self.recovery, limit_from=limit_from, broker_mode=self.mode_stats(),
+                       expired=self.expired)
+        result["cluster"] = self.cluster.stats() if self.cluster is not None else None
+        return result
 
     # ---- the sweep ----
 
@@ -434,6 +469,13 @@ class Broker:
                                        {"endpoint": self.endpoint}, timeout=1.0)
             except TfemError:
                 pass
+        if self.cluster is not None:  # lent files given back, partial copies dropped, the peer file removed
+            self.cluster.close()
+            self.cluster = self.dispatch.cluster = None
+            until = time.monotonic() + 5.0
+            while self.worker.jobs and self.worker.alive() and time.monotonic() < until:  # the drops just queued
+                self.worker.take_finished()
+                time.sleep(0.001)
         self.worker.stop()  # before the store closes: its jobs use it
         if self.holdings is not None:
             self.clients.close()

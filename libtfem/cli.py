@@ -92,6 +92,22 @@ def _add_broker_options(p: argparse.ArgumentParser) -> None:
                             "in the loop (lowest latency alone, but a large spill holds up every client); "
                             "async always on the worker (other clients are answered during a spill). "
                             "`tfem status` shows the mode and its switches"),
+        g.add_argument("--cluster", type=pathlib.Path, metavar="DIR",
+                       help="across nodes: a directory every node of the job sees; each broker writes its "
+                            "TCP endpoint and public key there and finds its peers there"),
+        g.add_argument("--peers", metavar="LIST",
+                       help="across nodes, instead of --cluster: the peers, comma-separated "
+                            "tcp://HOST:PORT=PUBLIC-KEY-FILE (just tcp://HOST:PORT with --insecure)"),
+        g.add_argument("--listen", metavar="ENDPOINT",
+                       help="TCP endpoint for peers (default: tcp://PRIMARY-ADDRESS:*, a port the kernel "
+                            "chooses); with --peers, give the endpoint the others name"),
+        g.add_argument("--curve-key", type=pathlib.Path, metavar="FILE",
+                       help="this broker's CURVE secret key file, made by `tfem keys` (PATH.key_secret)"),
+        g.add_argument("--trusted", type=pathlib.Path, metavar="DIR",
+                       help="the directory of the public keys (*.key) of trusted peers "
+                            "(default: the directory of --curve-key)"),
+        g.add_argument("--insecure", action="store_true",
+                       help="let brokers speak to each other without CURVE on a non-loopback address"),
     ]
     p.set_defaults(broker_options=options)  # for `tfem up` to hand on to its broker (_broker_argv)
 
@@ -217,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--libs", action="store_true", help="link flags, with an rpath to the library")
     p.add_argument("--pkg-config-path", action="store_true", help="the directory holding tfem.pc")
 
+    p = _command(sub, "keys", cmd_keys, help="make a CURVE key pair for a broker across nodes",
+                 description="Write PATH.key (the public key, for the trusted directory of every "
+                             "peer) and PATH.key_secret (owner-only, for this broker's --curve-key).",
+                 keyfile=False)
+    p.add_argument("path", type=pathlib.Path, metavar="PATH")
+
     p = _command(sub, "clean", cmd_clean, help="remove what a killed instance left behind",
                  description="Remove the queue, segment, socket and spill store of the "
                              "key file, data included. Refuses while its registry runs.")
@@ -252,7 +274,9 @@ def _broker_config(args: argparse.Namespace) -> Any:
                         block_size=args.block_size, memory=args.memory, spill_dir=args.spill_dir,
                         spill=not args.no_spill, spill_size=args.spill_size, spill_codec=CODECS[args.spill_compress],
                         max_file_size=args.max_file_size, endpoint=getattr(args, "endpoint", None), keep=args.keep,
-                        mode=args.broker_mode)
+                        mode=args.broker_mode, cluster_dir=args.cluster,
+                        peers=[p for p in (args.peers or "").split(",") if p], listen=args.listen,
+                        curve_key=args.curve_key, trusted=args.trusted, insecure=args.insecure)
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -658,7 +682,15 @@ def _status_text(stats: dict[str, Any]) -> str:
             f"requests    {sum(stats['requests_served'].values())} served, {stats['request_errors']} errors,"
             f" {stats['clients']} clients")
     mode = stats.get("broker_mode")
-    return text + "\n" + _mode_line(mode) if mode else text  # a broker of before the modes has none
+    if mode:  # a broker of before the modes has none
+        text += "\n" + _mode_line(mode)
+    cluster = stats.get("cluster")
+    if cluster:
+        peers = ", ".join(f"{p['endpoint']} ({'alive' if p['alive'] else 'silent'})" for p in cluster["peers"])
+        text += (f"\npeers       {cluster['node']}{' with CURVE' if cluster['curve'] else ''}; {peers or 'none'}\n"
+                 f"across      {cluster['pulled']} pulled here ({_mib(cluster['pulled_bytes'])}),"
+                 f" {cluster['lent']} lent ({_mib(cluster['lent_bytes'])}), {cluster['homed_names']} names homed here")
+    return text
 
 
 def _spill_lines(stats: dict[str, Any]) -> str:
@@ -688,6 +720,21 @@ def _mode_line(mode: dict[str, Any]) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    base = str(args.path)
+    for path, lines in ((base + ".key_secret", [f'    public-key = "{public.decode()}"',
+                                                f'    secret-key = "{secret.decode()}"']),
+                        (base + ".key", [f'    public-key = "{public.decode()}"'])):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never over another pair
+        with os.fdopen(fd, "w") as out:
+            out.write("#   tfem CURVE key (ZeroMQ certificate format)\nmetadata\ncurve\n" + "\n".join(lines) + "\n")
+    print(f"{base}.key (public), {base}.key_secret (secret, 0600)")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:

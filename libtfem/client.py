@@ -33,8 +33,8 @@ from . import discovery, protocol
 from ._native import ffi, lib
 from .cdata import FileCore
 from .config import ENV_BROKER, Instance
-from .errors import (BrokerUnavailable, InvalidArgument, NoSpace, ProtocolError, TfemError, Timeout, WouldBlock,
-                     from_errno)
+from .errors import (BrokerUnavailable, InvalidArgument, NoSpace, NotFound, ProtocolError, TfemError, Timeout,
+                     WouldBlock, from_errno)
 from . import forks
 from .files import TfemFile
 from .protocol import Op, Reply, Request
@@ -49,6 +49,11 @@ REPLY_TIMEOUT_S = 120.0  # a spill of a large file can take a while
 CONNECT_TIMEOUT_S = 5.0  # for the broker's first answer: nobody may be listening at all
 BYE_TIMEOUT_S = 1.0  # for its answer to goodbye: it may have stopped meanwhile
 LIVENESS_POLL_MS = 200  # while waiting for a reply, how often the broker's pid is checked
+# Across nodes: a client waiting for a file its broker pulls from another
+# node waits on its futex this long at a time, then renews its want (the
+# broker's answer is BrokerUnavailable once the owner or home died).
+WANT_SLICE_S = 0.25
+NEXT_POLL_S = 0.02  # open_next: how often a waiting caller looks again
 _MODES = {m: m[0] for m in ("r", "w", "a")} | {m + "b": m for m in "rwa"} | {"b" + m: m for m in "rwa"}
 _FILE = ffi.typeof("struct tfem_file *")
 _OPEN_MODE = {"r": lib.TFEM_OPEN_READ, "a": lib.TFEM_OPEN_AUTO}
@@ -111,6 +116,7 @@ class Client:
     _broker_pid = 0  # the broker of the last HELLO
     segment: Segment | None = None
     _spill_store: dict[str, Any] | None = None  # where the broker's spill store is (HELLO)
+    cluster = False  # the broker has peers on other nodes (HELLO)
 
     def __init__(self, endpoint: str, *, registry: Instance | None = None,
                  reply_timeout: float = REPLY_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -198,6 +204,7 @@ class Client:
         """Note what a broker's HELLO says of it."""
         self._broker_pid = hello.result["broker_pid"]
         self._spill_store = hello.result.get("spill")
+        self.cluster = bool(hello.result.get("cluster"))
 
     @property
     def spill(self) -> SpillReader:
@@ -328,6 +335,13 @@ class Client:
         room_timeout = 0 if timeout is None else timeout
         deadline = None if timeout is None else Deadline(timeout)
         core = ffi.new(_FILE)
+        if self.cluster and kind == "r":
+            rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], False, 0, core,
+                                 self._state_found)
+            if rc == errno.ENOENT:  # not on this node: its broker pulls it from another
+                return self._open_across(raw, timeout, wait, deadline, core)
+            if rc == 0:
+                return self._opened(core, name, raw)
         while True:  # again after a signal (EINTR), once Python has run its handlers
             left = -1 if deadline is None else deadline.remaining_ns()
             if kind == "w":
@@ -346,6 +360,81 @@ class Client:
         f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
         self.held.add(core)
         return f
+
+    def _opened(self, core: FileCore, name: str | bytes, raw: bytes) -> TfemFile:
+        """A file opened for reading across nodes (the path above, inlined there for speed)."""
+        f = TfemFile(core, name if type(name) is str else raw.decode(), self, 0)
+        self.held.add(core)
+        return f
+
+    def _open_across(self, raw: bytes, timeout: float | None, wait: bool, deadline: Deadline | None,
+                     core: FileCore) -> TfemFile:
+        """Open a name held on another node: the broker pulls it into this
+        node's segment under the same name, and the client takes it there
+        as any local file. Waiting, the client sleeps on its futex in
+        slices and renews its want between them, so it hears within a
+        slice that the owner or the home died (BrokerUnavailable)."""
+        text = raw.decode()
+        if not wait:
+            self.call(Op.WANT, {"name": text, "wait": 0})  # answered once the copy is here
+            return self._opened(self._open_here(raw, False, 0, core, timeout), text, raw)
+        try:
+            while True:
+                self.call(Op.WANT, {"name": text, "wait": 1})
+                left = -1 if deadline is None else deadline.remaining_ns()
+                if left == 0:
+                    raise Timeout(f"{text!r} was not ready to read within {timeout} s")
+                part = int(WANT_SLICE_S * 1e9) if left < 0 else min(left, int(WANT_SLICE_S * 1e9))
+                try:
+                    return self._opened(self._open_here(raw, True, part, core, timeout), text, raw)
+                except Timeout:
+                    continue
+        except BaseException:
+            try:
+                self.call(Op.UNWANT, {"name": text})
+            except TfemError:
+                pass
+            raise
+
+    def _open_here(self, raw: bytes, wait: bool, left_ns: int, core: FileCore, timeout: float | None) -> FileCore:
+        while True:
+            rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE["r"], wait, left_ns, core,
+                                 self._state_found)
+            if rc == errno.EIDRM:
+                self._follow_move()
+            elif rc != errno.EINTR:
+                break
+        if rc:
+            raise self._open_error(rc, raw, "r", timeout)
+        return core
+
+    def open_next(self, prefix: str = "", timeout: float | None = None, wait: bool = True) -> TfemFile:
+        """Open the oldest published file whose name starts with `prefix`:
+        on this node first, then, with peers, on any node of the job (the
+        broker pulls it here). A caller that asks again as soon as it is
+        done takes more files than a busy one. Waits up to `timeout`
+        seconds (None: no limit) for one to appear, or not at all with
+        `wait=False` (NotFound)."""
+        if type(prefix) is not str:
+            raise InvalidArgument(f"prefix must be text, not {type(prefix).__name__}")
+        deadline = Deadline(timeout)
+        while True:
+            for stat in sorted(self.list_stats(), key=operator.attrgetter("created")):
+                if stat.state == "WAIT" and stat.name.startswith(prefix):
+                    try:
+                        return self.open(stat.name, "r", wait=False)
+                    except (NotFound, WouldBlock):
+                        continue  # another consumer took it first
+            if self.cluster:
+                try:
+                    name = self.call(Op.NEXT, {"prefix": prefix}).result["name"]
+                    return self.open(name, "r", wait=False)
+                except (NotFound, WouldBlock):
+                    pass
+            if not wait or deadline.remaining_ns() == 0:
+                raise NotFound(f"no file under {prefix!r} is published") if not wait else \
+                    Timeout(f"no file under {prefix!r} was published within {timeout} s")
+            time.sleep(NEXT_POLL_S)
 
     def create(self, name: str | bytes, size: int, *, timeout: float | None = None,
                checksum: bool = True, readers: int = 1, keep: bool = False, ttl: float | None = None) -> TfemFile:

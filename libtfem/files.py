@@ -28,7 +28,7 @@ import io
 import operator
 import os
 import pickle
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Generator, Protocol
 
 from . import forks
 from ._native import ffi, lib
@@ -180,7 +180,7 @@ class TfemFile(io.RawIOBase):
     def readall(self) -> bytes:
         return self.read(-1)
 
-    def chunks(self, size: int = 16 << 20) -> Iterator[memoryview]:
+    def chunks(self, size: int = 16 << 20) -> Generator[memoryview, None, None]:
         """Read the rest of the file as views, without copying what is in
         memory. A view is valid only until the file is closed."""
         self._check_mode(reading=True)

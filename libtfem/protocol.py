@@ -43,6 +43,9 @@ class Op(str, enum.Enum):
     ROOM = "room"  # spill until the arena has a run of free blocks this long (zero copy)
     STATS = "stats"
     BYE = "bye"
+    WANT = "want"  # across nodes: pull name here (wait: answer now, the client renews; else once pulled)
+    UNWANT = "unwant"  # the client stopped waiting for name
+    NEXT = "next"  # across nodes: pull the oldest file under prefix published on another node
 
 
 # The args each op takes: name -> type. Extra or missing keys are errors.
@@ -53,7 +56,11 @@ _ARGS: dict[Op, dict[str, type]] = {
     Op.ROOM: {"blocks": int},
     Op.STATS: {},
     Op.BYE: {},
+    Op.WANT: {"name": str, "wait": int},
+    Op.UNWANT: {"name": str},
+    Op.NEXT: {"prefix": str},
 }
+_CAN_BE_EMPTY = {"prefix"}  # open_next(""): every name
 _TAKES_DATA = {Op.SPILL_WRITE}
 
 
@@ -108,7 +115,7 @@ def _check_args(what: str, spec: dict[str, type], args: Any) -> dict[str, Any]:
     for key, kind in spec.items():
         if kind is int:
             _check_uint(args[key], key)
-        elif not isinstance(args[key], str) or not args[key] or len(args[key]) > 1024:
+        elif not isinstance(args[key], str) or not args[key] and key not in _CAN_BE_EMPTY or len(args[key]) > 1024:
             raise ProtocolError(f"{what}: {key} must be a short non-empty string")
     return args
 

@@ -29,6 +29,9 @@ OP_ARGS = {
     Op.ROOM: {"blocks": 16384},
     Op.STATS: {},
     Op.BYE: {},
+    Op.WANT: {"name": "run1/part0", "wait": 1},
+    Op.UNWANT: {"name": "run1/part0"},
+    Op.NEXT: {"prefix": "run1/"},
 }
 ACTION_ARGS = {
     Action.REGISTER: {},
@@ -249,7 +252,18 @@ def test_args_that_are_not_a_map(args: object) -> None:
 def test_bad_integer_args(op: Op, value: object) -> None:
     frames_after = [b""] if op in DATA_OPS else []
     for key in OP_ARGS[op]:
-        refused([request_header(op.value, {**OP_ARGS[op], key: value})] + frames_after)
+        if type(OP_ARGS[op][key]) is int:  # a text argument takes the string among them
+            refused([request_header(op.value, {**OP_ARGS[op], key: value})] + frames_after)
+
+
+@pytest.mark.parametrize("op", [Op.WANT, Op.UNWANT], ids=lambda o: o.value)
+@pytest.mark.parametrize("value", ["", 7, None, b"name", "x" * 1025], ids=["empty", "int", "nil", "bin", "long"])
+def test_bad_text_args(op: Op, value: object) -> None:
+    refused([request_header(op.value, {**OP_ARGS[op], "name": value})])
+
+
+def test_an_empty_prefix_means_every_name() -> None:
+    assert decode_request([request_header("next", {"prefix": ""})]).args == {"prefix": ""}
 
 
 def test_map_with_non_string_keys() -> None:

@@ -1,0 +1,787 @@
+"""The peer link: brokers on other nodes, the homes of names, and pulls.
+
+Theory of operation:
+- Each broker binds a ROUTER on TCP for its peers and connects a DEALER to
+  each peer's ROUTER; it sends on the DEALERs and receives on its ROUTER
+  (peer_protocol.py). With keys, both speak CURVE: the ROUTER admits only
+  public keys of the trusted directory (zmq.auth), a DEALER connects only
+  to a peer whose key it trusts. Peers come from the cluster directory
+  (cluster_dir.py, read again every HEARTBEAT_S) or from --peers.
+- Every HEARTBEAT_S a broker pings each peer; a peer heard from within
+  DEAD_AFTER_S is alive. The live nodes (this one included) decide each
+  name's home (rendezvous.py). When they change, every broker announces
+  its names again to their homes, consumers look up again, and what was
+  lent to or pulled from a dead peer is given back or given up.
+- Owner: every SCAN_INTERVAL_S the broker lists its own published files
+  (one C pass over the table) and announces new names to their homes,
+  withdraws gone ones. Producers publish without the broker; this scan is
+  how it learns of them, off their path. A TAKE holds the file as the
+  broker's own read (the state machine arbitrates between takers), sends
+  it in CHUNKs of views of the segment (copy=False), WINDOW at a time, and
+  keeps it until the taker says DONE (freed) or RETURN (given back); a
+  kept file is let go of as soon as its copy is whole.
+- Home: knows which nodes hold each name it is home to; answers a LOOKUP
+  with one of them, or keeps it (with wait) until an ANNOUNCE arrives.
+- Consumer: a local client's WANT becomes a Want here: LOOKUP at the home,
+  TAKE at the owner, the chunks written into a new file of the same name
+  in this segment (disk jobs, like any write of the broker's own:
+  relocation.OwnWrites), published: the waiting client wakes on its own
+  futex. The broker watches the copy; once it is consumed here it says
+  DONE to the owner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import itertools
+import logging
+import os
+import pathlib
+import socket
+import time
+from typing import Any, Callable, Generator, Iterator
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from tfem import cluster_dir, peer_protocol, rendezvous
+from tfem._native import ffi, lib
+from tfem.cluster_dir import PeerEntry
+from tfem.errors import BrokerUnavailable, InvalidArgument, NotFound, TfemError, WouldBlock, errno_of
+from tfem.files import TfemFile
+from tfem.peer_protocol import Kind, Message
+from tfem.protocol import Reply
+from tfem.states import KEPT, State
+
+from .holdings import Holdings
+from .relocation import Ask, OwnWrites
+
+log = logging.getLogger("tfem.broker")
+
+HEARTBEAT_S = 0.5  # ping every peer this often; read the cluster directory again
+DEAD_AFTER_S = 3.0  # a peer silent this long is dead
+# How often the broker looks at the header's counters for files its
+# producers published (and lists them if they moved): the loop wakes this
+# often with peers, ~100 times a second, a few microseconds each at idle.
+SCAN_INTERVAL_S = 0.01
+# A listing costs ~4 us a held file (table.list(): 4 ms for 1,000, 21 ms for
+# 4,000): after one, the next waits at least SCAN_SHARE_INV times as long,
+# so scanning takes at most a tenth of the broker's time under a busy table.
+SCAN_SHARE_INV = 10
+FULL_SCAN_S = 1.0  # ... and lists them even when the header's counters say nothing changed (unlinks, expiry)
+RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
+WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
+FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
+CHUNK = 1 << 20
+WINDOW = 4  # chunks in flight per pull
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """This broker's CURVE key pair and the directory of public keys it trusts."""
+
+    public: bytes
+    secret: bytes
+    trusted: pathlib.Path
+
+    @classmethod
+    def load(cls, secret_file: pathlib.Path, trusted: pathlib.Path | None) -> Keys:
+        try:
+            public, secret = zmq.auth.load_certificate(secret_file)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"cannot read the key pair {secret_file}: {exc}") from None
+        if secret is None:
+            raise InvalidArgument(f"{secret_file} holds no secret key: give the .key_secret file `tfem keys` made")
+        return cls(public, secret, trusted or secret_file.parent)
+
+    def trusted_keys(self) -> set[str]:
+        try:
+            return {key.decode() for key in zmq.auth.load_certificates(self.trusted)}
+        except OSError:
+            return set()
+
+
+@dataclasses.dataclass
+class Peer:
+    entry: PeerEntry
+    socket: zmq.Socket[Any]
+    heard: float = 0.0  # monotonic time of its last message
+    alive: bool = False
+
+
+@dataclasses.dataclass
+class Want:
+    """A file this broker pulls for its local clients."""
+
+    name: str
+    wait: bool
+    ticket: int
+    lease: float  # monotonic time after which an unrenewed want is dropped
+    answer: list[tuple[bytes, int]] = dataclasses.field(default_factory=list)  # clients waiting for the reply
+    home: str = ""
+    owner: str = ""
+    is_next: bool = False  # open_next's: pulls the oldest of `found` that it can take
+    retry_at: float = 0.0
+    error: TfemError | None = None  # failed: told at the client's next renewal
+    pull: Pull | None = None
+    finding: set[str] | None = None  # open_next: peers yet to answer FIND
+    found: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (created_ns, name, owner)
+    find_until: float = 0.0
+
+
+@dataclasses.dataclass
+class Pull:
+    """A copy being written here from an owner's chunks, then watched until consumed."""
+
+    ticket: int
+    name: str
+    owner: str
+    size: int
+    file: TfemFile | None
+    kept: bool
+    written: int = 0
+    chunks_written: int = 0
+    acked: int = 0
+    published: tuple[int, int] | None = None  # (slot, generation) of the copy, once published
+    failed: bool = False
+
+
+@dataclasses.dataclass
+class Lend:
+    """A file of ours held for a taker on another node."""
+
+    ticket: int
+    taker: str
+    file: TfemFile
+    chunks: Generator[memoryview, None, None]
+    offset: int = 0
+    sent_all: bool = False
+    kept: bool = False
+
+
+def explicit_peers(specs: list[str], keys: Keys | None) -> list[PeerEntry]:
+    """--peers: ENDPOINT=PUBLIC-KEY-FILE each (just ENDPOINT without keys)."""
+    entries = []
+    for spec in specs:
+        endpoint, _, key_file = spec.partition("=")
+        if not endpoint.startswith("tcp://"):
+            raise InvalidArgument(f"a peer is tcp://HOST:PORT[=PUBLIC-KEY-FILE], not {spec!r}")
+        public = ""
+        if keys is not None:
+            if not key_file:
+                raise InvalidArgument(f"peer {endpoint}: with --curve-key, name its public key file: {endpoint}=FILE")
+            try:
+                public = zmq.auth.load_certificate(key_file)[0].decode()
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(f"cannot read the public key of peer {endpoint}: {exc}") from None
+        entries.append(PeerEntry(endpoint, public, 0, "", ""))
+    return entries
+
+
+def primary_address() -> str:
+    """The address this host reaches others from (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing only
+            address: str = probe.getsockname()[0]
+            return address
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def is_loopback(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Cluster:
+    """This broker's peers, and its part in homes, lends and pulls."""
+
+    def __init__(self, holdings: Holdings, ask: Ask, *, directory: pathlib.Path | None, peers: list[PeerEntry],
+                 listen: str | None, keys: Keys | None, insecure: bool,
+                 run_disk: Callable[[str, Callable[[], None]], None],
+                 reply: Callable[[bytes, Reply], None]) -> None:
+        self.holdings = holdings
+        self._ask = ask
+        self.directory = directory
+        self._explicit = peers
+        self.keys = keys
+        self._run_disk = run_disk
+        self._reply = reply
+        listen = listen or f"tcp://{primary_address()}:*"
+        if keys is None and not insecure and not is_loopback(listen):
+            raise InvalidArgument(f"brokers speak to each other on {listen} with CURVE keys: give --curve-key "
+                                  "(made by `tfem keys`), or --insecure on a network you trust")
+        self.context: zmq.Context[Any] = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            self._auth = ThreadAuthenticator(self.context, log=logging.getLogger("tfem.broker.auth"))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(keys.trusted))
+            self.router.curve_server = True
+            self.router.curve_secretkey = keys.secret
+            self.router.curve_publickey = keys.public
+        try:
+            self.router.bind(listen)
+        except zmq.ZMQError as exc:
+            self.router.close()
+            if self._auth is not None:
+                self._auth.stop()
+            self.context.term()
+            raise InvalidArgument(f"cannot listen on {listen} for peers: {exc}") from None
+        self.node: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.entry = PeerEntry(self.node, keys.public.decode() if keys else "", os.getpid(), socket.gethostname(),
+                               holdings.segment.name)
+        self.peers: dict[str, Peer] = {}
+        self.live: tuple[str, ...] = (self.node,)
+        self._tickets = itertools.count(1)
+        self.wants: dict[str, Want] = {}  # by name
+        self._by_ticket: dict[int, Want] = {}
+        self.pulls: dict[int, Pull] = {}  # by ticket: being written, or published and watched
+        self.lends: dict[tuple[str, int], Lend] = {}  # by (taker, its ticket)
+        self.where: dict[str, dict[str, int]] = {}  # home: name -> {owner node: created_ns}
+        self.pending: dict[str, list[tuple[str, int]]] = {}  # home: name -> lookups kept (asker, ticket)
+        self.announced: dict[str, str] = {}  # owner: name -> the home told
+        self._next_beat = self._next_scan = self._next_full_scan = 0.0
+        self._counters_seen: tuple[int, ...] = ()
+        self._untrusted_logged: set[str] = set()
+        self.counts = {"pulled": 0, "pulled_bytes": 0, "lent": 0, "lent_bytes": 0, "peers_lost": 0}
+        if directory is not None:
+            cluster_dir.write_entry(directory, self.entry)
+        log.info("listening for peers at %s (%s)", self.node, "CURVE" if keys else "no encryption")
+
+    # ---- peers ----
+
+    def _refresh_peers(self, now: float) -> None:
+        entries = list(self._explicit)
+        if self.directory is not None:
+            entries += cluster_dir.read_entries(self.directory)
+        trusted = self.keys.trusted_keys() if self.keys else set()
+        if self._auth is not None and self.keys is not None:
+            self._auth.configure_curve(domain="*", location=str(self.keys.trusted))  # keys added since
+        seen = set()
+        for entry in entries:
+            if entry.endpoint == self.node:
+                continue
+            if self.keys is not None and entry.public_key not in trusted:
+                if entry.endpoint not in self._untrusted_logged:
+                    self._untrusted_logged.add(entry.endpoint)
+                    log.warning("not connecting to %s: its key is not among the trusted ones in %s",
+                                entry.endpoint, self.keys.trusted)
+                continue
+            seen.add(entry.endpoint)
+            peer = self.peers.get(entry.endpoint)
+            if peer is not None and peer.entry != entry:  # started again on the same endpoint
+                peer.socket.close()
+                peer = None
+            if peer is None:
+                self.peers[entry.endpoint] = Peer(entry, self._connect(entry))
+        for gone in set(self.peers) - seen:
+            self.peers.pop(gone).socket.close()
+
+    def _connect(self, entry: PeerEntry) -> zmq.Socket[Any]:
+        s: zmq.Socket[Any] = self.context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a peer not connected: it is lost, as it would be
+        s.setsockopt(zmq.SNDHWM, 10000)
+        if self.keys is not None:
+            s.curve_secretkey = self.keys.secret
+            s.curve_publickey = self.keys.public
+            s.curve_serverkey = entry.public_key.encode()
+        s.connect(entry.endpoint)
+        return s
+
+    def _send(self, node: str, kind: Kind, args: dict[str, Any], data: Any = None) -> bool:
+        """Send to `node` (to ourselves: handled at once); False if it cannot go now."""
+        message = Message(kind, self.node, args, data)
+        if node == self.node:
+            self._handle(message)
+            return True
+        peer = self.peers.get(node)
+        if peer is None:
+            return False
+        try:
+            peer.socket.send_multipart(peer_protocol.encode(message), flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def _check_members(self, now: float) -> None:
+        for peer in self.peers.values():
+            alive = now - peer.heard < DEAD_AFTER_S and peer.heard > 0
+            if peer.alive and not alive:
+                log.warning("peer %s silent for %g s: counted dead", peer.entry.endpoint, DEAD_AFTER_S)
+                self.counts["peers_lost"] += 1
+            peer.alive = alive
+        live = tuple(sorted([self.node, *(n for n, p in self.peers.items() if p.alive)]))
+        if live != self.live:
+            gone = set(self.live) - set(live)
+            self.live = live
+            log.info("live brokers now %s", ", ".join(live))
+            self._members_changed(gone)
+
+    def _members_changed(self, gone: set[str]) -> None:
+        """Homes moved: announce everything again; look up again; give up
+        what depended on the dead."""
+        self.announced.clear()
+        for name in [n for n in self.where]:
+            self.where[name] = {o: c for o, c in self.where[name].items() if o not in gone}
+            if not self.where[name]:
+                del self.where[name]
+        for name in list(self.pending):
+            if rendezvous.home(name, self.live) != self.node:
+                del self.pending[name]  # the asker looks up again at the new home
+        for key in [k for k in self.lends if k[0] in gone]:
+            self._end_lend(key, give_back=True)
+        for want in list(self.wants.values()):
+            dead = {want.home, want.owner} & gone
+            if dead:
+                self._fail(want, BrokerUnavailable(
+                    f"the broker at {dead.pop()}, {'owner' if want.owner in gone else 'home'} of "
+                    f"{want.name!r}, stopped answering"))
+            elif want.pull is None and want.error is None and not want.is_next and not want.owner:
+                self._lookup(want)
+        for pull in list(self.pulls.values()):
+            if pull.owner in gone and pull.published is None:
+                self._abandon(pull)
+            elif pull.owner in gone:
+                del self.pulls[pull.ticket]  # the copy here stays; nobody to tell
+
+    # ---- the loop's calls ----
+
+    def receive(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = peer_protocol.decode([f.buffer for f in frames[1:]])
+            except TfemError as exc:
+                log.debug("malformed peer message: %s", exc)
+                continue
+            peer = self.peers.get(message.sender)
+            if peer is None or self.keys is not None and frames[1].get("User-Id") != peer.entry.public_key:
+                continue  # not (yet) a peer of ours, or not who it says: its file will show it
+            peer.heard = time.monotonic()
+            if message.kind is not Kind.PING:
+                try:
+                    self._handle(message)
+                except TfemError as exc:
+                    log.warning("peer message %s from %s: %s", message.kind.value, message.sender, exc)
+
+    def tick(self, now: float) -> None:
+        if now >= self._next_beat:
+            self._next_beat = now + HEARTBEAT_S
+            self._refresh_peers(now)
+            for node in list(self.peers):
+                self._send(node, Kind.PING, {})
+        self._check_members(now)
+        if now >= self._next_scan:
+            self._next_scan = now + SCAN_INTERVAL_S
+            h = self.holdings.segment.header
+            counters = (h.closed_write, h.closed_read, h.opened_read, len(self.pulls), len(self.lends))
+            if counters != self._counters_seen or now >= self._next_full_scan:
+                self._counters_seen, self._next_full_scan = counters, now + FULL_SCAN_S
+                self._scan()
+                self._next_scan = max(self._next_scan, now + SCAN_SHARE_INV * (time.monotonic() - now))
+            self._watch()
+        for pull in list(self.pulls.values()):
+            while pull.acked < pull.chunks_written:
+                pull.acked += 1
+                self._send(pull.owner, Kind.ACK, {"ticket": pull.ticket})
+        for want in list(self.wants.values()):
+            if want.lease < now and want.pull is None and not want.answer:
+                self._drop(want)
+            elif want.retry_at and now >= want.retry_at:
+                want.retry_at = 0.0
+                self._lookup(want)
+            elif want.finding is not None and (not want.finding or now >= want.find_until):
+                self._found_next(want)
+
+    @property
+    def wake_ms(self) -> int:
+        """How long the loop may sleep between ticks."""
+        return int(SCAN_INTERVAL_S * 1000)
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"node": self.node, "curve": self.keys is not None,
+                "directory": str(self.directory) if self.directory else None,
+                "peers": [{"endpoint": n, "alive": p.alive, "host": p.entry.host,
+                           "heard_s_ago": round(now - p.heard, 1) if p.heard else None}
+                          for n, p in sorted(self.peers.items())],
+                "live": list(self.live), "homed_names": len(self.where), "announced": len(self.announced),
+                "wants": len(self.wants), "lends": len(self.lends), **self.counts}
+
+    def close(self) -> None:
+        for key in list(self.lends):
+            self._end_lend(key, give_back=True)
+        for pull in list(self.pulls.values()):
+            if pull.published is None:
+                self._abandon(pull)
+            else:
+                self._send(pull.owner, Kind.RETURN, {"ticket": pull.ticket})
+        if self.directory is not None:
+            cluster_dir.remove_entry(self.directory, self.entry)
+        for peer in self.peers.values():
+            peer.socket.close()
+        self.router.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self.context.term()
+
+    # ---- local clients (dispatch.py) ----
+
+    def want(self, identity: bytes, request_id: int, name: str, wait: bool) -> Reply | None:
+        """A client's WANT: pull `name` here. With wait, answered at once
+        (the client waits on its futex and renews); without, once pulled
+        or known to be nowhere. None: answered later."""
+        now = time.monotonic()
+        want = self.wants.get(name)
+        if want is not None and want.error is not None:
+            self._drop(want)
+            raise want.error
+        answer = [] if wait else [(identity, request_id)]
+        if want is None:
+            self._start(name, wait, answer)  # may be answered at once: the home is here
+        else:
+            want.answer += answer
+            want.lease = max(want.lease, now + WANT_LEASE_S)
+            want.wait = want.wait or wait
+        return Reply(request_id, 0, {}) if wait else None
+
+    def unwant(self, name: str) -> None:
+        want = self.wants.get(name)
+        if want is not None and want.pull is None:
+            self._drop(want)
+
+    def next(self, identity: bytes, request_id: int, prefix: str) -> Reply | None:
+        """open_next: find the oldest published name under `prefix` on the
+        peers, pull it, answer with its name (NotFound: none anywhere)."""
+        ticket = next(self._tickets)
+        want = Want(f"\0next {ticket}", False, ticket, time.monotonic() + WANT_LEASE_S, [(identity, request_id)],
+                    is_next=True)
+        want.finding = {n for n in self.live if n != self.node}
+        want.find_until = time.monotonic() + FIND_TIMEOUT_S
+        self.wants[want.name] = want
+        self._by_ticket[ticket] = want
+        for node in list(want.finding):
+            if not self._send(node, Kind.FIND, {"ticket": ticket, "prefix": prefix}):
+                want.finding.discard(node)
+        return None
+
+    def _start(self, name: str, wait: bool, answer: list[tuple[bytes, int]]) -> None:
+        ticket = next(self._tickets)
+        want = self.wants[name] = Want(name, wait, ticket, time.monotonic() + WANT_LEASE_S, answer)
+        self._by_ticket[ticket] = want
+        self._lookup(want)
+
+    def _lookup(self, want: Want) -> None:
+        del self._by_ticket[want.ticket]
+        want.ticket = next(self._tickets)  # late answers to the old ticket are ignored
+        self._by_ticket[want.ticket] = want
+        want.home, want.owner = rendezvous.home(want.name, self.live), ""
+        if not self._send(want.home, Kind.LOOKUP, {"ticket": want.ticket, "name": want.name, "wait": want.wait}):
+            self._fail(want, BrokerUnavailable(f"the broker at {want.home}, home of {want.name!r}, is not reachable"))
+
+    def _finish(self, want: Want, error: TfemError | None = None) -> None:
+        for identity, request_id in want.answer:
+            reply = Reply(request_id, 0, {"name": want.name}) if error is None else \
+                Reply(request_id, errno_of(error), str(error))
+            self._reply(identity, reply)
+        want.answer = []
+        if error is not None and want.wait:
+            want.error = error  # told at the next renewal
+            want.pull = None
+            want.lease = time.monotonic() + WANT_LEASE_S
+        else:
+            self._drop(want)
+
+    def _fail(self, want: Want, error: TfemError) -> None:
+        log.info("want %r failed: %s", want.name, error)
+        self._finish(want, error)
+
+    def _drop(self, want: Want) -> None:
+        if self.wants.get(want.name) is want:
+            del self.wants[want.name]
+        self._by_ticket.pop(want.ticket, None)
+
+    # ---- messages ----
+
+    def _handle(self, m: Message) -> None:
+        a = m.args
+        if m.kind is Kind.ANNOUNCE:
+            for name in a["names"]:
+                self.where.setdefault(name, {})[m.sender] = 0
+                for asker, ticket in self.pending.pop(name, []):
+                    self._send(asker, Kind.FOUND, {"ticket": ticket, "name": name, "owner": m.sender})
+        elif m.kind is Kind.WITHDRAW:
+            for name in a["names"]:
+                owners = self.where.get(name, {})
+                owners.pop(m.sender, None)
+                if not owners:
+                    self.where.pop(name, None)
+        elif m.kind is Kind.LOOKUP:
+            holders = [o for o in self.where.get(a["name"], {}) if o in self.live]
+            if holders:
+                owner = m.sender if m.sender in holders else holders[0]
+                self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": owner})
+            elif a["wait"]:
+                self.pending.setdefault(a["name"], []).append((m.sender, a["ticket"]))
+            else:
+                self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": ""})
+        elif m.kind is Kind.FOUND:
+            self._found(a)
+        elif m.kind is Kind.FIND:
+            self._find(m.sender, a["ticket"], a["prefix"])
+        elif m.kind is Kind.FOUND_NEXT:
+            want = self._by_ticket.get(a["ticket"])
+            if want is not None and want.finding is not None:
+                want.finding.discard(m.sender)
+                want.found += [(created, name, m.sender) for name, created in a["names"]]
+        elif m.kind is Kind.TAKE:
+            self._take(m.sender, a["ticket"], a["name"])
+        elif m.kind is Kind.FILE:
+            self._file(m.sender, a)
+        elif m.kind is Kind.CHUNK:
+            self._chunk(m.sender, a["ticket"], a["offset"], m.data)
+        elif m.kind is Kind.ACK:
+            lend = self.lends.get((m.sender, a["ticket"]))
+            if lend is not None:
+                self._send_chunk((m.sender, a["ticket"]), lend)
+        elif m.kind in (Kind.DONE, Kind.RETURN):
+            if (m.sender, a["ticket"]) in self.lends:
+                self._end_lend((m.sender, a["ticket"]), give_back=m.kind is Kind.RETURN)
+
+    def _found(self, a: dict[str, Any]) -> None:
+        want = self._by_ticket.get(a["ticket"])
+        if want is None or want.pull is not None or want.owner:
+            return
+        owner = a["owner"]
+        if not owner:
+            self._fail(want, NotFound(f"{want.name!r} is not published on any node"))
+        elif owner == self.node:
+            self._finish(want)  # published here meanwhile: the client finds it
+        else:
+            want.owner = owner
+            if not self._send(owner, Kind.TAKE, {"ticket": want.ticket, "name": want.name}):
+                self._fail(want, BrokerUnavailable(f"the broker at {owner}, owner of {want.name!r}, "
+                                                   "is not reachable"))
+
+    def _found_next(self, want: Want) -> None:
+        want.finding = None
+        want.found.sort()
+        self._next_candidate(want)
+
+    def _next_candidate(self, want: Want) -> None:
+        """open_next: take the oldest name found that nobody here pulls yet."""
+        while want.found:
+            _, name, owner = want.found.pop(0)
+            if name not in self.wants:
+                break
+        else:
+            self._fail(want, NotFound("no file under the prefix is published on any node"))
+            return
+        self.wants.pop(want.name, None)
+        want.name, want.owner = name, owner
+        self.wants[name] = want
+        self._send(owner, Kind.TAKE, {"ticket": want.ticket, "name": name})
+
+    # ---- owner: scans, lends ----
+
+    def _scan(self) -> None:
+        """Announce new published names to their homes; withdraw gone ones."""
+        pulled = {p.name for p in self.pulls.values()}
+        now_here = {f.name for f in self.holdings.table.list()
+                    if f.state in ("WAIT", "SHARED") and f.name not in pulled}
+        new: dict[str, list[str]] = {}
+        for name in now_here - set(self.announced):
+            home = rendezvous.home(name, self.live)
+            new.setdefault(home, []).append(name)
+        gone: dict[str, list[str]] = {}
+        for name in set(self.announced) - now_here:
+            gone.setdefault(self.announced.pop(name), []).append(name)
+        for home, names in gone.items():
+            for part in _batches(names):
+                self._send(home, Kind.WITHDRAW, {"names": part})
+        for home, names in new.items():
+            for part in _batches(names):
+                if self._send(home, Kind.ANNOUNCE, {"names": part}):
+                    self.announced.update((name, home) for name in part)
+
+    def _find(self, asker: str, ticket: int, prefix: str) -> None:
+        files = sorted((f for f in self.holdings.table.list() if f.state == "WAIT" and f.name.startswith(prefix)
+                        and f.name not in self.wants), key=lambda f: f.created)[:8]
+        self._send(asker, Kind.FOUND_NEXT, {"ticket": ticket,
+                                            "names": [[f.name, int(f.created * 1e9)] for f in files]})
+
+    def _owner(self) -> OwnWrites:
+        return OwnWrites(self.holdings.segment, self._ask, self.holdings.spill)
+
+    def _take(self, taker: str, ticket: int, name: str) -> None:
+        raw = name.encode()
+        owner = self._owner()
+        core = ffi.new("struct tfem_file *")
+        found = ffi.new("int32_t *")
+        rc = lib.tfem_f_open(ffi.cast("struct tfem_header *", owner.base), raw, len(raw), owner.pid,
+                             lib.TFEM_OPEN_READ, False, 0, core, found)
+        if rc:
+            self._send(taker, Kind.FILE, {"ticket": ticket, "errno": rc, "size": 0, "readers": 0, "expires_ns": 0})
+            return
+        owner.held.add(core)
+        f = TfemFile(core, name, owner)
+        slot = self.holdings.segment.slot(core.index)
+        kept = slot.readers == KEPT
+        lend = Lend(ticket, taker, f, f.chunks(CHUNK), kept=kept)
+        self.lends[(taker, ticket)] = lend
+        self.counts["lent"] += 1
+        self._send(taker, Kind.FILE, {"ticket": ticket, "errno": 0, "size": int(core.size),
+                                      "readers": KEPT if kept else 1, "expires_ns": int(slot.expires_ns)})
+        for _ in range(WINDOW):
+            self._send_chunk((taker, ticket), lend)
+
+    def _send_chunk(self, key: tuple[str, int], lend: Lend) -> None:
+        if lend.sent_all:
+            if lend.kept:  # the copy is whole: a kept file needs no hold of ours
+                self._end_lend(key, give_back=False)
+            return
+        try:
+            chunk = next(lend.chunks)
+        except StopIteration:
+            lend.sent_all = True
+            return
+        except TfemError as exc:  # damaged: the taker's pull fails, the file stays here
+            log.error("cannot send %r to %s: %s", lend.file.name, lend.taker, exc)
+            self._send(lend.taker, Kind.FILE, {"ticket": lend.ticket, "errno": errno_of(exc), "size": 0,
+                                               "readers": 0, "expires_ns": 0})
+            self._end_lend(key, give_back=True)
+            return
+        self._send(lend.taker, Kind.CHUNK, {"ticket": lend.ticket, "offset": lend.offset}, chunk)
+        lend.offset += len(chunk)
+        self.counts["lent_bytes"] += len(chunk)
+
+    def _end_lend(self, key: tuple[str, int], give_back: bool) -> None:
+        lend = self.lends.pop(key)
+        lend.chunks.close()
+        try:
+            lend.file.abort() if give_back else lend.file.close()
+        except TfemError as exc:
+            log.warning("letting go of %r: %s", lend.file.name, exc)
+
+    # ---- consumer: pulls ----
+
+    def _file(self, owner: str, a: dict[str, Any]) -> None:
+        want = self._by_ticket.get(a["ticket"])
+        if want is None or want.owner != owner or want.pull is not None:
+            if a["errno"] == 0:
+                self._send(owner, Kind.RETURN, {"ticket": a["ticket"]})
+            return
+        code = a["errno"]
+        if code:
+            if want.is_next:
+                self._next_candidate(want)  # open_next: another taker was first; the next oldest
+            elif want.wait:
+                want.owner, want.retry_at = "", time.monotonic() + RETRY_S
+            elif code == errno.ENOENT:
+                self._fail(want, NotFound(f"{want.name!r} was taken meanwhile"))
+            else:
+                self._fail(want, WouldBlock(f"{want.name!r} is held on {owner}: {os.strerror(code)}"))
+            return
+        kept = a["readers"] == KEPT
+        pull = Pull(want.ticket, want.name, owner, a["size"], None, kept)
+        want.pull = pull
+        self.pulls[pull.ticket] = pull
+        self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["expires_ns"]))
+
+    def _create(self, pull: Pull, expires_ns: int) -> None:
+        """Disk job: the file of the copy, under the same name here."""
+        owner = self._owner()
+        raw = pull.name.encode()
+        core = ffi.new("struct tfem_file *")
+        rc = lib.tfem_f_create(ffi.cast("struct tfem_header *", owner.base), raw, len(raw), owner.pid, 0, core)
+        if rc:
+            log.warning("cannot make the copy of %r here: %s", pull.name, os.strerror(rc))
+            pull.failed = True
+            return
+        lib.tfem_f_set_lifetime(core, KEPT if pull.kept else 1, expires_ns)
+        owner.held.add(core)
+        pull.file = TfemFile(core, pull.name, owner)
+        self._complete(pull)  # a file of no bytes
+
+    def _chunk(self, owner: str, ticket: int, offset: int, data: Any) -> None:
+        pull = self.pulls.get(ticket)
+        if pull is None or pull.owner != owner:
+            return
+
+        def write() -> None:
+            if pull.file is None or pull.failed:
+                return
+            try:
+                pull.file.seek(offset)
+                pull.file.write(data)
+            except TfemError as exc:
+                log.warning("cannot write the copy of %r here: %s", pull.name, exc)
+                pull.failed = True
+                pull.file.abort()
+                return
+            pull.written += len(data)
+            pull.chunks_written += 1
+            self._complete(pull)
+
+        self._run_disk(f"pull {pull.name}", write)
+
+    def _complete(self, pull: Pull) -> None:
+        """Disk job's end: publish the copy once every byte is written."""
+        f = pull.file
+        if f is None or pull.written < pull.size or pull.published is not None:
+            return
+        where = (int(f._f.index), int(f._f.generation))
+        f.close()
+        pull.published = where
+        self.counts["pulled"] += 1
+        self.counts["pulled_bytes"] += pull.size
+
+    def _watch(self) -> None:
+        """Pulls finished or failed since: tell the want's clients; the
+        owner once the copy was consumed here (or at once, if kept)."""
+        table = self.holdings.table
+        for pull in list(self.pulls.values()):
+            want = self._by_ticket.get(pull.ticket)
+            if pull.failed:
+                self._abandon(pull)
+                continue
+            if pull.published is None:
+                continue
+            if want is not None and want.pull is pull:
+                self._finish(want)
+            state, generation, _ = table.state_of(pull.published[0])
+            if pull.kept or generation != pull.published[1] or state is State.INVALID:
+                del self.pulls[pull.ticket]
+                self._send(pull.owner, Kind.DONE, {"ticket": pull.ticket})
+
+    def _abandon(self, pull: Pull) -> None:
+        """Give up a pull not yet published: drop the partial copy, give the owner's back."""
+        self.pulls.pop(pull.ticket, None)
+        self._send(pull.owner, Kind.RETURN, {"ticket": pull.ticket})
+        want = self._by_ticket.get(pull.ticket)
+        if want is not None and want.pull is pull:
+            want.pull = None
+            if want.wait and pull.owner in self.live:
+                want.owner, want.retry_at = "", time.monotonic() + RETRY_S
+            else:
+                self._fail(want, BrokerUnavailable(f"the pull of {want.name!r} from {pull.owner} failed"))
+
+        def drop() -> None:
+            if pull.file is not None:
+                pull.file.abort()
+        self._run_disk(f"drop the copy of {pull.name}", drop)
+
+
+def _batches(names: list[str], size: int = 512) -> Iterator[list[str]]:
+    for start in range(0, len(names), size):
+        yield names[start:start + size]

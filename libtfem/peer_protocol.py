@@ -1,0 +1,131 @@
+"""Wire format between brokers: pure code, bytes in, typed messages out.
+
+A message is frame 0, msgpack ``[VERSION, kind, sender, args]`` (`sender`
+is the sending broker's endpoint, its node name; `args` a map whose keys
+and value types are fixed per kind), plus one raw data frame for CHUNK,
+never inside msgpack, so it can be sent straight from the segment. Every
+decoder validates the whole shape and raises ProtocolError; a receiver
+drops such a message and goes on.
+
+Each broker sends on a DEALER connected to each peer's ROUTER and receives
+on its own ROUTER: a request goes one way, its answer the other way, and
+`ticket` (chosen by the asker) ties them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+VERSION = 1
+
+
+class Kind(str, enum.Enum):
+    PING = "ping"  # heartbeat
+    ANNOUNCE = "announce"  # to a home: these names are published here
+    WITHDRAW = "withdraw"  # to a home: these names are no longer here
+    LOOKUP = "lookup"  # to a home: who holds name? with wait, answer once someone does
+    FOUND = "found"  # a home's answer: owner holds name ("" with no owner: not anywhere)
+    FIND = "find"  # to every peer: your oldest published names under prefix
+    FOUND_NEXT = "found_next"  # [[name, created_ns], ...]
+    TAKE = "take"  # to an owner: hold name for me and send it
+    FILE = "file"  # an owner's answer: size and lifetime; errno != 0: refused
+    CHUNK = "chunk"  # bytes at offset (data frame)
+    ACK = "ack"  # a chunk written: send the next
+    DONE = "done"  # the pulled copy was consumed: free yours
+    RETURN = "return"  # the pull was given up: give yours back
+
+
+_LIST = list  # a list of strings; names of 1 to 255 bytes
+_ARGS: dict[Kind, dict[str, type]] = {
+    Kind.PING: {},
+    Kind.ANNOUNCE: {"names": _LIST},
+    Kind.WITHDRAW: {"names": _LIST},
+    Kind.LOOKUP: {"ticket": int, "name": str, "wait": bool},
+    Kind.FOUND: {"ticket": int, "name": str, "owner": str},
+    Kind.FIND: {"ticket": int, "prefix": str},
+    Kind.FOUND_NEXT: {"ticket": int, "names": _LIST},
+    Kind.TAKE: {"ticket": int, "name": str},
+    Kind.FILE: {"ticket": int, "errno": int, "size": int, "readers": int, "expires_ns": int},
+    Kind.CHUNK: {"ticket": int, "offset": int},
+    Kind.ACK: {"ticket": int},
+    Kind.DONE: {"ticket": int},
+    Kind.RETURN: {"ticket": int},
+}
+_CAN_BE_EMPTY = {"owner", "prefix"}  # "": nobody, everything
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    kind: Kind
+    sender: str
+    args: dict[str, Any]
+    data: Any = None  # CHUNK's bytes (bytes, memoryview or a zmq frame's buffer)
+
+
+def _check(kind: Kind, args: Any) -> dict[str, Any]:
+    spec = _ARGS[kind]
+    if not isinstance(args, dict) or set(args) != set(spec):
+        raise ProtocolError(f"{kind.value} takes arguments {sorted(spec)}")
+    for key, want in spec.items():
+        value = args[key]
+        if want is int:
+            if type(value) is not int or not 0 <= value < 2**63:
+                raise ProtocolError(f"{kind.value}: {key} must be a non-negative integer")
+        elif want is bool:
+            if type(value) is not bool:
+                raise ProtocolError(f"{kind.value}: {key} must be true or false")
+        elif want is str:
+            if type(value) is not str or len(value) > 1024 or not value and key not in _CAN_BE_EMPTY:
+                raise ProtocolError(f"{kind.value}: {key} must be a short string")
+        elif not isinstance(value, list) or not all(_item_ok(kind, item) for item in value):
+            raise ProtocolError(f"{kind.value}: {key} must be a list of names")
+    return args
+
+
+def _item_ok(kind: Kind, item: Any) -> bool:
+    if kind is Kind.FOUND_NEXT:  # [name, created_ns]
+        return (isinstance(item, list) and len(item) == 2 and _name_ok(item[0])
+                and type(item[1]) is int and item[1] >= 0)
+    return _name_ok(item)
+
+
+def _name_ok(name: Any) -> bool:
+    return type(name) is str and 0 < len(name.encode(errors="replace")) <= 255
+
+
+def encode(message: Message) -> list[Any]:
+    """The frames of `message`: its header, and its data for a CHUNK."""
+    _check(message.kind, message.args)
+    header: bytes = msgpack.packb([VERSION, message.kind.value, message.sender, message.args])
+    if message.kind is Kind.CHUNK:
+        return [header, message.data if message.data is not None else b""]
+    return [header]
+
+
+def decode(frames: list[Any]) -> Message:
+    """A message from its frames (bytes or buffers), checked whole."""
+    if not frames:
+        raise ProtocolError("empty peer message")
+    try:
+        value = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"peer message is not msgpack: {exc}") from None
+    if not isinstance(value, list) or len(value) != 4 or type(value[0]) is not int or value[0] != VERSION:
+        raise ProtocolError(f"a peer message is [{VERSION}, kind, sender, args]")
+    _, kind_name, sender, args = value
+    try:
+        kind = Kind(kind_name)
+    except ValueError:
+        raise ProtocolError(f"unknown peer message {kind_name!r}") from None
+    if type(sender) is not str or not sender or len(sender) > 1024:
+        raise ProtocolError("a peer message names its sender")
+    expected = 2 if kind is Kind.CHUNK else 1
+    if len(frames) != expected:
+        raise ProtocolError(f"{kind.value} takes {expected} frame(s), got {len(frames)}")
+    return Message(kind, sender, _check(kind, args), frames[1] if expected == 2 else None)

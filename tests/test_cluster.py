@@ -1,0 +1,346 @@
+"""tfem across nodes: brokers that find each other through a cluster
+directory, pull files from one another, and share the work.
+
+Each node is a `tfem up` of its own (own key file, segment, registry) with
+its own CURVE key pair, listening on loopback; the `nodes` fixture starts
+them, waits until they see each other, and at teardown stops them all and
+checks that none left anything behind. A test body uses only what the
+fixture's Cluster offers (start, kill, restart, and each node's connect,
+tfem and status), so the same body runs on nodes in separate network
+namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from typing import Any, Iterator
+
+import pytest
+
+from tests._instances import SMALL, RunningInstance, leftovers, start_instance, stop_instance
+from tfem import rendezvous
+from tfem.config import Instance
+from tfem.errors import BrokerUnavailable, NotFound, Timeout
+from tfem.segment import Segment
+
+PEERS_TIMEOUT_S = 15.0
+DEAD_BOUND_S = 3.0 + 0.5 + 0.25 + 1.0  # silence, a heartbeat, a client's slice, slack for a loaded machine
+
+
+def cluster_stats(node: RunningInstance) -> dict[str, Any]:
+    with node.connect() as c:
+        cluster: dict[str, Any] = c.stats()["cluster"]
+    return cluster
+
+
+def wait_for(what: str, check: Any, timeout: float = PEERS_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+
+
+class Cluster:
+    """Nodes with a shared cluster directory and trusted keys."""
+
+    def __init__(self, tmp_path: pathlib.Path) -> None:
+        self.tmp_path = tmp_path
+        self.keys = tmp_path / "keys"
+        self.keys.mkdir(mode=0o700)
+        self.nodes: list[RunningInstance] = []
+        self.options: dict[pathlib.Path, tuple[str, ...]] = {}
+
+    def start(self, n: int, trusted: pathlib.Path | None = None, wait: bool = True,
+              keys: bool = True) -> list[RunningInstance]:
+        started = []
+        for _ in range(n):
+            name = f"node{len(self.options) + 1}"
+            key_dir = self.keys if trusted is None else trusted
+            subprocess.run([sys.executable, "-m", "tfem", "keys", str(key_dir / name)], check=True,
+                           capture_output=True)
+            where = self.tmp_path / name
+            where.mkdir()
+            options = (*SMALL, "--cluster", str(self.tmp_path / "cluster"), "--listen", "tcp://127.0.0.1:*",
+                       *(("--curve-key", str(key_dir / f"{name}.key_secret")) if keys else ()))
+            self.options[where] = options
+            started.append(self._up(where))
+        if wait:
+            self.wait_for_peers(self.nodes)
+        return started
+
+    def _up(self, where: pathlib.Path) -> RunningInstance:
+        node = start_instance(where, *self.options[where])
+        self.nodes.append(node)
+        return node
+
+    def wait_for_peers(self, nodes: list[RunningInstance]) -> None:
+        """Until each of `nodes` counts exactly `nodes` alive."""
+        want = sorted(cluster_stats(n)["node"] for n in nodes)
+        wait_for(f"{len(nodes)} nodes seeing each other",
+                 lambda: all(sorted(cluster_stats(n)["live"]) == want for n in nodes))
+
+    def kill(self, node: RunningInstance) -> None:
+        """SIGKILL of `tfem up`: its broker and registry die with it (the kernel kills them)."""
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait()
+        self.nodes.remove(node)
+        wait_for("the killed node's broker gone", lambda: not _alive(node.names.segment))
+
+    def restart(self, node: RunningInstance) -> RunningInstance:
+        return self._up(node.keyfile.parent)
+
+    def stop_all(self) -> list[str]:
+        left = []
+        for node in self.nodes:
+            left += stop_instance(node)
+        return left
+
+
+def _alive(segment: str) -> bool:
+    """Whether a broker still maps the segment (the header's broker pid is alive)."""
+    try:
+        seg = Segment.attach(segment)
+    except Exception:
+        return False
+    try:
+        pid = seg.header.broker_pid
+    finally:
+        seg.close()
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def cluster(tmp_path: pathlib.Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        left = c.stop_all()
+        assert not left, f"left behind: {left}"
+        assert not list((tmp_path / "cluster").glob("*.peer")), "a stopped broker's peer file stayed"
+
+
+def published(node: RunningInstance, name: str, data: bytes, **lifetime: Any) -> None:
+    with node.connect() as c, c.open(name, "w", **lifetime) as f:
+        f.write(data)
+
+
+def name_homed_at(home: str, live: list[str], prefix: str) -> str:
+    return next(n for n in (f"{prefix}{i}" for i in range(10_000)) if rendezvous.home(n, live) == home)
+
+
+def test_a_file_published_on_a_is_read_on_b_and_freed_on_a(cluster):
+    a, b = cluster.start(2)
+    status = b.tfem("status").stdout.decode()
+    assert "with CURVE" in status and "(alive)" in status
+    data = os.urandom(300_000)  # inline bytes and arena blocks: several chunks
+    published(a, "x/one", data)
+    with a.connect() as ca, b.connect() as cb:
+        with cb.open("x/one", "r", timeout=10) as f:
+            got = f.read()
+            assert ca.stat("x/one").state == "READ"  # the owner holds its copy until B's consumer closes
+        assert zlib.crc32(got) == zlib.crc32(data) and got == data
+        wait_for("the owner's copy freed", lambda: not ca.list() and not cb.list(), 5)
+    assert cluster_stats(b)["pulled"] == 1 and cluster_stats(a)["lent"] == 1
+
+
+def test_waiting_on_b_for_a_name_published_later_on_c(cluster):
+    a, b, c = cluster.start(3)
+    got: list[bytes] = []
+
+    def consume() -> None:
+        with b.connect() as cb, cb.open("later/x", "r", timeout=20) as f:
+            got.append(f.read())
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(1.0)  # the consumer waits, its want kept by the name's home
+    data = os.urandom(20_000)
+    published(c, "later/x", data)
+    t.join(25)
+    assert got == [data]
+
+
+def test_two_consumers_race_for_one_consume_once_file(cluster):
+    a, b, c = cluster.start(3)
+    data = os.urandom(50_000)
+    outcomes: dict[str, Any] = {}
+
+    def consume(node: RunningInstance, label: str) -> None:
+        with node.connect() as cn:
+            try:
+                with cn.open("race/x", "r", timeout=4) as f:
+                    outcomes[label] = f.read()
+            except Timeout as exc:
+                outcomes[label] = exc
+
+    threads = [threading.Thread(target=consume, args=(n, label)) for n, label in ((b, "b"), (c, "c"))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    published(a, "race/x", data)
+    for t in threads:
+        t.join(10)
+    assert sorted(type(v).__name__ for v in outcomes.values()) == ["Timeout", "bytes"], outcomes
+    assert [v for v in outcomes.values() if isinstance(v, bytes)] == [data]
+
+
+def test_timeout_and_no_wait_across_nodes(cluster):
+    a, b = cluster.start(2)
+    with b.connect() as cb:
+        with pytest.raises(NotFound):
+            cb.open("nowhere", "r", wait=False)
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            cb.open("nowhere", "r", timeout=0.6)
+        assert 0.5 < time.monotonic() - started < 2.0
+        published(a, "there", b"abc")
+        wait_for("announced", lambda: cluster_stats(a)["announced"] == 1, 5)
+        with cb.open("there", "r", wait=False) as f:
+            assert f.read() == b"abc"
+
+
+def test_open_next_takes_local_files_first_then_any_node(cluster):
+    a, b = cluster.start(2)
+    for i in range(3):
+        published(a, f"work/a{i}", b"a%d" % i)
+        time.sleep(0.01)
+    published(b, "work/b0", b"b0")
+    with b.connect() as cb:
+        with cb.open_next("work/", timeout=5) as f:
+            assert (f.name, f.read()) == ("work/b0", b"b0")  # on this node first
+        names = []
+        for _ in range(3):
+            with cb.open_next("work/", timeout=5) as f:
+                names.append(f.name)
+        assert names == ["work/a0", "work/a1", "work/a2"]  # then the oldest anywhere
+        with pytest.raises(NotFound):
+            cb.open_next("work/", wait=False)
+        with pytest.raises(Timeout):
+            cb.open_next("work/", timeout=0.3)
+
+
+def test_a_kept_file_is_pulled_once_for_three_local_readers(cluster):
+    a, b = cluster.start(2)
+    data = os.urandom(100_000)
+    published(a, "kept/x", data, keep=True)
+    reads: list[bytes] = []
+
+    def read() -> None:
+        with b.connect() as cb, cb.open("kept/x", "r", timeout=10) as f:
+            reads.append(f.read())
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert reads == [data] * 3
+    assert cluster_stats(b)["pulled"] == 1 and cluster_stats(a)["lent"] == 1
+    with a.connect() as ca:
+        assert ca.stat("kept/x").lifetime == "keep"  # still on A for anyone else
+
+
+def test_a_broker_with_a_wrong_key_or_none_is_refused_and_both_sides_keep_serving(cluster, tmp_path):
+    a, b = cluster.start(2)
+    other = tmp_path / "other-keys"
+    other.mkdir(mode=0o700)
+    for name in ("node1", "node2"):  # it trusts A and B; they do not trust it
+        (other / f"{name}.key").write_bytes((cluster.keys / f"{name}.key").read_bytes())
+    (stranger,) = cluster.start(1, trusted=other, wait=False)
+    (keyless,) = cluster.start(1, keys=False, wait=False)  # loopback: it may run without keys, but alone
+    time.sleep(2.5)  # several heartbeats
+    for refused in (stranger, keyless):
+        assert cluster_stats(refused)["live"] == [stranger_endpoint(refused)]
+        for node in (a, b):
+            assert stranger_endpoint(refused) not in cluster_stats(node)["live"]
+        published(refused, "local/x", b"still serves")
+        with refused.connect() as cs, cs.open("local/x", "r", wait=False) as f:
+            assert f.read() == b"still serves"
+    published(a, "x", b"across")
+    with b.connect() as cb, cb.open("x", "r", timeout=10) as f:
+        assert f.read() == b"across"
+
+
+def stranger_endpoint(node: RunningInstance) -> str:
+    node_name: str = cluster_stats(node)["node"]
+    return node_name
+
+
+def test_a_dead_peer_is_noticed_its_names_rehomed_and_it_joins_again(cluster):
+    a, b, c = cluster.start(3)
+    live = cluster_stats(a)["live"]
+    c_node = cluster_stats(c)["node"]
+    homed_at_c = [name_homed_at(c_node, live, f"r{i}/") for i in range(3)]
+    for name in homed_at_c:
+        published(a, name, name.encode())
+    waiting_name = name_homed_at(c_node, live, "w/")
+    outcome: list[Any] = []
+
+    def wait_on_b() -> None:
+        with b.connect() as cb:
+            try:
+                cb.open(waiting_name, "r", timeout=30)
+            except BrokerUnavailable as exc:
+                outcome.append((exc, time.monotonic()))
+
+    t = threading.Thread(target=wait_on_b)
+    t.start()
+    time.sleep(1.0)
+    cluster.kill(c)
+    killed = time.monotonic()
+    t.join(30)
+    assert outcome, "the waiting consumer got no error"
+    assert outcome[0][1] - killed < DEAD_BOUND_S
+    # Re-homed over A and B: every name A holds is found from B, nothing lost.
+    with b.connect() as cb:
+        for name in homed_at_c:
+            with cb.open(name, "r", timeout=10) as f:
+                assert f.read() == name.encode()
+    c2 = cluster.restart(c)
+    cluster.wait_for_peers([a, b, c2])
+    published(c2, "back", b"again")
+    with a.connect() as ca, ca.open("back", "r", timeout=10) as f:
+        assert f.read() == b"again"
+
+
+def test_a_broker_refuses_to_listen_beyond_loopback_without_keys(tmp_path):
+    keyfile = tmp_path / "tfem.key"
+    run = subprocess.run([sys.executable, "-m", "tfem", "broker", "--keyfile", str(keyfile), *SMALL,
+                          "--spill-dir", str(tmp_path / "spill"), "--cluster", str(tmp_path / "cluster"),
+                          "--listen", "tcp://0.0.0.0:*"], capture_output=True, timeout=60)
+    assert run.returncode != 0 and b"--curve-key" in run.stderr and b"--insecure" in run.stderr
+    assert leftovers(Instance.for_keyfile(keyfile)) == []
+    assert not list((tmp_path / "cluster").glob("*.peer"))
+
+
+def test_the_owner_gives_a_file_back_when_the_takers_node_dies(cluster):
+    a, b = cluster.start(2)
+    data = os.urandom(40_000)
+    published(a, "held/x", data)
+    with a.connect() as ca:
+        cb = b.connect()
+        try:
+            f = cb.open("held/x", "r", timeout=10)  # pulled; B's consumer holds its copy, A its original
+            assert ca.stat("held/x").state == "READ"
+            cluster.kill(b)
+            killed = time.monotonic()
+            wait_for("the owner's copy given back", lambda: ca.stat("held/x").state == "WAIT", DEAD_BOUND_S)
+            assert time.monotonic() - killed < DEAD_BOUND_S
+            f.abort()
+        finally:
+            cb.close()
+        with ca.open("held/x", "r", wait=False) as f:
+            assert f.read() == data  # nothing lost
+    cluster.wait_for_peers([a, cluster.restart(b)])
