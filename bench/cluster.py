@@ -151,7 +151,7 @@ def _big_consumer(conn: Any, keyfile: str, size: int) -> None:
 def _zmq_socket(security: str, keys: dict[str, bytes], server: bool) -> Any:
     import zmq
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: Any = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     if security == "curve":
         if server:
@@ -167,7 +167,7 @@ def _zmq_sender(conn: Any, endpoint: str, security: str, keys: dict[str, bytes],
     """Bind at `endpoint`; ("go", start): send `size` bytes, CHUNKs with
     WINDOW in flight, one more per acknowledgement; answer the time of the
     first send."""
-    sock = _zmq_socket(security, keys, server=True)
+    sock: Any = _zmq_socket(security, keys, server=True)
     sock.bind(endpoint)
     payload = memoryview(make_payload(min(size, WRITE_CHUNK)))
     conn.send("ready")
@@ -194,7 +194,7 @@ def _zmq_sender(conn: Any, endpoint: str, security: str, keys: dict[str, bytes],
 def _zmq_receiver(conn: Any, endpoint: str, security: str, keys: dict[str, bytes], size: int) -> None:
     """Connect to `endpoint`; ("go",): copy `size` bytes of chunks into a
     buffer, acknowledging each; answer the time of the last copy."""
-    sock = _zmq_socket(security, keys, server=False)
+    sock: Any = _zmq_socket(security, keys, server=False)
     sock.connect(endpoint)
     sock.send(b"hello")
     sock.recv()
