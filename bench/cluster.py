@@ -44,6 +44,7 @@ import ctypes
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -313,6 +314,12 @@ def _redis_consumer(conn: Any, host: str, port: int, count: int, batch: int) -> 
 # ---- the nodes' servers ----
 
 
+def _as_server(held: set[signal.Signals]) -> None:
+    """In the child, before exec: the signals its parent holds back it takes, and it dies with the parent."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    _pdeathsig_term()
+
+
 def _up(node: Any, cluster_dir: pathlib.Path, security: str, memory: int) -> None:
     """`tfem up` in `node` in the cluster, as Node.up starts it, but dying
     with the benchmark (PR_SET_PDEATHSIG) and in a session of its own."""
@@ -324,13 +331,17 @@ def _up(node: Any, cluster_dir: pathlib.Path, security: str, memory: int) -> Non
         options += ["--insecure"]
     argv = [sys.executable, "-m", "tfem", "up", "--keyfile", str(node.keyfile), "--spill-dir", str(node.spill_dir),
             *options]
+    held = {signal.SIGINT, signal.SIGTERM}  # till the node holds it: its teardown stops only what it knows
     with open(node.log_path, "ab") as log:
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
             node.up_process = launch.start(node.argv(argv), f"tfem up on {node.name}", READY_TIMEOUT_S,
                                            env=node.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                           start_new_session=True, preexec_fn=_pdeathsig_term)
+                                           start_new_session=True, preexec_fn=lambda: _as_server(held))
         except TfemError as exc:
             raise RuntimeError(f"{exc}:\n{node.log()[-3000:]}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _wait_for_peers(nodes: Any) -> None:
