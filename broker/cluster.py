@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import itertools
 import logging
 import os
 import pathlib
 import socket
+import struct
 import time
 from typing import Any, Callable, Generator, Iterator
 
@@ -74,7 +76,11 @@ FULL_SCAN_S = 1.0  # ... and lists them even when the header's counters say noth
 RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
 WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
 FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
+# A lookup, take or pull that made no progress this long (a message lost
+# to a reconnection) starts again.
+STALL_S = 5.0
 CHUNK = 1 << 20
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
 WINDOW = 4  # chunks in flight per pull
 
 
@@ -129,6 +135,7 @@ class Want:
     finding: set[str] | None = None  # open_next: peers yet to answer FIND
     found: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (created_ns, name, owner)
     find_until: float = 0.0
+    moved: float = 0.0  # monotonic time of its last step: looked up, taken, a chunk written
 
 
 @dataclasses.dataclass
@@ -181,14 +188,32 @@ def explicit_peers(specs: list[str], keys: Keys | None) -> list[PeerEntry]:
 
 
 def primary_address() -> str:
-    """The address this host reaches others from (no packet is sent)."""
+    """The address this host reaches others from: the source address of
+    its default route (no packet is sent), else its name's address, else
+    the first non-loopback address of an interface (a compute network
+    without a default route)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing only
-            address: str = probe.getsockname()[0]
-            return address
+            routed: str = probe.getsockname()[0]
+            return routed
         except OSError:
-            return socket.gethostbyname(socket.gethostname())
+            pass
+        try:
+            named = socket.gethostbyname(socket.gethostname())
+            if not named.startswith("127."):
+                return named
+        except OSError:
+            pass
+        for _, interface in socket.if_nameindex():
+            try:
+                request = struct.pack("256s", interface.encode()[:15])
+                address = socket.inet_ntoa(fcntl.ioctl(probe.fileno(), SIOCGIFADDR, request)[20:24])
+            except OSError:
+                continue  # no IPv4 address
+            if not address.startswith("127."):
+                return address
+    raise InvalidArgument("this host has no address but loopback: give --listen")
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -244,7 +269,7 @@ class Cluster:
         self.pulls: dict[int, Pull] = {}  # by ticket: being written, or published and watched
         self.lends: dict[tuple[str, int], Lend] = {}  # by (taker, its ticket)
         self.where: dict[str, dict[str, int]] = {}  # home: name -> {owner node: created_ns}
-        self.pending: dict[str, list[tuple[str, int]]] = {}  # home: name -> lookups kept (asker, ticket)
+        self.pending: dict[str, dict[str, int]] = {}  # home: name -> lookups kept, asker -> its latest ticket
         self.announced: dict[str, str] = {}  # owner: name -> the home told
         self._next_beat = self._next_scan = self._next_full_scan = 0.0
         self._counters_seen: tuple[int, ...] = ()
@@ -402,6 +427,8 @@ class Cluster:
                 self._lookup(want)
             elif want.finding is not None and (not want.finding or now >= want.find_until):
                 self._found_next(want)
+            elif want.error is None and not want.retry_at and now - want.moved > STALL_S:
+                self._stalled(want)
 
     @property
     def wake_ms(self) -> int:
@@ -467,7 +494,7 @@ class Cluster:
         want = Want(f"\0next {ticket}", False, ticket, time.monotonic() + WANT_LEASE_S, [(identity, request_id)],
                     is_next=True)
         want.finding = {n for n in self.live if n != self.node}
-        want.find_until = time.monotonic() + FIND_TIMEOUT_S
+        want.find_until = want.moved = time.monotonic() + FIND_TIMEOUT_S
         self.wants[want.name] = want
         self._by_ticket[ticket] = want
         for node in list(want.finding):
@@ -485,9 +512,21 @@ class Cluster:
         del self._by_ticket[want.ticket]
         want.ticket = next(self._tickets)  # late answers to the old ticket are ignored
         self._by_ticket[want.ticket] = want
-        want.home, want.owner = rendezvous.home(want.name, self.live), ""
+        want.home, want.owner, want.moved = rendezvous.home(want.name, self.live), "", time.monotonic()
         if not self._send(want.home, Kind.LOOKUP, {"ticket": want.ticket, "name": want.name, "wait": want.wait}):
             self._fail(want, BrokerUnavailable(f"the broker at {want.home}, home of {want.name!r}, is not reachable"))
+
+    def _stalled(self, want: Want) -> None:
+        """No answer for STALL_S: ask again (a pull: given up and asked again)."""
+        if want.pull is not None:
+            if want.pull.published is not None:
+                return
+            log.info("the pull of %r from %s stalled: asking again", want.name, want.owner)
+            self._abandon(want.pull)
+        elif want.is_next:
+            self._fail(want, NotFound("no peer answered in time"))
+        else:
+            self._lookup(want)  # a lookup kept at the home is renewed: the home keeps only the latest ticket
 
     def _finish(self, want: Want, error: TfemError | None = None) -> None:
         for identity, request_id in want.answer:
@@ -518,7 +557,7 @@ class Cluster:
         if m.kind is Kind.ANNOUNCE:
             for name in a["names"]:
                 self.where.setdefault(name, {})[m.sender] = 0
-                for asker, ticket in self.pending.pop(name, []):
+                for asker, ticket in self.pending.pop(name, {}).items():
                     self._send(asker, Kind.FOUND, {"ticket": ticket, "name": name, "owner": m.sender})
         elif m.kind is Kind.WITHDRAW:
             for name in a["names"]:
@@ -532,7 +571,7 @@ class Cluster:
                 owner = m.sender if m.sender in holders else holders[0]
                 self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": owner})
             elif a["wait"]:
-                self.pending.setdefault(a["name"], []).append((m.sender, a["ticket"]))
+                self.pending.setdefault(a["name"], {})[m.sender] = a["ticket"]
             else:
                 self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": ""})
         elif m.kind is Kind.FOUND:
@@ -568,7 +607,7 @@ class Cluster:
         elif owner == self.node:
             self._finish(want)  # published here meanwhile: the client finds it
         else:
-            want.owner = owner
+            want.owner, want.moved = owner, time.monotonic()
             if not self._send(owner, Kind.TAKE, {"ticket": want.ticket, "name": want.name}):
                 self._fail(want, BrokerUnavailable(f"the broker at {owner}, owner of {want.name!r}, "
                                                    "is not reachable"))
@@ -588,7 +627,7 @@ class Cluster:
             self._fail(want, NotFound("no file under the prefix is published on any node"))
             return
         self.wants.pop(want.name, None)
-        want.name, want.owner = name, owner
+        want.name, want.owner, want.moved = name, owner, time.monotonic()
         self.wants[name] = want
         self._send(owner, Kind.TAKE, {"ticket": want.ticket, "name": name})
 
@@ -717,6 +756,9 @@ class Cluster:
         pull = self.pulls.get(ticket)
         if pull is None or pull.owner != owner:
             return
+        want = self._by_ticket.get(ticket)
+        if want is not None:
+            want.moved = time.monotonic()
 
         def write() -> None:
             if pull.file is None or pull.failed:

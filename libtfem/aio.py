@@ -312,6 +312,12 @@ class Client:
         if kind is None or (timeout is not None and not timeout >= 0):
             return File(core.open(name, mode, timeout, wait, **options))  # raises Client.open's error
         bucket = name_hash(encode_name(name)) % WAKE_BUCKETS  # a bad name: encode_name's error, as Client.open's
+        if core.cluster and kind == "r":
+            # Across nodes a name may come from another node: the blocking
+            # open asks the broker to pull it, on a thread (cancelled, it
+            # runs to its end and gives back what it took).
+            return File(await _off_loop(lambda: core.open(name, mode, timeout, wait, **options),
+                                        undo=TfemFile.abort))
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

@@ -12,9 +12,11 @@ namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests._instances import SMALL, RunningInstance, leftovers, start_instance, stop_instance
-from tfem import rendezvous
+from tfem import aio as tfem_aio, rendezvous
 from tfem.config import Instance
 from tfem.errors import BrokerUnavailable, NotFound, Timeout
 from tfem.segment import Segment
@@ -344,3 +346,50 @@ def test_the_owner_gives_a_file_back_when_the_takers_node_dies(cluster):
         with ca.open("held/x", "r", wait=False) as f:
             assert f.read() == data  # nothing lost
     cluster.wait_for_peers([a, cluster.restart(b)])
+
+
+def test_a_file_larger_than_memory_crosses_spilled_on_both_sides(cluster):
+    a, b = cluster.start(2)  # 1 MiB arenas
+    data = os.urandom(3 << 20)
+    published(a, "big", data)
+    with a.connect() as ca, b.connect() as cb:
+        assert ca.stat("big").spilled
+        with cb.open("big", "r", timeout=20) as f:
+            assert cb.stat("big").spilled
+            got = f.read()
+        assert got == data
+        wait_for("both copies freed", lambda: not ca.list() and not cb.list(), 5)
+
+
+def test_peers_named_explicitly(instance_factory, tmp_path):
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    ends = [f"tcp://127.0.0.1:{port}" for port in ports]
+    for i in range(2):
+        subprocess.run([sys.executable, "-m", "tfem", "keys", str(tmp_path / f"k{i}")], check=True)
+    peers = ",".join(f"{end}={tmp_path / f'k{i}.key'}" for i, end in enumerate(ends))  # itself included: skipped
+    a, b = (instance_factory(*SMALL, "--peers", peers, "--listen", ends[i], "--curve-key",
+                             str(tmp_path / f"k{i}.key_secret"), subdir=f"n{i}") for i in range(2))
+    wait_for("peers", lambda: all(len(cluster_stats(n)["live"]) == 2 for n in (a, b)))
+    published(a, "named", b"peers")
+    with b.connect() as cb, cb.open("named", "r", timeout=10) as f:
+        assert f.read() == b"peers"
+
+
+def test_an_asyncio_reader_across_nodes(cluster):
+    a, b = cluster.start(2)
+
+    async def read() -> bytes:
+        async with await tfem_aio.connect(b.keyfile) as cb:
+            async with await cb.open("aio/x", "r", timeout=10) as f:
+                return await f.read()
+
+    t = threading.Timer(0.5, lambda: published(a, "aio/x", b"from a"))
+    t.start()
+    try:
+        assert asyncio.run(read()) == b"from a"
+    finally:
+        t.join()
