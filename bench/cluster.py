@@ -460,7 +460,8 @@ class _Part:
 def cluster(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan
     nodes = ctx.services.nodes(2)
-    ctx.log(f"cluster: two nodes, {'namespaces' if nodes.isolated else 'loopback: ' + str(nodes.why_not_isolated)}")
+    why_not = "TFEM_TEST_NODES=loopback" if nodes.why_not_isolated == "chosen" else nodes.why_not_isolated
+    ctx.log(f"cluster: two nodes, {'in namespaces' if nodes.isolated else f'on loopback ({why_not})'}")
     zmq_keys = _keys(ctx, nodes)
     memory = plan.cluster_big_size + 64 * M
     redis = None
@@ -491,7 +492,7 @@ def cluster(ctx: Context) -> dict[str, Any]:
             raise WorkerError(f"cluster: no figures for {security}")
     return {
         "isolated": nodes.isolated,
-        "why_not_isolated": nodes.why_not_isolated,
+        "why_not_isolated": why_not,
         "big_size": plan.cluster_big_size,
         "write_chunk": WRITE_CHUNK,
         "chunk": CHUNK,
