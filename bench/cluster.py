@@ -388,7 +388,7 @@ class RedisInNode:
 # ---- the workload ----
 
 
-def _keys(ctx: Context, nodes: Any) -> dict[str, bytes]:
+def _keys(nodes: Any) -> dict[str, bytes]:
     """tfem keys for each node in shared/keys (the trusted directory), and
     a pair each for raw pyzmq's two sides."""
     import zmq
@@ -462,7 +462,7 @@ def cluster(ctx: Context) -> dict[str, Any]:
     nodes = ctx.services.nodes(2)
     why_not = "TFEM_TEST_NODES=loopback" if nodes.why_not_isolated == "chosen" else nodes.why_not_isolated
     ctx.log(f"cluster: two nodes, {'in namespaces' if nodes.isolated else f'on loopback ({why_not})'}")
-    zmq_keys = _keys(ctx, nodes)
+    zmq_keys = _keys(nodes)
     memory = plan.cluster_big_size + 64 * M
     redis = None
     if not ctx.no_redis:
