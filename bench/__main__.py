@@ -20,6 +20,7 @@ from typing import Any
 from . import procs, report, workloads
 from .brokermodes import broker
 from .cbench import c_workload
+from .cluster import cluster
 from .plan import WORKLOADS, make_plan
 from .services import Services, redis_version
 from .waits import waits
@@ -38,9 +39,11 @@ RUNNERS = {
     "memory": workloads.memory,
     "spill": workloads.spill,
     "broker": broker,
+    "cluster": cluster,
 }
 NEEDS_TFEM = {"handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory"}
-NEEDS_REDIS = {"handoff", "pairs", "stream"}
+NEEDS_REDIS = {"handoff", "pairs", "stream"}  # the host's redis-server
+NEEDS_REDIS_SERVER = NEEDS_REDIS | {"cluster"}  # cluster starts its own, in a node
 
 
 def _size(text: str) -> int:
@@ -54,7 +57,8 @@ def _size(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark tfem against its peers: "
-                                "tmpfs and local-disk files, multiprocessing.shared_memory, Redis, LMDB.")
+                                "tmpfs and local-disk files, multiprocessing.shared_memory, Redis, LMDB; across two "
+                                "simulated nodes, raw pyzmq and Redis over TCP.")
     p.add_argument("--quick", action="store_true", help="a small smoke run (small sizes, few repeats; < 1 min)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), metavar="DIR",
                    help="where to write latest.json, latest.md and the plots (default bench/results)")
@@ -97,13 +101,15 @@ def _cpu_model() -> str:
 def missing(selected: list[str], redis: bool) -> list[str]:
     """What the selected workloads need and this machine lacks."""
     lacks = []
-    if redis and NEEDS_REDIS & set(selected):
+    if redis and NEEDS_REDIS_SERVER & set(selected):
         if shutil.which("redis-server") is None:
             lacks.append("redis-server on PATH (Debian: apt-get install redis-server)")
         if importlib.util.find_spec("redis") is None:
             lacks.append("the redis package (pip install '.[bench]')")
     if "c" in selected and shutil.which("gcc") is None:
         lacks.append("gcc")
+    if "cluster" in selected and importlib.util.find_spec("pytest") is None:
+        lacks.append("pytest, for the simulated nodes of tests/_nodes.py (pip install '.[test]')")
     if importlib.util.find_spec("matplotlib") is None:
         lacks.append("matplotlib (pip install '.[bench]')")
     return lacks
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if NEEDS_REDIS & set(selected) and not args.no_redis:
                 log("starting redis-server")
                 redis = services.redis()
-            ctx = Context(plan, services, instance, redis, tmpfs_dir, disk_dir, log)
+            ctx = Context(plan, services, instance, redis, tmpfs_dir, disk_dir, log, no_redis=args.no_redis)
             if instance is not None:
                 at_start = broker_memory(instance)
                 at_start.pop("status")

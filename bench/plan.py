@@ -12,7 +12,7 @@ import dataclasses
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 
 WORKLOADS = ("handoff", "putget", "zerocopy", "pairs", "stream", "waits", "pipeline", "c", "memory", "spill",
-             "broker")
+             "broker", "cluster")
 
 
 @dataclasses.dataclass
@@ -43,6 +43,9 @@ class Plan:
     broker_burst_files: int  # each writing this many files
     broker_burst_file_size: int  # of this size
     broker_burst_arena: int  # through this arena
+    cluster_big_size: int  # the file handed from one node to another
+    cluster_small_count: int  # 4 KiB handoffs between the nodes per run
+    cluster_in_flight: int  # the consumer's opens at once; Redis's pipeline depth
 
     @property
     def handoff_sizes(self) -> list[int]:
@@ -65,7 +68,8 @@ def make_plan(quick: bool, repeats: int | None = None, sizes: list[int] | None =
                     c_size=64 * M, c_count=2, call_iterations=20_000,
                     broker_arena=16 * M, broker_big_file=128 * M, broker_light_rounds=50,
                     broker_burst_writers=6, broker_burst_files=2, broker_burst_file_size=4 * M,
-                    broker_burst_arena=8 * M)
+                    broker_burst_arena=8 * M,
+                    cluster_big_size=16 * M, cluster_small_count=200, cluster_in_flight=8)
     else:
         plan = Plan(quick=False, repeats=3,
                     handoff_counts={4 * K: 1000, 64 * K: 400, 1 * M: 200, 16 * M: 30, 256 * M: 5, 1 * G: 3},
@@ -76,7 +80,8 @@ def make_plan(quick: bool, repeats: int | None = None, sizes: list[int] | None =
                     c_size=1 * G, c_count=2, call_iterations=200_000,
                     broker_arena=64 * M, broker_big_file=1 * G, broker_light_rounds=500,
                     broker_burst_writers=6, broker_burst_files=8, broker_burst_file_size=8 * M,
-                    broker_burst_arena=16 * M)
+                    broker_burst_arena=16 * M,
+                    cluster_big_size=1 * G, cluster_small_count=2000, cluster_in_flight=16)
     if repeats is not None:
         plan.repeats = repeats
     if sizes:

@@ -346,6 +346,10 @@ def markdown(meta: dict[str, Any], w: dict[str, Any], goals: list[dict[str, Any]
     if br:
         L += _broker_section(br)
 
+    cl = w.get("cluster")
+    if cl:
+        L += _cluster_section(cl)
+
     pl = w.get("pipeline")
     if pl:
         L += ["## Decompose, compute, reduce", ""]
@@ -445,6 +449,55 @@ def _broker_section(br: dict[str, Any]) -> list[str]:
     if said:
         L += ["Adaptive at the end of each part: " + "; ".join(said) + ".", ""]
     return L
+
+
+CLUSTER_GOALS = {"big": 0.6, "small": 3.0}  # tfem ÷ raw pyzmq (GB/s), tfem ÷ Redis (handoffs/s)
+
+
+def _cluster_section(cl: dict[str, Any]) -> list[str]:
+    """Across two nodes: tfem against raw pyzmq (a large file) and Redis
+    over TCP (4 KiB files), per security; the targets met or not."""
+    L = ["## Across two nodes", ""]
+    if "error" in cl:
+        return L + _failed("cluster", cl)
+    where = ("two simulated nodes, each in network, IPC, UTS and mount namespaces of its own, joined by veths on "
+             "a host bridge" if cl["isolated"] else
+             f"**two loopback nodes** (no namespaces: {cl['why_not_isolated']}): both on 127.0.0.1, sharing the "
+             "host's network stack; the TCP between them never leaves loopback")
+    L += [f"Node A to node B: {where}; one `tfem up` per node in a shared cluster directory. **curve**: tfem's "
+          "default across nodes (a key pair per broker), raw pyzmq with CURVE too; **insecure**: `tfem up "
+          "--insecure`, pyzmq in plain text, and Redis (no encryption), measured with these only. "
+          f"**Large**: the producer on A writes one {size_label(cl['big_size'])} file in "
+          f"{size_label(cl['write_chunk'])} writes; the consumer on B, already waiting in open, reads it all into "
+          "a 1 MiB buffer; from the producer's open to the consumer's last read. Raw pyzmq: DEALER to DEALER, the "
+          f"same bytes in chunks of {size_label(cl['chunk'])} (tfem's pull), copy=False, {cl['window']} in flight "
+          "with one acknowledgement per chunk (tfem's window); the receiver copies each into its buffer. "
+          f"**Small**: {cl['small_count']:,} files of {size_label(cl['small_size'])} per run, the producer on A "
+          f"publishing them one after the other while the consumer on B opens each by name (waiting for it), "
+          f"reads and closes it, {cl['in_flight']} opens in flight (threads, a client each); Redis: "
+          f"redis-server on A, SET from A, GET + DEL from B, both pipelined {cl['in_flight']} keys a round trip; "
+          "both sides start together, handoffs per second up to the consumer's last. Medians over the runs "
+          "[min–max].", ""]
+    res = cl["results"]
+    goal_big, goal_small = CLUSTER_GOALS["big"], CLUSTER_GOALS["small"]
+
+    def verdict(ratio: float | None, goal: float) -> str:
+        return "not measured" if ratio is None else "met" if ratio >= goal else "not met"
+
+    rows = []
+    for security in res:
+        t, z = _med(res, security, "tfem-big"), _med(res, security, "zmq-big")
+        r = _ratio(t, z)
+        rows.append([f"{size_label(cl['big_size'])}, GB/s", security, _cell(_get(res, security, "tfem-big")),
+                     f"raw pyzmq {_cell(_get(res, security, 'zmq-big'))}", _num(r, 2),
+                     f"≥ {goal_big:g}: {verdict(r, goal_big)}"])
+    redis = _get(res, "insecure", "redis-small")
+    for security in res:
+        r = _ratio(_med(res, security, "tfem-small"), _med(res, "insecure", "redis-small"))
+        rows.append([f"{size_label(cl['small_size'])}, handoffs/s", security, _cell(_get(res, security, "tfem-small")),
+                     f"Redis over TCP {_cell(redis)}" if redis else "Redis left out (--no-redis)", _num(r, 2),
+                     f"≥ {goal_small:g}: {verdict(r, goal_small)}"])
+    return L + _table(["A → B", "security", "tfem", "peer", "tfem ÷ peer", "target"], rows)
 
 
 # ---- plots ----

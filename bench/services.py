@@ -230,6 +230,27 @@ class Services:
         self._undo.append(server.stop)
         return server
 
+    def nodes(self, n: int) -> Any:
+        """n simulated nodes (tests/_nodes.py: namespaces, else loopback);
+        at close they are removed, and anything they left is said."""
+        import pathlib
+
+        from tests._nodes import Nodes
+
+        made = Nodes(pathlib.Path(self.subdir("nodes")), n)
+
+        def close() -> None:
+            left = made.close()
+            if left:
+                print(f"bench: the simulated nodes left behind: {left}", file=sys.stderr)
+
+        self._undo.append(close)
+        return made
+
+    def register(self, undo: Callable[[], None]) -> None:
+        """Call `undo` at close (something started outside these methods)."""
+        self._undo.append(undo)
+
     def release(self, what: Any) -> None:
         """Stop a service early (a workload's own instance)."""
         what.stop()

@@ -71,6 +71,7 @@ class Context:
     tmpfs_dir: str
     disk_dir: str
     log: Callable[[str], None]
+    no_redis: bool = False  # --no-redis: workloads that start a Redis of their own leave it out too
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def peers(self, keys: list[str]) -> list[str]:

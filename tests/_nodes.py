@@ -241,6 +241,15 @@ class Node:
         return self._netns is not None
 
     @property
+    def namespace_files(self) -> dict[str, str]:
+        """Its namespaces' files by kind ("net", "ipc", "uts", "mnt"), for a
+        process that joins them itself (setns); empty if not isolated."""
+        if self._netns is None or self._holder is None:
+            return {}
+        held = {kind: f"/proc/{self._holder.pid}/ns/{kind}" for kind in ("ipc", "uts", "mnt")}
+        return {"net": str(NETNS_DIR / self._netns), **held}
+
+    @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ, TFEM_KEYFILE=str(self.keyfile), XDG_RUNTIME_DIR=str(self.private),
                    TMPDIR=str(self.private / "tmp"), TFEM_TEST_NODE=self.name)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = {"handoff", "pairs", "stream", "pipeline", "c", "memory", "spill", "putget", "zerocopy", "waits",
-             "broker"}
+             "broker", "cluster"}
 
 
 def test_quick_run_writes_a_report(tmp_path: pathlib.Path) -> None:
@@ -41,3 +42,31 @@ def test_quick_run_writes_a_report(tmp_path: pathlib.Path) -> None:
 
     for png in ("handoff_latency.png", "handoff_throughput.png", "pairs.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_cluster_quick_run_measures_every_peer_and_leaves_nothing(tmp_path: pathlib.Path) -> None:
+    """The cross-node workload alone, one run: every peer has a figure in
+    both securities, the report has its section, and its teardown found
+    nothing left (the nodes check their segments, queues, processes and
+    network; the services say so on stderr)."""
+    out = tmp_path / "results"
+    redis = shutil.which("redis-server") is not None
+    env = dict(os.environ)
+    env.pop("TFEM_KEYFILE", None)
+    env.pop("TFEM_BROKER", None)
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--repeats", "1", "--only", "cluster",
+                          "--out", str(out), *(() if redis else ("--no-redis",))], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"python -m bench --only cluster failed:\n{run.stderr[-4000:]}"
+    assert "left behind" not in run.stderr and "cleanup step failed" not in run.stderr, run.stderr[-4000:]
+
+    cluster = json.loads((out / "latest.json").read_text())["workloads"]["cluster"]
+    assert "error" not in cluster, cluster.get("error")
+    peers = {"curve": {"tfem-big", "zmq-big", "tfem-small"},
+             "insecure": {"tfem-big", "zmq-big", "tfem-small", *(("redis-small",) if redis else ())}}
+    for security, expected in peers.items():
+        figures = cluster["results"][security]
+        assert set(figures) == expected, security
+        assert all(f["median"] > 0 and len(f["runs"]) == 1 for f in figures.values()), figures
+    markdown = (out / "latest.md").read_text()
+    assert "## Across two nodes" in markdown and "raw pyzmq" in markdown
