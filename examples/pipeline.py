@@ -37,6 +37,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -167,7 +168,7 @@ def stage(target: Callable[..., None], *args: Any) -> None:
 
 def run(backend: str, workers: int, parts: int, part_size: int, seed: int, in_flight: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context()
-    prefix = f"pipeline-{os.getpid()}-"
+    prefix = f"pipeline-{socket.gethostname()}-{os.getpid()}-"  # unique across the nodes of a cluster
     start = ctx.Barrier(workers + 3)  # every stage, and this process
     # Without a bound the splitter could fill the slot table with parts
     # while a worker waits for a slot to write its result: nobody could go on.
