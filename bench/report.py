@@ -405,6 +405,7 @@ def markdown(meta: dict[str, Any], w: dict[str, Any], goals: list[dict[str, Any]
             L += [f"Segment metadata per held file: {md['slot_record_bytes']} B slot record (struct tfem_slot is "
                   f"{md['slot_struct_bytes']} B, padded to a cache line past the {md['buf_size']} B inline buffer) "
                   f"+ {md['index_bytes_per_slot']:g} B name index + {md['free_stack_bytes_per_slot']} B free stack "
+                  f"+ {md.get('life_bytes_per_slot', 0)} B lifetime counts "
                   f"= **{md['per_held_file']:g} B**; everything before the arena that is not an inline buffer, "
                   f"per slot: {md['per_slot_amortised']:.0f} B ({md['slots']} slots).", ""]
     return "\n".join(L)

@@ -924,6 +924,7 @@ def segment_metadata(status: dict[str, Any]) -> dict[str, Any]:
     record = layout.slot_size - buf  # the slot record plus its padding to a cache line
     index = 4 * layout.index_size / slots  # name-index entries per slot
     free_stack = 4
+    life = int(ffi.sizeof("struct tfem_life"))  # its lifetime counts, beside the slot
     # Everything before the arena that is not an inline buffer, per slot:
     # header, slot records, index, free stack, block bitmap, page rounding.
     amortised = (layout.arena_offset - slots * buf) / slots
@@ -936,7 +937,8 @@ def segment_metadata(status: dict[str, Any]) -> dict[str, Any]:
         "slot_record_bytes": record,
         "index_bytes_per_slot": index,
         "free_stack_bytes_per_slot": free_stack,
-        "per_held_file": record + index + free_stack,
+        "life_bytes_per_slot": life,
+        "per_held_file": record + index + free_stack + life,
         "per_slot_amortised": amortised,
     }
 

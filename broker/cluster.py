@@ -693,7 +693,8 @@ class Cluster:
         self.lends[(taker, ticket)] = lend
         self.counts["lent"] += 1
         self._send(taker, Kind.FILE, {"ticket": ticket, "errno": 0, "size": int(core.size),
-                                      "readers": KEPT if kept else 1, "expires_ns": int(slot.expires_ns)})
+                                      "readers": KEPT if kept else 1,
+                                      "expires_ns": int(self.holdings.segment.life(core.index).expires_ns)})
         for _ in range(WINDOW):
             self._send_chunk((taker, ticket), lend)
 

@@ -50,6 +50,7 @@ class OwnWrites:
     def __init__(self, segment: Segment, ask: Ask, spill: SpillStore | None) -> None:
         assert segment.view is not None, "the segment is mapped"
         self.memory: memoryview = segment.view
+        self.segment = segment
         self.base = int(ffi.cast("uintptr_t", segment.header))
         self.pid = os.getpid()
         self.held: set[Any] = set()
@@ -107,8 +108,9 @@ class Relocation:
             if rc not in (errno.EEXIST, errno.ENOSPC):
                 log.error("cannot move %r into the new segment: %s", raw, os.strerror(rc))
             return
-        lib.tfem_f_set_lifetime(core, slot.readers, slot.expires_ns)
-        core.slot.readers_left = slot.readers_left  # reads already done stay done
+        life = self.old.life(s)
+        lib.tfem_f_set_lifetime(core, slot.readers, life.expires_ns)
+        into.segment.life(core.index).readers_left = life.readers_left  # reads already done stay done
         if slot.flags & lib.TFEM_SLOT_ARENA:
             self._make_whole(core, slot, into)
         f = TfemFile(core, raw.decode(), into)

@@ -63,6 +63,7 @@ class Header(Protocol):
     index_offset: int
     free_stack_offset: int
     holds_offset: int
+    lives_offset: int
     bitmap_offset: int
     arena_offset: int
     max_file_size: int
@@ -98,11 +99,16 @@ class Slot(Protocol):
     extent_count: int
     claims: int
     readers: int
-    readers_left: int
-    holders: int
-    expires_ns: int
     extents: Pointer[Extent]
     name: CharPtr
+
+
+class Life(Protocol):
+    """struct tfem_life (tfem_segment.h): a slot's lifetime counts."""
+
+    expires_ns: int
+    readers_left: int
+    holders: int
 
 
 class FileCore(Protocol):

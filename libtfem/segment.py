@@ -19,7 +19,7 @@ import os
 import posix_ipc
 
 from ._native import ffi, lib
-from .cdata import CharPtr, Header, Slot
+from .cdata import CharPtr, Header, Life, Slot
 from .errors import InvalidArgument, NoSpace, NotFound, SegmentCorrupt, SegmentExists
 
 PAGE = mmap.PAGESIZE
@@ -65,8 +65,9 @@ class Layout:
         self.free_stack_offset = _round_up(self.index_offset + 4 * self.index_size, CACHE_LINE)
         self.holds_offset = _round_up(self.free_stack_offset + 4 * slots, CACHE_LINE)
         self.hold_count = lib.TFEM_HOLDS_PER_SLOT * slots
-        self.bitmap_offset = _round_up(self.holds_offset + ffi.sizeof("struct tfem_hold") * self.hold_count,
-                                       CACHE_LINE)
+        self.lives_offset = _round_up(self.holds_offset + ffi.sizeof("struct tfem_hold") * self.hold_count,
+                                      CACHE_LINE)
+        self.bitmap_offset = _round_up(self.lives_offset + ffi.sizeof("struct tfem_life") * slots, CACHE_LINE)
         bitmap_bytes = 8 * ((self.block_count + 63) // 64)
         self.arena_offset = _round_up(self.bitmap_offset + bitmap_bytes, PAGE)
         self.size = self.arena_offset + self.block_count * block_size
@@ -92,6 +93,7 @@ def _header_problem(h: Header, size: int) -> str | None:
         "slot_size": layout.slot_size, "index_size": layout.index_size,
         "slots_offset": layout.slots_offset, "index_offset": layout.index_offset,
         "free_stack_offset": layout.free_stack_offset, "holds_offset": layout.holds_offset,
+        "lives_offset": layout.lives_offset,
         "bitmap_offset": layout.bitmap_offset,
         "arena_offset": layout.arena_offset,
     }
@@ -134,6 +136,7 @@ class Segment:
         self.index = ffi.cast("uint32_t *", base + h.index_offset)
         self.free_stack = ffi.cast("uint32_t *", base + h.free_stack_offset)
         self.hold_count: int = lib.TFEM_HOLDS_PER_SLOT * h.slot_count
+        self.lives = ffi.cast("struct tfem_life *", base + h.lives_offset)
         self.bitmap = ffi.cast("uint64_t *", base + h.bitmap_offset)
 
     # ---- life cycle ----
@@ -184,6 +187,7 @@ class Segment:
         h.index_offset = layout.index_offset
         h.free_stack_offset = layout.free_stack_offset
         h.holds_offset = layout.holds_offset
+        h.lives_offset = layout.lives_offset
         h.bitmap_offset = layout.bitmap_offset
         h.arena_offset = layout.arena_offset
         h.max_file_size = layout.max_file_size
@@ -281,6 +285,11 @@ class Segment:
     def slot(self, index: int) -> Slot:
         assert self._base is not None, "the segment is closed"
         return ffi.cast("struct tfem_slot *", self._base + self.slots_offset + index * self.slot_size)
+
+    def life(self, index: int) -> Life:
+        """Slot `index`'s lifetime counts (struct tfem_life)."""
+        assert self._base is not None, "the segment is closed"
+        return self.lives[index]
 
     def slot_offset(self, index: int) -> int:
         return self.slots_offset + index * self.slot_size

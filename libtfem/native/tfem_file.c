@@ -524,8 +524,9 @@ int tfem_f_fstat(struct tfem_file *f, struct tfem_fileinfo *out) {
 int tfem_f_set_lifetime(struct tfem_file *f, uint32_t readers, uint64_t expires_ns) {
     if (!f->held || !f->writing) return EBADF;
     struct tfem_slot *slot = f->slot; /* the writer's own until it publishes */
-    slot->readers = slot->readers_left = readers;
-    slot->expires_ns = expires_ns;
+    struct tfem_life *life = tfem_life_at(f->g, f->index);
+    slot->readers = life->readers_left = readers;
+    life->expires_ns = expires_ns;
     return 0;
 }
 

@@ -23,8 +23,10 @@ static const char *problem(const struct tfem_header *h, uint64_t size) {
         return "the slot table overlaps what follows it";
     if (h->index_offset + 4ull * h->index_size > h->free_stack_offset) return "the name index overlaps what follows it";
     if (h->free_stack_offset + 4ull * h->slot_count > h->holds_offset) return "the free-slot stack overlaps the hold table";
-    if (h->holds_offset + sizeof(struct tfem_hold) * TFEM_HOLDS_PER_SLOT * (uint64_t)h->slot_count > h->bitmap_offset)
-        return "the hold table overlaps the bitmap";
+    if (h->holds_offset + sizeof(struct tfem_hold) * TFEM_HOLDS_PER_SLOT * (uint64_t)h->slot_count > h->lives_offset)
+        return "the hold table overlaps the lives";
+    if (h->lives_offset + sizeof(struct tfem_life) * (uint64_t)h->slot_count > h->bitmap_offset)
+        return "the lives overlap the bitmap";
     if (h->bitmap_offset + 8ull * ((h->block_count + 63ull) / 64) > h->arena_offset) return "the bitmap overlaps the arena";
     if (h->arena_offset + (uint64_t)h->block_count * h->block_size > size) return "the arena runs past the mapping";
     return NULL;
@@ -50,6 +52,7 @@ const char *tfem_geometry_attach(struct tfem_header *h, uint64_t size) {
     g->free_stack_offset = h->free_stack_offset;
     g->holds_offset = h->holds_offset;
     g->hold_count = TFEM_HOLDS_PER_SLOT * h->slot_count;
+    g->lives_offset = h->lives_offset;
     g->bitmap_offset = h->bitmap_offset;
     g->arena_offset = h->arena_offset;
     g->arena = (char *)h + h->arena_offset;

@@ -25,6 +25,7 @@ struct tfem_geometry {
     uint64_t index_offset;
     uint64_t free_stack_offset;
     uint64_t holds_offset;
+    uint64_t lives_offset;
     uint64_t bitmap_offset;
     uint64_t arena_offset;
     uint32_t slot_count;

@@ -16,6 +16,9 @@ static inline struct tfem_slot *tfem_slot_at(const struct tfem_geometry *g, uint
 static inline struct tfem_hold *tfem_hold_at(const struct tfem_geometry *g, uint32_t i) {
     return (struct tfem_hold *)((char *)g->h + g->holds_offset) + i;
 }
+static inline struct tfem_life *tfem_life_at(const struct tfem_geometry *g, uint32_t s) {
+    return (struct tfem_life *)((char *)g->h + g->lives_offset) + s;
+}
 static inline char *tfem_inline_data(struct tfem_slot *slot) { return (char *)(slot + 1); }
 static inline char *tfem_block_data(const struct tfem_geometry *g, uint32_t block) {
     return g->arena + (uint64_t)block * g->block_size;

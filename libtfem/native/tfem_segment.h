@@ -6,7 +6,7 @@
  * with atomic operations. Python reads these structures through cffi, C
  * callers include this file; nobody restates the layout by hand.
  *
- *   [ header | slot table | name index | free-slot stack | hold table | block bitmap | arena ]
+ *   [ header | slot table | name index | free-slot stack | hold table | lives | block bitmap | arena ]
  *
  * - A slot is the paper's temp-file object: a state word, the file's size,
  *   name and times, a list of arena extents, and an inline buffer of
@@ -23,7 +23,10 @@
  * - A slot's lifetime: `readers` opens of it (1: consume-once, the
  *   default), or kept (0) until unlinked or its `expires_ns`. A file with
  *   more than one reader is SHARED while read: `holders` readers hold it,
- *   `readers_left` opens are still to come. Each shared read is an entry of
+ *   `readers_left` opens are still to come. All but `readers` live in the
+ *   slot's entry of the lives array (struct tfem_life), not in the slot:
+ *   a slot record of 448 bytes plus an 8 KiB inline buffer fills whole
+ *   cache lines, and 16 bytes more would pad every slot by 64. Each shared read is an entry of
  *   the hold table (pid, slot, generation), claimed by compare-and-swap on
  *   its pid and changed under the name's stripe lock: the broker finds a
  *   dead reader's holds there, as it finds a dead holder's pid in a word.
@@ -58,7 +61,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 9
+#define TFEM_LAYOUT_VERSION 10
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -82,6 +85,14 @@ struct tfem_hold {
     uint32_t slot;
     uint32_t generation;
     uint32_t counted; /* 1 once the slot's holders and readers_left include this read */
+};
+
+/* A slot's lifetime counts (see above), one per slot, changed under the
+ * name's stripe lock. */
+struct tfem_life {
+    uint64_t expires_ns;   /* CLOCK_REALTIME when the broker frees it; 0: never */
+    uint32_t readers_left; /* opens still to come (readers > 1) */
+    uint32_t holders;      /* readers holding it now (SHARED) */
 };
 
 /* Hold-table entries per slot: shared reads open at once, on average. */
@@ -117,6 +128,7 @@ struct tfem_header {
     uint64_t index_offset;
     uint64_t free_stack_offset;
     uint64_t holds_offset;  /* TFEM_HOLDS_PER_SLOT * slot_count entries */
+    uint64_t lives_offset;  /* slot_count entries */
     uint64_t bitmap_offset;
     uint64_t arena_offset;
     uint64_t max_file_size; /* bytes a file may reach */
@@ -158,9 +170,6 @@ struct tfem_slot {
     uint32_t extent_count;
     uint32_t claims;      /* odd while blocks are claimed and not yet recorded; bumped by the claimer only */
     uint32_t readers;     /* its lifetime: opens it was written for; 0: kept until unlinked or expired */
-    uint32_t readers_left; /* opens still to come (readers > 1) */
-    uint32_t holders;     /* readers holding it now (SHARED) */
-    uint64_t expires_ns;  /* CLOCK_REALTIME when the broker frees it; 0: never */
     struct tfem_extent extents[TFEM_MAX_EXTENTS];
     char name[TFEM_NAME_MAX + 1];
     /* buf_size inline bytes follow; slot_size rounds the whole up to 64 */

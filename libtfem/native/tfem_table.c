@@ -224,9 +224,10 @@ static int claim(const struct tfem_geometry *g, const char *name, uint32_t len, 
     slot->checksum = 0;
     slot->extent_count = 0;
     slot->claims = 0; /* even: a dead holder's claim left odd is over */
-    slot->readers = slot->readers_left = 1; /* consume-once until the writer says otherwise */
-    slot->holders = 0;
-    slot->expires_ns = 0;
+    struct tfem_life *life = tfem_life_at(g, s);
+    slot->readers = life->readers_left = 1; /* consume-once until the writer says otherwise */
+    life->holders = 0;
+    life->expires_ns = 0;
     memcpy(slot->name, name, len);
     slot->name[len] = 0;
     if (tfem_t_index_insert(h, s)) { /* this stripe of the index is full */
@@ -301,9 +302,9 @@ static void free_hold(struct tfem_hold *e) {
 }
 
 /* The event for a reader letting go (states.py's shared_close). */
-static int shared_close_event(const struct tfem_slot *slot) {
-    if (slot->holders) return TFEM_EVENT_CLOSE_SHARED;
-    if (slot->readers == 0 || slot->readers_left > 0) return TFEM_EVENT_LAST_CLOSE;
+static int shared_close_event(const struct tfem_slot *slot, const struct tfem_life *life) {
+    if (life->holders) return TFEM_EVENT_CLOSE_SHARED;
+    if (slot->readers == 0 || life->readers_left > 0) return TFEM_EVENT_LAST_CLOSE;
     return TFEM_EVENT_FINAL_CLOSE;
 }
 
@@ -311,8 +312,9 @@ static int shared_close_event(const struct tfem_slot *slot) {
 static int open_shared(const struct tfem_geometry *g, uint32_t s, uint64_t word, uint32_t pid,
                        struct tfem_claim *out) {
     struct tfem_slot *slot = slot_at(g, s);
+    struct tfem_life *life = tfem_life_at(g, s);
     uint32_t generation = generation_of(word);
-    if (slot->readers > 1 && slot->readers_left == 0) return EAGAIN; /* every read taken: gone at the last close */
+    if (slot->readers > 1 && life->readers_left == 0) return EAGAIN; /* every read taken: gone at the last close */
     int64_t i = claim_hold(g, pid, s, generation);
     if (i < 0) return EMFILE;
     int rc = transition(slot, TFEM_EVENT_OPEN_SHARED, generation, 0);
@@ -320,8 +322,8 @@ static int open_shared(const struct tfem_geometry *g, uint32_t s, uint64_t word,
         free_hold(tfem_hold_at(g, (uint32_t)i));
         return rc;
     }
-    slot->holders++;
-    if (slot->readers > 1) slot->readers_left--;
+    life->holders++;
+    if (slot->readers > 1) life->readers_left--;
     tfem_hold_at(g, (uint32_t)i)->counted = 1;
     out->hold = (uint32_t)i + 1;
     return 0;
@@ -334,13 +336,14 @@ static int drop_hold(const struct tfem_geometry *g, uint32_t i, int closing, str
     struct tfem_hold *e = tfem_hold_at(g, i);
     uint32_t s = e->slot, generation = e->generation;
     struct tfem_slot *slot = slot_at(g, s);
+    struct tfem_life *life = tfem_life_at(g, s);
     int counted = e->counted;
     free_hold(e);
     if (!counted) return 0; /* its reader died before taking the read */
-    if (!closing && slot->readers > 1) slot->readers_left++;
-    if (slot->holders) slot->holders--;
-    int event = shared_close_event(slot);
-    if (!slot->holders && slot->flags & TFEM_SLOT_DOOMED) event = TFEM_EVENT_UNLINK;
+    if (!closing && slot->readers > 1) life->readers_left++;
+    if (life->holders) life->holders--;
+    int event = shared_close_event(slot, life);
+    if (!life->holders && slot->flags & TFEM_SLOT_DOOMED) event = TFEM_EVENT_UNLINK;
     if (event == TFEM_EVENT_UNLINK || event == TFEM_EVENT_FINAL_CLOSE) {
         int rc = free_slot(g, s, event, generation, out);
         out->for_write = -1;
@@ -523,8 +526,8 @@ int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_
     return rc;
 }
 
-static int expired(const struct tfem_slot *slot, uint64_t word, uint64_t now_ns) {
-    return slot->expires_ns && slot->expires_ns <= now_ns && state_of(word) != TFEM_STATE_INVALID &&
+static int expired(const struct tfem_slot *slot, const struct tfem_life *life, uint64_t word, uint64_t now_ns) {
+    return life->expires_ns && life->expires_ns <= now_ns && state_of(word) != TFEM_STATE_INVALID &&
            state_of(word) != TFEM_STATE_WRITE && !(slot->flags & TFEM_SLOT_DOOMED);
 }
 
@@ -535,7 +538,7 @@ uint32_t tfem_t_expired(struct tfem_header *h, uint64_t now_ns, uint32_t *slots,
     for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
         struct tfem_slot *slot = slot_at(g, s);
         uint64_t word = __atomic_load_n(&slot->state, SC);
-        if (!expired(slot, word, now_ns)) continue;
+        if (!expired(slot, tfem_life_at(g, s), word, now_ns)) continue;
         slots[n] = s;
         generations[n++] = generation_of(word);
     }
@@ -552,7 +555,7 @@ int tfem_t_expire(struct tfem_header *h, uint32_t s, uint32_t generation, uint32
     if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
     uint64_t word = __atomic_load_n(&slot->state, SC);
     int rc = ESTALE, freed = 0;
-    if (generation_of(word) == generation && slot->name_hash == hash && expired(slot, word, now_ns))
+    if (generation_of(word) == generation && slot->name_hash == hash && expired(slot, tfem_life_at(g, s), word, now_ns))
         freed = unlink_at(g, s, out, &rc);
     unlock_stripe(h, stripe_of(hash));
     if (freed) publish_space(h);
@@ -595,10 +598,11 @@ void tfem_t_info(struct tfem_header *h, uint32_t s, struct tfem_fileinfo *out) {
     out->size = slot->size;
     out->file_id = slot->file_id;
     out->created_ns = slot->created_ns;
-    out->expires_ns = slot->expires_ns;
+    const struct tfem_life *life = tfem_life_at(g, s);
+    out->expires_ns = life->expires_ns;
     out->readers = slot->readers;
-    out->readers_left = slot->readers_left;
-    out->holders = slot->holders;
+    out->readers_left = life->readers_left;
+    out->holders = life->holders;
     out->slot = s;
     out->state = state_of(__atomic_load_n(&slot->state, SC));
     out->spilled = (slot->flags & TFEM_SLOT_SPILLED) != 0;
@@ -887,13 +891,14 @@ uint32_t tfem_t_check_holds_locked(struct tfem_header *h) {
             struct tfem_hold *e = tfem_hold_at(g, i);
             count += e->pid && e->slot == s && e->generation == generation_of(word);
         }
-        if (count == slot->holders && count) continue;
-        slot->holders = count;
+        struct tfem_life *life = tfem_life_at(g, s);
+        if (count == life->holders && count) continue;
+        life->holders = count;
         changed++;
         if (count) continue;
         /* Nobody holds it: WAIT again, or INVALID (unlinked, or no readers
          * to come), which adoption then empties like any free slot. */
-        int event = slot->flags & TFEM_SLOT_DOOMED ? TFEM_EVENT_UNLINK : shared_close_event(slot);
+        int event = slot->flags & TFEM_SLOT_DOOMED ? TFEM_EVENT_UNLINK : shared_close_event(slot, life);
         transition(slot, event, generation_of(word), 0);
     }
     return changed;
