@@ -341,29 +341,33 @@ class Client:
             if rc == errno.ENOENT:  # not on this node: its broker pulls it from another
                 return self._open_across(raw, timeout, wait, deadline, core)
             if rc == 0:
-                return self._opened(core, name, raw)
-        while True:  # again after a signal (EINTR), once Python has run its handlers
+                return self._opened(core, name, raw, 0)
+        rc = self._open_core(raw, kind, wait, deadline, bool(room_timeout) and wait, core)
+        if rc:
+            raise self._open_error(rc, raw, kind, timeout if wait else None)
+        if lifetime is not None and core.writing:
+            lib.tfem_f_set_lifetime(core, lifetime[0], lifetime[1])
+        return self._opened(core, name, raw, room_timeout)
+
+    def _open_core(self, raw: bytes, kind: str, wait: bool, deadline: Deadline | None, room: bool,
+                   core: FileCore) -> int:
+        """The core's create ("w", waiting for a slot if `room`) or open,
+        again after a signal (EINTR, once Python has run its handlers) and
+        in the new segment after a move (EIDRM); its errno value."""
+        while True:
             left = -1 if deadline is None else deadline.remaining_ns()
             if kind == "w":
-                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room_timeout and wait else 0, core)
+                rc = lib.tfem_f_create(self._header, raw, len(raw), self.pid, left if room else 0, core)
             else:
                 rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], wait, left, core,
                                      self._state_found)
             if rc == errno.EIDRM:
                 self._follow_move()
             elif rc != errno.EINTR:
-                break
-        if rc:
-            raise self._open_error(rc, raw, kind, timeout if wait else None)
-        if lifetime is not None and core.writing:
-            lib.tfem_f_set_lifetime(core, lifetime[0], lifetime[1])
-        f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
-        self.held.add(core)
-        return f
+                return rc
 
-    def _opened(self, core: FileCore, name: str | bytes, raw: bytes) -> TfemFile:
-        """A file opened for reading across nodes (the path above, inlined there for speed)."""
-        f = TfemFile(core, name if type(name) is str else raw.decode(), self, 0)
+    def _opened(self, core: FileCore, name: str | bytes, raw: bytes, room_timeout: float) -> TfemFile:
+        f = TfemFile(core, name if type(name) is str else raw.decode(), self, room_timeout)
         self.held.add(core)
         return f
 
@@ -377,7 +381,7 @@ class Client:
         text = raw.decode()
         if not wait:
             self.call(Op.WANT, {"name": text, "wait": 0})  # answered once the copy is here
-            return self._opened(self._open_here(raw, False, 0, core, timeout), text, raw)
+            return self._opened(self._open_here(raw, False, 0, core, timeout), text, raw, 0)
         try:
             while True:
                 self.call(Op.WANT, {"name": text, "wait": 1})
@@ -386,7 +390,7 @@ class Client:
                     raise Timeout(f"{text!r} was not ready to read within {timeout} s")
                 part = int(WANT_SLICE_S * 1e9) if left < 0 else min(left, int(WANT_SLICE_S * 1e9))
                 try:
-                    return self._opened(self._open_here(raw, True, part, core, timeout), text, raw)
+                    return self._opened(self._open_here(raw, True, part, core, timeout), text, raw, 0)
                 except Timeout:
                     continue
         except BaseException:
@@ -397,13 +401,7 @@ class Client:
             raise
 
     def _open_here(self, raw: bytes, wait: bool, left_ns: int, core: FileCore, timeout: float | None) -> FileCore:
-        while True:
-            rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE["r"], wait, left_ns, core,
-                                 self._state_found)
-            if rc == errno.EIDRM:
-                self._follow_move()
-            elif rc != errno.EINTR:
-                break
+        rc = self._open_core(raw, "r", wait, Deadline(left_ns / 1e9), False, core)
         if rc:
             raise self._open_error(rc, raw, "r", timeout)
         return core
