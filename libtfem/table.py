@@ -28,7 +28,7 @@ import zlib
 from typing import Any, Iterator, NamedTuple
 
 from ._native import ffi, lib
-from .cdata import Claim, FileInfo, Header
+from .cdata import Claim, FileInfo, Header, Pointer
 from .errors import InvalidArgument, NameTooLong, NoSpace, TfemError, Timeout, from_errno
 from .segment import Segment
 from .states import EVENT_NUMBER, KEPT, Event, State, generation_of, pack_word, unpack_word
@@ -401,6 +401,21 @@ class SlotTable:
         slots, since = ffi.new("uint32_t[]", count), ffi.new("uint64_t[]", count)
         n = lib.tfem_t_waiting(self._h, int(spilled), slots, since, count)
         return [slots[i] for i in sorted(range(n), key=since.__getitem__)]
+
+    def published_changes(self, seen: Pointer[int]) -> builtins_list[tuple[int, int]]:
+        """(slot, mark) of each slot whose published file differs from
+        `seen` (a uint64_t[slot_count] of marks: 0 none, else the core's
+        mark of a WAIT or SHARED file's generation); one C pass, no lock."""
+        count = self.seg.slot_count
+        slots, marks = ffi.new("uint32_t[]", count), ffi.new("uint64_t[]", count)
+        n = lib.tfem_t_published_changes(self._h, seen, slots, marks, count)
+        return [(slots[i], marks[i]) for i in range(n)]
+
+    def info(self, s: int) -> FileStat:
+        """What slot s holds now (no lock: the caller checks what it uses)."""
+        out = ffi.new("struct tfem_fileinfo *")
+        lib.tfem_t_info(self._h, s, out)
+        return file_stat(out)
 
     def spilled_ids(self) -> set[int]:
         """The file ids of spilled files a slot holds."""

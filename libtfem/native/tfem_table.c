@@ -652,6 +652,23 @@ uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uin
     return n;
 }
 
+uint32_t tfem_t_published_changes(struct tfem_header *h, const uint64_t *seen, uint32_t *slots, uint64_t *marks,
+                                  uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
+        uint64_t word = __atomic_load_n(&slot->state, SC);
+        int state = state_of(word);
+        uint64_t mark = (state == TFEM_STATE_WAIT || state == TFEM_STATE_SHARED) && !(slot->flags & TFEM_SLOT_DOOMED)
+                            ? TFEM_PUBLISHED_MARK(generation_of(word)) : 0;
+        if (mark == seen[s]) continue;
+        slots[n] = s;
+        marks[n++] = mark;
+    }
+    return n;
+}
+
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max) {
     const struct tfem_geometry *g = tfem_geometry(h);
     uint32_t n = 0;

@@ -94,6 +94,14 @@ void tfem_t_info(struct tfem_header *h, uint32_t slot, struct tfem_fileinfo *out
  * (spilled = 1: to bring back) or in arena blocks (0: to spill); their
  * slots, and when they entered WAIT. */
 uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uint64_t *since, uint32_t max);
+/* Slots whose published file changed since the caller last looked: seen[s]
+ * is the caller's mark for slot s (0: no published file; else
+ * TFEM_PUBLISHED_MARK of the generation of a WAIT or SHARED file, not
+ * doomed). Fills the slots that differ and their marks now. The broker's
+ * way to learn of publications and unlinks without listing every file. */
+#define TFEM_PUBLISHED_MARK(generation) ((1ull << 32) | (uint64_t)(generation))
+uint32_t tfem_t_published_changes(struct tfem_header *h, const uint64_t *seen, uint32_t *slots, uint64_t *marks,
+                                  uint32_t max);
 /* The file ids of spilled files a slot still holds (not INVALID). */
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max);
 /* Slots of files whose time limit has passed by now_ns (not yet unlinked),
