@@ -12,22 +12,26 @@ Theory of operation:
   name's home (rendezvous.py). When they change, every broker announces
   its names again to their homes, consumers look up again, and what was
   lent to or pulled from a dead peer is given back or given up.
-- Owner: every SCAN_INTERVAL_S the broker lists its own published files
-  (one C pass over the table) and announces new names to their homes,
-  withdraws gone ones. Producers publish without the broker; this scan is
-  how it learns of them, off their path. A TAKE holds the file as the
-  broker's own read (the state machine arbitrates between takers), sends
-  it in CHUNKs of views of the segment (copy=False), WINDOW at a time, and
-  keeps it until the taker says DONE (freed) or RETURN (given back); a
-  kept file is let go of as soon as its copy is whole.
+- Owner: every SCAN_INTERVAL_S the broker looks for slots whose published
+  file changed (publications.py: one C pass, names read only for those)
+  and announces new names to their homes, withdraws gone ones. Producers
+  publish without the broker; this scan is how it learns of them, off
+  their path. A TAKE holds the file as the broker's own read (the state
+  machine arbitrates between takers); a file of one chunk or less goes
+  back whole in the answer (WHOLE), a larger one in CHUNKs of views of the
+  segment (copy=False), WINDOW at a time. The owner keeps it until the
+  taker says DONE (freed) or RETURN (given back); a kept file is let go of
+  as soon as its copy is whole.
 - Home: knows which nodes hold each name it is home to; answers a LOOKUP
   with one of them, or keeps it (with wait) until an ANNOUNCE arrives.
 - Consumer: a local client's WANT becomes a Want here: LOOKUP at the home,
-  TAKE at the owner, the chunks written into a new file of the same name
+  TAKE at the owner, the bytes written into a new file of the same name
   in this segment (disk jobs, like any write of the broker's own:
-  relocation.OwnWrites), published: the waiting client wakes on its own
-  futex. The broker watches the copy; once it is consumed here it says
-  DONE to the owner.
+  relocation.OwnWrites; the whole files of one turn in one job),
+  published: the waiting client wakes on its own futex. The broker
+  watches the copy; once it is consumed here it says DONE to the owner.
+- Every message for a peer waits in an outbox until the end of the loop's
+  turn (flush): what one turn produced for a peer goes as one batch.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from tfem.protocol import Reply
 from tfem.states import KEPT, State
 
 from .holdings import Holdings
+from .publications import Publications
 from .relocation import Ask, OwnWrites
 
 log = logging.getLogger("tfem.broker")
@@ -71,11 +76,12 @@ DEAD_AFTER_S = 3.0  # a peer silent this long is dead
 SCAN_INTERVAL_S = 0.01
 IDLE_SCAN_S = 0.1
 ACTIVE_S = 1.0
-# A listing costs ~4 us a held file (table.list(): 4 ms for 1,000, 21 ms for
-# 4,000): after one, the next waits at least SCAN_SHARE_INV times as long,
-# so scanning takes at most a tenth of the broker's time under a busy table.
+# A scan costs ~40 us over 4,096 slots, plus ~5 us for each slot that
+# changed (2,000 new files: 10 ms): after one, the next waits at least
+# SCAN_SHARE_INV times as long, so scanning takes at most a tenth of the
+# broker's time under a burst of publications.
 SCAN_SHARE_INV = 10
-FULL_SCAN_S = 5.0  # ... and lists them even when the header's counters say nothing changed (unlinks, expiry)
+FULL_SCAN_S = 5.0  # ... and scans even when the header's counters say nothing changed (unlinks, expiry)
 RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
 WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
 FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
@@ -273,6 +279,9 @@ class Cluster:
         self.peers: dict[str, Peer] = {}
         self.live: tuple[str, ...] = (self.node,)
         self._tickets = itertools.count(1)
+        self._own_writes: OwnWrites | None = None
+        self._arrived: list[tuple[Pull, int, Any]] = []  # WHOLE files of this turn: (pull, expires_ns, bytes)
+        self._outbox: dict[str, list[Message]] = {}  # by peer: sent at the end of the loop's turn (flush)
         self.wants: dict[str, Want] = {}  # by name
         self._by_ticket: dict[int, Want] = {}
         self.pulls: dict[int, Pull] = {}  # by ticket: being written, or published and watched
@@ -280,6 +289,8 @@ class Cluster:
         self.where: dict[str, set[str]] = {}  # home: name -> the nodes that hold it
         self.pending: dict[str, dict[str, int]] = {}  # home: name -> lookups kept, asker -> its latest ticket
         self.announced: dict[str, str] = {}  # owner: name -> the home told
+        self.publications = Publications()
+        self._announce_again: set[str] = set()  # announcements lost to an unreachable home
         self._next_beat = self._next_scan = self._next_full_scan = 0.0
         self._counters_seen: tuple[int, ...] = ()
         self._active_until = 0.0  # files came and went, or peers asked: scan often until then
@@ -329,19 +340,46 @@ class Cluster:
         return s
 
     def _send(self, node: str, kind: Kind, args: dict[str, Any], data: Any = None) -> bool:
-        """Send to `node` (to ourselves: handled at once); False if it cannot go now."""
+        """Queue for `node` until this turn's flush (to ourselves: handled at
+        once); False if it is not a peer."""
         message = Message(kind, self.node, args, data)
         if node == self.node:
             self._handle(message)
             return True
-        peer = self.peers.get(node)
-        if peer is None:
+        if node not in self.peers:
             return False
-        try:
-            peer.socket.send_multipart(peer_protocol.encode(message), flags=zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.ZMQError:
-            return False
+        self._outbox.setdefault(node, []).append(message)
+        return True
+
+    def flush(self) -> None:
+        """Send each peer what this turn queued for it, as one batch."""
+        outbox, self._outbox = self._outbox, {}
+        for node, messages in outbox.items():
+            peer = self.peers.get(node)
+            for start in range(0, len(messages), peer_protocol.MAX_BATCH):
+                part = messages[start:start + peer_protocol.MAX_BATCH]
+                try:
+                    if peer is None:
+                        raise zmq.Again()
+                    peer.socket.send_multipart(peer_protocol.encode(self.node, part), flags=zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    self._lost(node, part)
+
+    def _lost(self, node: str, messages: list[Message]) -> None:
+        """Messages that could not go (the peer not connected, or gone):
+        what waits on an answer fails now, announcements go again."""
+        for m in messages:
+            if m.kind is Kind.ANNOUNCE:  # again at the next scan
+                for name in m.args["names"]:
+                    self.announced.pop(name, None)
+                self._announce_again.update(m.args["names"])
+                self._counters_seen = ()
+            elif m.kind in (Kind.LOOKUP, Kind.TAKE):
+                want = self._by_ticket.get(m.args["ticket"])
+                if want is not None and want.error is None and want.pull is None:
+                    role = "home" if m.kind is Kind.LOOKUP else "owner"
+                    self._fail(want, BrokerUnavailable(f"the broker at {node}, {role} of {want.name!r}, "
+                                                       "is not reachable"))
 
     def _check_members(self, now: float) -> None:
         for peer in self.peers.values():
@@ -361,7 +399,8 @@ class Cluster:
         """Homes moved: announce everything again; look up again; give up
         what depended on the dead."""
         self.announced.clear()
-        self._counters_seen = ()  # list and announce at the next scan
+        self.publications.forget()
+        self._counters_seen = ()  # announce at the next scan
         for name in list(self.where):
             self.where[name] -= gone
             if not self.where[name]:
@@ -394,22 +433,26 @@ class Cluster:
             except zmq.Again:
                 return
             try:
-                message = peer_protocol.decode([f.buffer for f in frames[1:]])
+                messages = peer_protocol.decode([f.buffer for f in frames[1:]])
             except TfemError as exc:
                 log.debug("malformed peer message: %s", exc)
                 continue
-            peer = self.peers.get(message.sender)
+            sender = messages[0].sender
+            peer = self.peers.get(sender)
             if peer is None or self.keys is not None and frames[1].get("User-Id") != peer.entry.public_key:
                 continue  # not (yet) a peer of ours, or not who it says: its file will show it
             peer.heard = time.monotonic()
-            if message.kind is not Kind.PING:
-                self._active_until = time.monotonic() + ACTIVE_S
+            for message in messages:
+                if message.kind is Kind.PING:
+                    continue
+                self._active_until = peer.heard + ACTIVE_S
                 try:
                     self._handle(message)
                 except TfemError as exc:
                     log.warning("peer message %s from %s: %s", message.kind.value, message.sender, exc)
 
     def tick(self, now: float) -> None:
+        self._write_arrived()
         if now >= self._next_beat:
             self._next_beat = now + HEARTBEAT_S
             self._refresh_peers()
@@ -441,6 +484,7 @@ class Cluster:
                 self._found_next(want)
             elif want.error is None and not want.retry_at and now - want.moved > STALL_S:
                 self._stalled(want)
+        self.flush()
 
     @property
     def wake_ms(self) -> int:
@@ -466,6 +510,7 @@ class Cluster:
                 self._abandon(pull)
             else:
                 self._send(pull.owner, Kind.RETURN, {"ticket": pull.ticket})
+        self.flush()
         if self.directory is not None:
             cluster_dir.remove_entry(self.directory, self.entry)
         for peer in self.peers.values():
@@ -600,6 +645,8 @@ class Cluster:
             self._take(m.sender, a["ticket"], a["name"])
         elif m.kind is Kind.FILE:
             self._file(m.sender, a)
+        elif m.kind is Kind.WHOLE:
+            self._file(m.sender, a, m.data)
         elif m.kind is Kind.CHUNK:
             self._chunk(m.sender, a["ticket"], a["offset"], m.data)
         elif m.kind is Kind.ACK:
@@ -649,19 +696,19 @@ class Cluster:
     def _scan(self) -> None:
         """Announce new published names to their homes; withdraw gone ones."""
         pulled = {p.name for p in self.pulls.values()}
-        now_here = {f.name for f in self.holdings.table.list()
-                    if f.state in ("WAIT", "SHARED") and f.name not in pulled}
-        new: dict[str, list[str]] = {}
-        for name in now_here - set(self.announced):
-            home = rendezvous.home(name, self.live)
-            new.setdefault(home, []).append(name)
-        gone: dict[str, list[str]] = {}
-        for name in set(self.announced) - now_here:
-            gone.setdefault(self.announced.pop(name), []).append(name)
-        for home, names in gone.items():
+        new, gone = self.publications.changes(self.holdings.table, pulled)
+        new |= {name for name in self._announce_again if self.publications.holds(name)}
+        self._announce_again.clear()
+        to_announce: dict[str, list[str]] = {}
+        for name in new - set(self.announced):
+            to_announce.setdefault(rendezvous.home(name, self.live), []).append(name)
+        to_withdraw: dict[str, list[str]] = {}
+        for name in gone & set(self.announced):
+            to_withdraw.setdefault(self.announced.pop(name), []).append(name)
+        for home, names in to_withdraw.items():
             for part in _batches(names):
                 self._send(home, Kind.WITHDRAW, {"names": part})
-        for home, names in new.items():
+        for home, names in to_announce.items():
             for part in _batches(names):
                 if self._send(home, Kind.ANNOUNCE, {"names": part}):
                     self.announced.update((name, home) for name in part)
@@ -673,7 +720,11 @@ class Cluster:
                                             "names": [[f.name, int(f.created * 1e9)] for f in files]})
 
     def _owner(self) -> OwnWrites:
-        return OwnWrites(self.holdings.segment, self._ask, self.holdings.spill)
+        """The broker as a client of its own segment: one for the segment's
+        life (made per file, it cost a tenth of a busy owner's time)."""
+        if self._own_writes is None or self._own_writes.segment is not self.holdings.segment:
+            self._own_writes = OwnWrites(self.holdings.segment, self._ask, self.holdings.spill)
+        return self._own_writes
 
     def _take(self, taker: str, ticket: int, name: str) -> None:
         raw = name.encode()
@@ -692,11 +743,28 @@ class Cluster:
         lend = Lend(ticket, taker, f, f.chunks(CHUNK), kept=kept)
         self.lends[(taker, ticket)] = lend
         self.counts["lent"] += 1
-        self._send(taker, Kind.FILE, {"ticket": ticket, "errno": 0, "size": int(core.size),
-                                      "readers": KEPT if kept else 1,
-                                      "expires_ns": int(self.holdings.segment.life(core.index).expires_ns)})
-        for _ in range(WINDOW):
-            self._send_chunk((taker, ticket), lend)
+        about = {"ticket": ticket, "size": int(core.size), "readers": KEPT if kept else 1,
+                 "expires_ns": int(self.holdings.segment.life(core.index).expires_ns)}
+        if core.size > CHUNK:
+            self._send(taker, Kind.FILE, {**about, "errno": 0})
+            for _ in range(WINDOW):
+                self._send_chunk((taker, ticket), lend)
+            return
+        # One chunk or less: the answer carries the bytes (copied into one
+        # frame if they lie in pieces), and no ACK is needed. Held until
+        # DONE or RETURN even if kept: the frame may be a view of the
+        # segment still being sent.
+        try:
+            pieces = list(lend.chunks)  # views of the inline buffer and each run of arena blocks
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        except TfemError as exc:
+            log.error("cannot send %r to %s: %s", name, taker, exc)
+            self._send(taker, Kind.FILE, {**about, "errno": errno_of(exc), "size": 0})
+            self._end_lend((taker, ticket), give_back=True)
+            return
+        lend.sent_all = True
+        self._send(taker, Kind.WHOLE, about, data)
+        self.counts["lent_bytes"] += len(data)
 
     def _send_chunk(self, key: tuple[str, int], lend: Lend) -> None:
         if lend.sent_all:
@@ -728,13 +796,15 @@ class Cluster:
 
     # ---- consumer: pulls ----
 
-    def _file(self, owner: str, a: dict[str, Any]) -> None:
+    def _file(self, owner: str, a: dict[str, Any], data: Any = None) -> None:
+        """The owner's answer to a TAKE: FILE (chunks follow), or WHOLE
+        with the bytes of a file of one chunk or less."""
         want = self._by_ticket.get(a["ticket"])
+        code = a.get("errno", 0)
         if want is None or want.owner != owner or want.pull is not None:
-            if a["errno"] == 0:
+            if code == 0:
                 self._send(owner, Kind.RETURN, {"ticket": a["ticket"]})
             return
-        code = a["errno"]
         if code:
             if want.is_next:
                 self._next_candidate(want)  # open_next: another taker was first; the next oldest
@@ -747,9 +817,29 @@ class Cluster:
             return
         kept = a["readers"] == KEPT
         pull = Pull(want.ticket, want.name, owner, a["size"], None, kept)
-        want.pull = pull
+        want.pull, want.moved = pull, time.monotonic()
         self.pulls[pull.ticket] = pull
-        self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["expires_ns"]))
+        if data is None:
+            self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["expires_ns"]))
+        else:
+            self._arrived.append((pull, a["expires_ns"], data))
+
+    def _write_arrived(self) -> None:
+        """The whole files that came in this turn: written and published
+        here in one disk job, not a job (and a message) per step of each."""
+        if not self._arrived:
+            return
+        batch, self._arrived = self._arrived, []
+
+        def write_all() -> None:
+            for pull, expires_ns, data in batch:
+                if self.pulls.get(pull.ticket) is not pull:
+                    continue  # given up meanwhile (its owner died)
+                self._create(pull, expires_ns)
+                if pull.size:
+                    self._write(pull, 0, data, ack=False)
+
+        self._run_disk(f"pull {len(batch)} whole files", write_all)
 
     def _create(self, pull: Pull, expires_ns: int) -> None:
         """Disk job: the file of the copy, under the same name here."""
@@ -773,23 +863,24 @@ class Cluster:
         want = self._by_ticket.get(ticket)
         if want is not None:
             want.moved = time.monotonic()
+        self._run_disk(f"pull {pull.name}", lambda: self._write(pull, offset, data, ack=True))
 
-        def write() -> None:
-            if pull.file is None or pull.failed:
-                return
-            try:
-                pull.file.seek(offset)
-                pull.file.write(data)
-            except TfemError as exc:
-                log.warning("cannot write the copy of %r here: %s", pull.name, exc)
-                pull.failed = True
-                pull.file.abort()
-                return
-            pull.written += len(data)
-            pull.chunks_written += 1
-            self._complete(pull)
-
-        self._run_disk(f"pull {pull.name}", write)
+    def _write(self, pull: Pull, offset: int, data: Any, ack: bool) -> None:
+        """Disk job: bytes of the copy at their offset (a chunk's: then
+        acknowledged, for the owner's next), published once all are here."""
+        if pull.file is None or pull.failed:
+            return
+        try:
+            pull.file.seek(offset)
+            pull.file.write(data)
+        except TfemError as exc:
+            log.warning("cannot write the copy of %r here: %s", pull.name, exc)
+            pull.failed = True
+            pull.file.abort()
+            return
+        pull.written += len(data)
+        pull.chunks_written += ack
+        self._complete(pull)
 
     def _complete(self, pull: Pull) -> None:
         """Disk job's end: publish the copy once every byte is written."""

@@ -1,11 +1,15 @@
 """Wire format between brokers: pure code, bytes in, typed messages out.
 
-A message is frame 0, msgpack ``[VERSION, kind, sender, args]`` (`sender`
-is the sending broker's endpoint, its node name; `args` a map whose keys
-and value types are fixed per kind), plus one raw data frame for CHUNK,
-never inside msgpack, so it can be sent straight from the segment. Every
-decoder validates the whole shape and raises ProtocolError; a receiver
-drops such a message and goes on.
+One ZeroMQ message carries a batch of peer messages, in order: frame 0 is
+msgpack ``[VERSION, sender, [[kind, args], ...]]`` (`sender` is the sending
+broker's endpoint, its node name; `args` a map whose keys and value types
+are fixed per kind), then one raw data frame for each CHUNK or WHOLE of the
+batch, in turn, never inside msgpack, so it can be sent straight from the segment.
+Batching is why: a broker sends what one turn of its loop produced for a
+peer as one message, so a burst of small files costs one send, one
+receive and one decode, not six of each per file. The decoder validates
+the whole batch and raises ProtocolError; a receiver drops it and goes
+on.
 
 Each broker sends on a DEALER connected to each peer's ROUTER and receives
 on its own ROUTER: a request goes one way, its answer the other way, and
@@ -22,7 +26,8 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
+MAX_BATCH = 65536  # messages in one batch
 
 
 class Kind(str, enum.Enum):
@@ -35,6 +40,7 @@ class Kind(str, enum.Enum):
     FOUND_NEXT = "found_next"  # [[name, created_ns], ...]
     TAKE = "take"  # to an owner: hold name for me and send it
     FILE = "file"  # an owner's answer: size and lifetime; errno != 0: refused
+    WHOLE = "whole"  # an owner's answer for a file of one chunk or less: size, lifetime and its bytes (data frame)
     CHUNK = "chunk"  # bytes at offset (data frame)
     ACK = "ack"  # a chunk written: send the next
     DONE = "done"  # the pulled copy was consumed: free yours
@@ -52,12 +58,14 @@ _ARGS: dict[Kind, dict[str, type]] = {
     Kind.FOUND_NEXT: {"ticket": int, "names": _LIST},
     Kind.TAKE: {"ticket": int, "name": str},
     Kind.FILE: {"ticket": int, "errno": int, "size": int, "readers": int, "expires_ns": int},
+    Kind.WHOLE: {"ticket": int, "size": int, "readers": int, "expires_ns": int},
     Kind.CHUNK: {"ticket": int, "offset": int},
     Kind.ACK: {"ticket": int},
     Kind.DONE: {"ticket": int},
     Kind.RETURN: {"ticket": int},
 }
 _CAN_BE_EMPTY = {"owner", "prefix"}  # "": nobody, everything
+WITH_DATA = {Kind.CHUNK, Kind.WHOLE}  # followed by a data frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +73,7 @@ class Message:
     kind: Kind
     sender: str
     args: dict[str, Any]
-    data: Any = None  # CHUNK's bytes (bytes, memoryview or a zmq frame's buffer)
+    data: Any = None  # CHUNK's or WHOLE's bytes (bytes, memoryview or a zmq frame's buffer)
 
 
 def _check(kind: Kind, args: Any) -> dict[str, Any]:
@@ -99,33 +107,50 @@ def _name_ok(name: Any) -> bool:
     return type(name) is str and 0 < len(name.encode(errors="replace")) <= 255
 
 
-def encode(message: Message) -> list[Any]:
-    """The frames of `message`: its header, and its data for a CHUNK."""
-    _check(message.kind, message.args)
-    header: bytes = msgpack.packb([VERSION, message.kind.value, message.sender, message.args])
-    if message.kind is Kind.CHUNK:
-        return [header, message.data if message.data is not None else b""]
-    return [header]
+def encode(sender: str, messages: list[Message]) -> list[Any]:
+    """The frames of one batch from `sender`: the header, then each CHUNK's or WHOLE's data."""
+    if not 0 < len(messages) <= MAX_BATCH:
+        raise ProtocolError(f"a batch holds 1 to {MAX_BATCH} messages")
+    entries, data = [], []
+    for message in messages:
+        entries.append([message.kind.value, _check(message.kind, message.args)])
+        if message.kind in WITH_DATA:
+            data.append(message.data if message.data is not None else b"")
+    return [msgpack.packb([VERSION, sender, entries]), *data]
 
 
-def decode(frames: list[Any]) -> Message:
-    """A message from its frames (bytes or buffers), checked whole."""
+def decode(frames: list[Any]) -> list[Message]:
+    """A batch's messages from its frames (bytes or buffers), checked whole."""
     if not frames:
         raise ProtocolError("empty peer message")
     try:
         value = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"peer message is not msgpack: {exc}") from None
-    if not isinstance(value, list) or len(value) != 4 or type(value[0]) is not int or value[0] != VERSION:
-        raise ProtocolError(f"a peer message is [{VERSION}, kind, sender, args]")
-    _, kind_name, sender, args = value
-    try:
-        kind = Kind(kind_name)
-    except ValueError:
-        raise ProtocolError(f"unknown peer message {kind_name!r}") from None
+    if not isinstance(value, list) or len(value) != 3 or type(value[0]) is not int or value[0] != VERSION:
+        raise ProtocolError(f"a peer message is [{VERSION}, sender, [[kind, args], ...]]")
+    _, sender, entries = value
     if type(sender) is not str or not sender or len(sender) > 1024:
         raise ProtocolError("a peer message names its sender")
-    expected = 2 if kind is Kind.CHUNK else 1
-    if len(frames) != expected:
-        raise ProtocolError(f"{kind.value} takes {expected} frame(s), got {len(frames)}")
-    return Message(kind, sender, _check(kind, args), frames[1] if expected == 2 else None)
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_BATCH:
+        raise ProtocolError(f"a peer message holds 1 to {MAX_BATCH} messages")
+    messages, data = [], iter(frames[1:])
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise ProtocolError("each message of a batch is [kind, args]")
+        kind_name, args = entry
+        try:
+            kind = Kind(kind_name)
+        except (ValueError, TypeError):
+            raise ProtocolError(f"unknown peer message {kind_name!r}") from None
+        args, chunk = _check(kind, args), None
+        if kind in WITH_DATA:
+            chunk = next(data, None)
+            if chunk is None:
+                raise ProtocolError(f"{kind.value} without its data frame")
+            if kind is Kind.WHOLE and len(memoryview(chunk)) != args["size"]:
+                raise ProtocolError(f"whole: {len(memoryview(chunk))} bytes for a file of {args['size']}")
+        messages.append(Message(kind, sender, args, chunk))
+    if next(data, None) is not None:
+        raise ProtocolError("more data frames than messages with data")
+    return messages

@@ -393,3 +393,31 @@ def test_an_asyncio_reader_across_nodes(cluster):
         assert asyncio.run(read()) == b"from a"
     finally:
         t.join()
+
+
+def test_publications_are_learned_from_changed_slots_only(client):
+    """What the owner's scan announces and withdraws: new publications,
+    files consumed or unlinked, names passed over (a pull's copy) until
+    they are not, and everything again once forgotten."""
+    from tfem.broker.publications import Publications
+    from tfem.table import SlotTable
+
+    table = SlotTable(client.segment, os.getpid())
+    seen = Publications()
+    assert seen.changes(table, set()) == (set(), set())
+    for name in ("p/a", "p/b", "p/c"):
+        with client.open(name, "w") as f:
+            f.write(b"x")
+    with client.open("p/open", "w"):  # being written: not published
+        assert seen.changes(table, {"p/c"}) == ({"p/a", "p/b"}, set())
+        assert seen.changes(table, set()) == ({"p/c"}, set())  # no longer passed over
+        assert seen.changes(table, set()) == (set(), set())  # nothing moved
+    with client.open("p/a", "r") as f:
+        assert f.read() == b"x"
+    client.unlink("p/b")
+    assert seen.changes(table, set()) == ({"p/open"}, {"p/a", "p/b"})
+    with client.open("p/a", "w") as f:  # the same name again, in another slot or generation
+        f.write(b"y")
+    assert seen.changes(table, set()) == ({"p/a"}, set())
+    seen.forget()
+    assert seen.changes(table, set()) == ({"p/a", "p/c", "p/open"}, set())

@@ -54,27 +54,45 @@ def test_no_nodes_is_an_error():
 
 def test_peer_messages_round_trip():
     m = Message(Kind.LOOKUP, NODES[0], {"ticket": 3, "name": "a/b", "wait": True})
-    assert peer_protocol.decode(peer_protocol.encode(m)) == m
+    assert peer_protocol.decode(peer_protocol.encode(NODES[0], [m])) == [m]
     chunk = Message(Kind.CHUNK, NODES[0], {"ticket": 1, "offset": 4096}, memoryview(b"bytes"))
-    frames = peer_protocol.encode(chunk)
-    assert len(frames) == 2 and bytes(peer_protocol.decode(frames).data) == b"bytes"
-    found = Message(Kind.FOUND_NEXT, NODES[1], {"ticket": 2, "names": [["a", 5], ["b", 7]]})
-    assert peer_protocol.decode(peer_protocol.encode(found)) == found
+    found = Message(Kind.FOUND_NEXT, NODES[0], {"ticket": 2, "names": [["a", 5], ["b", 7]]})
+    second = Message(Kind.CHUNK, NODES[0], {"ticket": 9, "offset": 0}, b"more")
+    frames = peer_protocol.encode(NODES[0], [chunk, found, m, second])
+    assert len(frames) == 3  # the header, then each chunk's data in turn
+    back = peer_protocol.decode(frames)
+    assert [x.kind for x in back] == [Kind.CHUNK, Kind.FOUND_NEXT, Kind.LOOKUP, Kind.CHUNK]
+    assert [bytes(x.data) for x in back if x.kind is Kind.CHUNK] == [b"bytes", b"more"]
+    assert back[1] == found and back[2] == m and back[3].args == {"ticket": 9, "offset": 0}
+
+
+def test_an_empty_batch_is_not_sent():
+    with pytest.raises(ProtocolError):
+        peer_protocol.encode(NODES[0], [])
+
+
+V = peer_protocol.VERSION
 
 
 @pytest.mark.parametrize("frames", [
     [],
     [b"\xc1"],
-    [msgpack.packb([2, "ping", "n", {}])],
-    [msgpack.packb([1, "nope", "n", {}])],
-    [msgpack.packb([1, "ping", "", {}])],
-    [msgpack.packb([1, "ping", "n", {"extra": 1}])],
-    [msgpack.packb([1, "lookup", "n", {"ticket": -1, "name": "a", "wait": True}])],
-    [msgpack.packb([1, "lookup", "n", {"ticket": 1, "name": "a", "wait": 1}])],
-    [msgpack.packb([1, "announce", "n", {"names": ["a", 3]}])],
-    [msgpack.packb([1, "announce", "n", {"names": ["x" * 256]}])],
-    [msgpack.packb([1, "chunk", "n", {"ticket": 1, "offset": 0}])],  # no data frame
-    [msgpack.packb([1, "ping", "n", {}]), b"data"],
+    [msgpack.packb([V + 1, "n", [["ping", {}]]])],
+    [msgpack.packb([V, "n", [["nope", {}]]])],
+    [msgpack.packb([V, "n", [[3, {}]]])],
+    [msgpack.packb([V, "", [["ping", {}]]])],
+    [msgpack.packb([V, "n", []])],
+    [msgpack.packb([V, "n", ["ping"]])],
+    [msgpack.packb([V, "n", [["ping", {}, 1]]])],
+    [msgpack.packb([V, "n", [["ping", {"extra": 1}]]])],
+    [msgpack.packb([V, "n", [["lookup", {"ticket": -1, "name": "a", "wait": True}]]])],
+    [msgpack.packb([V, "n", [["lookup", {"ticket": 1, "name": "a", "wait": 1}]]])],
+    [msgpack.packb([V, "n", [["announce", {"names": ["a", 3]}]]])],
+    [msgpack.packb([V, "n", [["announce", {"names": ["x" * 256]}]]])],
+    [msgpack.packb([V, "n", [["chunk", {"ticket": 1, "offset": 0}]]])],  # no data frame
+    [msgpack.packb([V, "n", [["chunk", {"ticket": 1, "offset": 0}], ["chunk", {"ticket": 1, "offset": 9}]]]),
+     b"one frame for two chunks"],
+    [msgpack.packb([V, "n", [["ping", {}]]]), b"data"],
 ])
 def test_malformed_peer_messages_are_refused(frames):
     with pytest.raises(ProtocolError):
