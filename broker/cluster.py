@@ -91,6 +91,10 @@ STALL_S = 5.0
 CHUNK = 1 << 20
 SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
 WINDOW = 4  # chunks in flight per pull
+# A message with more bytes than this goes alone, not in a batch: a batch
+# is delivered only once all of it has arrived, which would turn the
+# window of chunks in flight into one stop-and-wait burst.
+ALONE_ABOVE = 64 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,18 +356,34 @@ class Cluster:
         return True
 
     def flush(self) -> None:
-        """Send each peer what this turn queued for it, as one batch."""
+        """Send each peer what this turn queued for it, in order: small
+        messages together as one batch, each large one (data over
+        ALONE_ABOVE bytes) alone, since a batch arrives only whole."""
         outbox, self._outbox = self._outbox, {}
         for node, messages in outbox.items():
             peer = self.peers.get(node)
-            for start in range(0, len(messages), peer_protocol.MAX_BATCH):
-                part = messages[start:start + peer_protocol.MAX_BATCH]
-                try:
-                    if peer is None:
-                        raise zmq.Again()
-                    peer.socket.send_multipart(peer_protocol.encode(self.node, part), flags=zmq.NOBLOCK, copy=False)
-                except zmq.ZMQError:
-                    self._lost(node, part)
+            part: list[Message] = []
+            for m in messages:
+                if m.data is not None and len(m.data) > ALONE_ABOVE:
+                    self._send_batch(node, peer, part)
+                    self._send_batch(node, peer, [m])
+                    part = []
+                else:
+                    part.append(m)
+                    if len(part) == peer_protocol.MAX_BATCH:
+                        self._send_batch(node, peer, part)
+                        part = []
+            self._send_batch(node, peer, part)
+
+    def _send_batch(self, node: str, peer: Peer | None, messages: list[Message]) -> None:
+        if not messages:
+            return
+        try:
+            if peer is None:
+                raise zmq.Again()
+            peer.socket.send_multipart(peer_protocol.encode(self.node, messages), flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            self._lost(node, messages)
 
     def _lost(self, node: str, messages: list[Message]) -> None:
         """Messages that could not go (the peer not connected, or gone):
