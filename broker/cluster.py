@@ -58,7 +58,7 @@ from tfem.cluster_dir import PeerEntry
 from tfem.errors import BrokerUnavailable, InvalidArgument, NotFound, TfemError, WouldBlock, errno_of
 from tfem.files import TfemFile
 from tfem.peer_protocol import Kind, Message
-from tfem.protocol import Reply
+from tfem.protocol import Reply, Wanting
 from tfem.states import KEPT, State
 
 from .holdings import Holdings
@@ -542,13 +542,17 @@ class Cluster:
 
     # ---- local clients (dispatch.py) ----
 
-    def want(self, identity: bytes, request_id: int, name: str, wait: bool) -> Reply | None:
-        """A client's WANT: pull `name` here. With wait, answered at once
-        (the client waits on its futex and renews); without, once pulled
-        or known to be nowhere. None: answered later."""
+    def want(self, identity: bytes, request_id: int, name: str, wanting: Wanting) -> Reply | None:
+        """A client's WANT: pull `name` here. Waiting, the client sleeps on
+        its futex and renews (Wanting.NOW: answered at once, with the
+        want's error; NEVER: the first ask, not answered); not waiting,
+        answered once pulled or known to be nowhere. None: no answer now."""
         now = time.monotonic()
+        wait = wanting is not Wanting.WHEN_PULLED
         want = self.wants.get(name)
         if want is not None and want.error is not None:
+            if wanting is Wanting.NEVER:
+                return None  # kept for the renewal, which is answered
             self._drop(want)
             raise want.error
         answer = [] if wait else [(identity, request_id)]
@@ -558,7 +562,7 @@ class Cluster:
             want.answer += answer
             want.lease = max(want.lease, now + WANT_LEASE_S)
             want.wait = want.wait or wait
-        return Reply(request_id, 0, {}) if wait else None
+        return Reply(request_id, 0, {}) if wanting is Wanting.NOW else None
 
     def unwant(self, name: str) -> None:
         want = self.wants.get(name)

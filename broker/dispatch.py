@@ -25,7 +25,7 @@ import zmq
 from tfem import protocol
 from tfem._native import lib
 from tfem.errors import FileTooLarge, InvalidArgument, NoSpace, ProtocolError, TfemError, UnknownClient, errno_of
-from tfem.protocol import Op, Reply, Request
+from tfem.protocol import Op, Reply, Request, Wanting
 from tfem.states import State
 
 from .clients import Clients
@@ -165,7 +165,11 @@ class Dispatch:
         if cluster is None:
             raise InvalidArgument("this broker has no peers")
         if request.op is Op.WANT:
-            reply = cluster.want(identity, request.request_id, args["name"], bool(args["wait"]))
+            try:
+                wanting = Wanting(args["wait"])
+            except ValueError:
+                raise InvalidArgument(f"want: wait must be one of {[int(w) for w in Wanting]}") from None
+            reply = cluster.want(identity, request.request_id, args["name"], wanting)
         elif request.op is Op.NEXT:
             reply = cluster.next(identity, request.request_id, args["prefix"])
         else:

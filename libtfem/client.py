@@ -37,7 +37,7 @@ from .errors import (BrokerUnavailable, InvalidArgument, NoSpace, NotFound, Prot
                      WouldBlock, from_errno)
 from . import forks
 from .files import TfemFile
-from .protocol import Op, Reply, Request
+from .protocol import Op, Reply, Request, Wanting
 from .segment import Segment
 from . import spill_reader
 from .spill_reader import SpillReader, reader_for
@@ -235,6 +235,16 @@ class Client:
             raise from_errno(reply.errno, str(reply.result))
         return reply
 
+    def _tell(self, op: Op, args: dict[str, Any]) -> None:
+        """A request the broker does not answer: sent, not waited for."""
+        self._check_fork()
+        with self._socket_lock:
+            if self._broker_replaced():
+                self._rejoin()
+            if self._socket is None:
+                raise ValueError("the tfem client is closed")
+            self._socket.send_multipart(protocol.encode_request(Request(next(self._ids), op, args)), copy=False)
+
     def _exchange(self, request: Request, wait_ms: int) -> Reply | None:
         """Send `request` and wait for its reply; None if the broker died
         (or was replaced) before answering."""
@@ -380,11 +390,11 @@ class Client:
         slice that the owner or the home died (BrokerUnavailable)."""
         text = raw.decode()
         if not wait:
-            self.call(Op.WANT, {"name": text, "wait": 0})  # answered once the copy is here
+            self.call(Op.WANT, {"name": text, "wait": int(Wanting.WHEN_PULLED)})
             return self._opened(self._open_here(raw, False, 0, core, timeout), text, raw, 0)
         try:
+            self._tell(Op.WANT, {"name": text, "wait": int(Wanting.NEVER)})  # the pull starts while we sleep
             while True:
-                self.call(Op.WANT, {"name": text, "wait": 1})
                 left = -1 if deadline is None else deadline.remaining_ns()
                 if left == 0:
                     raise Timeout(f"{text!r} was not ready to read within {timeout} s")
@@ -392,7 +402,7 @@ class Client:
                 try:
                     return self._opened(self._open_here(raw, True, part, core, timeout), text, raw, 0)
                 except Timeout:
-                    continue
+                    self.call(Op.WANT, {"name": text, "wait": int(Wanting.NOW)})  # renewed; its error, if it failed
         except BaseException:
             try:
                 self.call(Op.UNWANT, {"name": text})

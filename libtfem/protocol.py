@@ -43,9 +43,17 @@ class Op(str, enum.Enum):
     ROOM = "room"  # spill until the arena has a run of free blocks this long (zero copy)
     STATS = "stats"
     BYE = "bye"
-    WANT = "want"  # across nodes: pull name here (wait: answer now, the client renews; else once pulled)
+    WANT = "want"  # across nodes: pull name here; `wait` is a Wanting
     UNWANT = "unwant"  # the client stopped waiting for name
     NEXT = "next"  # across nodes: pull the oldest file under prefix published on another node
+
+
+class Wanting(enum.IntEnum):
+    """WANT's `wait`: when the broker answers."""
+
+    WHEN_PULLED = 0  # not waiting: once the copy is here, or nowhere
+    NOW = 1  # waiting: at once, with the want's error if it failed (a renewal)
+    NEVER = 2  # waiting, first ask: no answer; an error is told at the renewal
 
 
 # The args each op takes: name -> type. Extra or missing keys are errors.

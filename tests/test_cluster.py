@@ -29,7 +29,8 @@ import pytest
 from tests._instances import SMALL, RunningInstance, leftovers, start_instance, stop_instance
 from tfem import aio as tfem_aio, rendezvous
 from tfem.config import Instance
-from tfem.errors import BrokerUnavailable, NotFound, Timeout
+from tfem.errors import BrokerUnavailable, InvalidArgument, NotFound, Timeout
+from tfem.protocol import Op
 from tfem.segment import Segment
 
 PEERS_TIMEOUT_S = 15.0
@@ -211,6 +212,9 @@ def test_timeout_and_no_wait_across_nodes(cluster):
         wait_for("announced", lambda: cluster_stats(a)["announced"] == 1, 5)
         with cb.open("there", "r", wait=False) as f:
             assert f.read() == b"abc"
+        with pytest.raises(InvalidArgument, match="wait must be one of"):
+            cb.call(Op.WANT, {"name": "there", "wait": 7})
+        assert cluster_stats(b)["wants"] == 0  # refused whole, and the broker still answers
 
 
 def test_open_next_takes_local_files_first_then_any_node(cluster):
