@@ -51,9 +51,9 @@ class Publications:
                 del self._slot_of[old]
                 gone.add(old)
             if mark:
-                name = table.info(s).name
-                if name in passed_over:
-                    continue  # its mark stays: looked at again until it is not passed over
+                name = table.published_name(s, mark)
+                if name is None or name in passed_over:
+                    continue  # its mark stays: looked at again next time
                 self._name_of[s], self._slot_of[name] = name, s
                 new.add(name)
             self._seen[s] = mark

@@ -411,11 +411,13 @@ class SlotTable:
         n = lib.tfem_t_published_changes(self._h, seen, slots, marks, count)
         return [(slots[i], marks[i]) for i in range(n)]
 
-    def info(self, s: int) -> FileStat:
-        """What slot s holds now (no lock: the caller checks what it uses)."""
+    def published_name(self, s: int, mark: int) -> str | None:
+        """The name of the published file `mark` saw in slot s; None if
+        the slot holds another by now (freed, reused: no lock is taken)."""
         out = ffi.new("struct tfem_fileinfo *")
         lib.tfem_t_info(self._h, s, out)
-        return file_stat(out)
+        name = ffi.buffer(out.name, out.name_len)[:].decode(errors="replace")
+        return name if lib.tfem_t_published_mark(self._h, s) == mark else None
 
     def spilled_ids(self) -> set[int]:
         """The file ids of spilled files a slot holds."""

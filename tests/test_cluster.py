@@ -425,3 +425,26 @@ def test_publications_are_learned_from_changed_slots_only(client):
     assert seen.changes(table, set()) == ({"p/a"}, set())
     seen.forget()
     assert seen.changes(table, set()) == ({"p/a", "p/c", "p/open"}, set())
+
+
+def test_a_name_read_after_its_slot_was_reused_is_not_taken(client):
+    """The scan reads names without the lock: a slot freed and used again
+    between the C pass and the name read must not lend its new name (or a
+    half-written one) to the old mark."""
+    from tfem._native import ffi
+    from tfem.table import SlotTable
+
+    table = SlotTable(client.segment, os.getpid())
+    with client.open("r/first", "w") as f:
+        f.write(b"1")
+    seen = ffi.new("uint64_t[]", client.segment.slot_count)
+    [(s, mark)] = table.published_changes(seen)
+    assert table.published_name(s, mark) == "r/first"
+    with client.open("r/first", "r"):
+        assert table.published_name(s, mark) is None  # being read: no longer published
+    with client.open("r/second", "w") as f:  # the freed slot is the one taken again
+        f.write(b"2")
+    assert table.stat(b"r/second").slot == s
+    assert table.published_name(s, mark) is None
+    [(again, new_mark)] = table.published_changes(seen)
+    assert again == s and new_mark != mark and table.published_name(s, new_mark) == "r/second"

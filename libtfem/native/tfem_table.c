@@ -652,16 +652,20 @@ uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uin
     return n;
 }
 
+uint64_t tfem_t_published_mark(struct tfem_header *h, uint32_t s) {
+    struct tfem_slot *slot = slot_at(tfem_geometry(h), s);
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    int state = state_of(word);
+    return (state == TFEM_STATE_WAIT || state == TFEM_STATE_SHARED) && !(slot->flags & TFEM_SLOT_DOOMED)
+               ? TFEM_PUBLISHED_MARK(generation_of(word)) : 0;
+}
+
 uint32_t tfem_t_published_changes(struct tfem_header *h, const uint64_t *seen, uint32_t *slots, uint64_t *marks,
                                   uint32_t max) {
     const struct tfem_geometry *g = tfem_geometry(h);
     uint32_t n = 0;
     for (uint32_t s = 0; s < g->slot_count && n < max; s++) {
-        struct tfem_slot *slot = slot_at(g, s);
-        uint64_t word = __atomic_load_n(&slot->state, SC);
-        int state = state_of(word);
-        uint64_t mark = (state == TFEM_STATE_WAIT || state == TFEM_STATE_SHARED) && !(slot->flags & TFEM_SLOT_DOOMED)
-                            ? TFEM_PUBLISHED_MARK(generation_of(word)) : 0;
+        uint64_t mark = tfem_t_published_mark(h, s);
         if (mark == seen[s]) continue;
         slots[n] = s;
         marks[n++] = mark;

@@ -102,6 +102,10 @@ uint32_t tfem_t_waiting(struct tfem_header *h, int spilled, uint32_t *slots, uin
 #define TFEM_PUBLISHED_MARK(generation) ((1ull << 32) | (uint64_t)(generation))
 uint32_t tfem_t_published_changes(struct tfem_header *h, const uint64_t *seen, uint32_t *slots, uint64_t *marks,
                                   uint32_t max);
+/* The mark of slot s now: read again after its name, to know the name
+ * belongs to the file that mark saw (a slot can be freed and reused
+ * between the two reads). */
+uint64_t tfem_t_published_mark(struct tfem_header *h, uint32_t slot);
 /* The file ids of spilled files a slot still holds (not INVALID). */
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max);
 /* Slots of files whose time limit has passed by now_ns (not yet unlinked),
