@@ -494,3 +494,19 @@ def test_a_c_reader_takes_a_file_on_its_own_node_without_python(cluster, program
         assert c_outcome(reader)[0] == b"local"  # a local hit is plain C, peers or not
     with c_reader(programs, b, "c/elsewhere", "5", python=absent) as reader:
         assert c_outcome(reader)[0] == "ENOSYS"  # a miss needs the broker's protocol
+
+
+def test_a_waiting_c_reader_hears_that_the_names_home_died(cluster, programs):
+    a, b, c = cluster.start(3)
+    name = name_homed_at(cluster_stats(c)["node"], cluster_stats(a)["live"], "c/homeless/")
+    try:
+        with c_reader(programs, b, name, "30") as reader:
+            wait_for("the C reader's want", lambda: cluster_stats(b)["wants"] == 1)
+            cluster.kill(c)
+            killed = time.monotonic()
+            got, _ = c_outcome(reader)
+            heard = time.monotonic() - killed
+    finally:
+        if c not in cluster.nodes:  # killed: again, to take over its segment and peer file and remove them
+            cluster.restart(c)
+    assert got == "ECONNREFUSED" and heard < DEAD_BOUND_S
