@@ -46,6 +46,11 @@ def install(ffi: FFI) -> None:
     def held(slot: int, generation: int) -> dict[str, int]:
         return {"slot": slot, "generation": generation}
 
+    def text(name: FFI.CData) -> str:
+        raw = ffi.string(name)  # of a char *, bytes (cffi's stubs allow str)
+        assert isinstance(raw, bytes)
+        return raw.decode()  # checked UTF-8 by the C side
+
     @extern
     def _tfem_py_ping() -> int:
         return 1
@@ -89,12 +94,12 @@ def install(ffi: FFI) -> None:
     # The C side waits on its own futex between these (client.py's _open_across, in C).
     @extern
     def _tfem_py_want(name: FFI.CData, wait: int) -> int:
-        posix.default_client().call(Op.WANT, {"name": ffi.string(name).decode(), "wait": wait})
+        posix.default_client().call(Op.WANT, {"name": text(name), "wait": wait})
         return int(WANT_SLICE_S * 1e9) if wait else 0
 
     @extern
     def _tfem_py_unwant(name: FFI.CData) -> int:
-        posix.default_client().call(Op.UNWANT, {"name": ffi.string(name).decode()})
+        posix.default_client().call(Op.UNWANT, {"name": text(name)})
         return 0
 
 
