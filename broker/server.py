@@ -152,6 +152,8 @@ class Broker:
                             len(holdings.spill.file_ids()), holdings.spill.path)
                 holdings.discard(holdings.spill.file_ids())
             segment.header.broker_pid = os.getpid()
+            peered = c.cluster_dir is not None or bool(c.peers)
+            segment.header.cluster = int(peered)  # before it serves: C readers look here, not at HELLO
             self._context = zmq.Context()
             self._socket = self._context.socket(zmq.ROUTER)
             self._socket.setsockopt(zmq.LINGER, 0)
@@ -161,7 +163,7 @@ class Broker:
                 stale.unlink(missing_ok=True)  # the segment was free, so no broker owns it
             self._bind()
             self._announce()
-            if c.cluster_dir is not None or c.peers:
+            if peered:
                 self._join()
             self.instance.write_state({"broker_pid": os.getpid(), "spill_dir": str(self.spill_dir),
                                        "segment": segment.name, "endpoint": self.endpoint})

@@ -3,8 +3,9 @@
 libtfem.so does everything on the memory path in C (native/tfem_capi.c);
 it calls these only for what needs the broker or the spill store: room in
 a full arena, the writing, reading and checksum of a spilled file's bytes
-(written through the broker, read from the store), and the segment's name
-when only a broker endpoint is known. Each runs over
+(written through the broker, read from the store), the segment's name
+when only a broker endpoint is known, and a name to pull from another
+node. Each runs over
 the process's default client (tfem.posix). Every error becomes -1 with
 errno set, in one place (`_fail`); an exception never escapes to C, where
 cffi would turn it into a silent 0.
@@ -16,9 +17,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import posix
+from .client import WANT_SLICE_S
 from .errors import TfemError, errno_of
 from .files import SPILL_IO_CHUNK
-from .protocol import Op
+from .protocol import Op, Wanting
 
 if TYPE_CHECKING:  # the embedding module's FFI, as cffi's stubs type it
     from _cffi_backend import FFI
@@ -43,6 +45,11 @@ def install(ffi: FFI) -> None:
 
     def held(slot: int, generation: int) -> dict[str, int]:
         return {"slot": slot, "generation": generation}
+
+    def text(name: FFI.CData) -> str:
+        raw = ffi.string(name)  # of a char *, bytes (cffi's stubs allow str)
+        assert isinstance(raw, bytes)
+        return raw.decode()  # checked UTF-8 by the C side
 
     @extern
     def _tfem_py_ping() -> int:
@@ -83,5 +90,17 @@ def install(ffi: FFI) -> None:
     @extern
     def _tfem_py_checksum(file_id: int, length: int, crc: int) -> int:
         return posix.default_client().spill.checksum(file_id, length, crc)
+
+    # The C side waits on its own futex between these (client.py's _open_across, in C).
+    @extern
+    def _tfem_py_want(name: FFI.CData, wait: int) -> int:
+        wanting = Wanting.NOW if wait else Wanting.WHEN_PULLED  # answered: the C side waits for the reply
+        posix.default_client().call(Op.WANT, {"name": text(name), "wait": int(wanting)})
+        return int(WANT_SLICE_S * 1e9) if wait else 0
+
+    @extern
+    def _tfem_py_unwant(name: FFI.CData) -> int:
+        posix.default_client().call(Op.UNWANT, {"name": text(name)})
+        return 0
 
 

@@ -82,6 +82,7 @@ class Header(Protocol):
     refused_large: int
     checksum_errors: int
     moved: int
+    cluster: int
 
 
 class Slot(Protocol):

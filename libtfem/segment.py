@@ -198,6 +198,7 @@ class Segment:
         else:  # past any id an old writer may still take before it sees `moved`
             h.instance_id = replacing.header.instance_id
             h.next_file_id = replacing.header.next_file_id + (1 << 32)
+            h.cluster = replacing.header.cluster  # the same broker, with the same peers
         segment = cls(name, mapping, inode)
         for i in range(layout.slot_count):  # a linked stack: slot i, then i + 1 (stored + 1; 0 ends it)
             segment.free_stack[i] = i + 2 if i + 1 < layout.slot_count else 0

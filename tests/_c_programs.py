@@ -22,6 +22,7 @@ SOURCES = {
     "space": ROOT / "tests" / "c" / "space.c",
     "cat": ROOT / "tests" / "c" / "cat.c",
     "lifetimes": ROOT / "tests" / "c" / "lifetimes.c",
+    "take": ROOT / "tests" / "c" / "take.c",
 }
 
 

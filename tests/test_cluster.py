@@ -13,6 +13,7 @@ namespaces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import signal
@@ -28,6 +29,7 @@ import pytest
 
 from tests._instances import SMALL, RunningInstance, leftovers, start_instance, stop_instance
 from tfem import aio as tfem_aio, rendezvous
+from tfem.broker.cluster import WANT_LEASE_S
 from tfem.config import Instance
 from tfem.errors import BrokerUnavailable, InvalidArgument, NotFound, Timeout
 from tfem.protocol import Op
@@ -448,3 +450,118 @@ def test_a_name_read_after_its_slot_was_reused_is_not_taken(client):
     assert table.published_name(s, mark) is None
     [(again, new_mark)] = table.published_changes(seen)
     assert again == s and new_mark != mark and table.published_name(s, new_mark) == "r/second"
+
+
+# ---- C readers (libtfem.so): the embedded runtime asks for the pull, the wait is C ----
+
+@contextlib.contextmanager
+def c_reader(programs: dict[str, pathlib.Path], node: RunningInstance, name: str, limit: str,
+             python: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """tests/c/take.c reading `name` on `node` (`limit`: seconds, "-" or
+    "nonblock"), as a C user runs it, its embedded runtime `python` if
+    given; killed at the end whatever happened."""
+    env = {"PATH": "/usr/bin:/bin", "TFEM_KEYFILE": str(node.keyfile), "HOME": os.environ.get("HOME", "/"),
+           **({"TFEM_PYTHON": python} if python else {})}
+    reader = subprocess.Popen([str(programs["take"]), name, limit], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        yield reader
+    finally:
+        reader.kill()
+        reader.communicate()
+
+
+def c_outcome(reader: subprocess.Popen[bytes], timeout: float = 30) -> tuple[bytes | str, float]:
+    """The bytes the C reader read, or the errno's name of its failed open;
+    and how long its open took."""
+    out, err = reader.communicate(timeout=timeout)
+    said = err.decode().strip().splitlines()[-1].split()
+    assert said[-3] == "in" and reader.returncode in (0, 1), err.decode()
+    return (out if reader.returncode == 0 else said[0]), float(said[-2])
+
+
+def test_a_c_reader_on_b_takes_a_file_published_on_a(cluster, programs):
+    a, b = cluster.start(2)
+    data = os.urandom(300_000)
+    published(a, "c/before", data)
+    with c_reader(programs, b, "c/before", "10") as reader:
+        got, _ = c_outcome(reader)
+    assert got == data
+    assert cluster_stats(b)["pulled"] == 1 and cluster_stats(a)["lent"] == 1
+    with a.connect() as ca, b.connect() as cb:
+        wait_for("both copies freed", lambda: not ca.list() and not cb.list(), 5)
+
+
+def test_a_waiting_c_reader_on_b_takes_a_file_published_later_on_a(cluster, programs):
+    a, b = cluster.start(2)
+    data = os.urandom(20_000)
+    with c_reader(programs, b, "c/later", "20") as reader:
+        wait_for("the C reader's want", lambda: cluster_stats(b)["wants"] == 1)
+        published(a, "c/later", data)
+        got, _ = c_outcome(reader)
+    assert got == data
+
+
+def test_a_c_reader_not_waiting_for_a_name_on_no_node_gets_enoent_at_once(cluster, programs):
+    a, b = cluster.start(2)
+    with c_reader(programs, b, "c/nowhere", "nonblock") as reader:
+        got, spent = c_outcome(reader)
+    assert got == "ENOENT" and spent < 2.0  # the runtime's start included
+    published(a, "c/there", b"abc")
+    wait_for("announced", lambda: cluster_stats(a)["announced"] == 1, 5)
+    with c_reader(programs, b, "c/there", "nonblock") as reader:
+        assert c_outcome(reader)[0] == b"abc"
+
+
+def test_a_c_reader_times_out_and_its_want_is_dropped(cluster, programs):
+    a, b = cluster.start(2)
+    with c_reader(programs, b, "c/never", "0.6") as reader:
+        got, spent = c_outcome(reader)
+    assert got == "ETIMEDOUT" and 0.5 < spent < 2.5
+    assert cluster_stats(b)["wants"] == 0  # given up at once (UNWANT), not left to lapse
+
+
+def test_two_c_readers_on_b_one_consume_once_file_from_a(cluster, programs):
+    a, b = cluster.start(2)
+    data = os.urandom(50_000)
+    with c_reader(programs, b, "c/race", "4") as first, c_reader(programs, b, "c/race", "4") as second:
+        wait_for("the C readers' want", lambda: cluster_stats(b)["wants"] == 1)
+        time.sleep(0.3)  # the second reader waits too
+        published(a, "c/race", data)
+        outcomes = [c_outcome(first)[0], c_outcome(second)[0]]
+    assert sorted(outcomes, key=lambda o: isinstance(o, str)) == [data, "ETIMEDOUT"], outcomes
+
+
+def test_a_c_reader_killed_while_waiting_leaves_no_want(cluster, programs):
+    a, b = cluster.start(2)
+    with c_reader(programs, b, "c/abandoned", "-") as reader:
+        wait_for("the C reader's want", lambda: cluster_stats(b)["wants"] == 1)
+        reader.kill()
+        reader.wait()
+    wait_for("the want lapsed", lambda: cluster_stats(b)["wants"] == 0, WANT_LEASE_S + 1.0)
+
+
+def test_a_c_reader_takes_a_file_on_its_own_node_without_python(cluster, programs, tmp_path):
+    a, b = cluster.start(2)
+    published(b, "c/here", b"local")
+    absent = str(tmp_path / "no-python")
+    with c_reader(programs, b, "c/here", "5", python=absent) as reader:
+        assert c_outcome(reader)[0] == b"local"  # a local hit is plain C, peers or not
+    with c_reader(programs, b, "c/elsewhere", "5", python=absent) as reader:
+        assert c_outcome(reader)[0] == "ENOSYS"  # a miss needs the broker's protocol
+
+
+def test_a_waiting_c_reader_hears_that_the_names_home_died(cluster, programs):
+    a, b, c = cluster.start(3)
+    name = name_homed_at(cluster_stats(c)["node"], cluster_stats(a)["live"], "c/homeless/")
+    try:
+        with c_reader(programs, b, name, "30") as reader:
+            wait_for("the C reader's want", lambda: cluster_stats(b)["wants"] == 1)
+            cluster.kill(c)
+            killed = time.monotonic()
+            got, _ = c_outcome(reader)
+            heard = time.monotonic() - killed
+    finally:
+        if c not in cluster.nodes:  # killed: again, to take over its segment and peer file and remove them
+            cluster.restart(c)
+    assert got == "ECONNREFUSED" and heard < DEAD_BOUND_S

@@ -25,16 +25,29 @@
  * Calls on files in memory never start an interpreter; the few that need
  * the broker's protocol (a full arena, a spilled file) start the embedded
  * Python runtime on first use.
+ *
+ * Across nodes: when the instance's broker has peers on other nodes, a
+ * TFEM_RDONLY open of a name this node does not have asks the broker to
+ * pull it from the node that has it (through the embedded runtime, so the
+ * first such open pays the runtime's start) and takes the copy here; an
+ * open of a file already on this node is plain C, as without peers. The
+ * open waits as a local one does: up to tfem_open_timeout's timeout for a
+ * name published later on any node; TFEM_NONBLOCK waits for no producer,
+ * only for the copy of a name published somewhere, and gives ENOENT when
+ * no node has it published (one being read elsewhere counts as none).
+ *
  * Build with:  gcc prog.c $(tfem config --cflags --libs)
  *
- * errno values: ENOENT no such name (TFEM_NONBLOCK, stat, unlink); EEXIST
- * name already held (TFEM_WRONLY); EAGAIN not ready (TFEM_NONBLOCK);
+ * errno values: ENOENT no such name (TFEM_NONBLOCK: on any node; stat,
+ * unlink: on this node); EEXIST name already held (TFEM_WRONLY); EAGAIN not ready (TFEM_NONBLOCK);
  * ETIMEDOUT tfem_open_timeout expired; EBADF bad descriptor, or read on a
  * write descriptor and the reverse; EINVAL bad flags, whence or offset;
  * ENAMETOOLONG name over TFEM_NAME_MAX bytes; ENOSPC slot table, memory or
  * spill store (or the disk under it) full; EFBIG tfem_write past the
  * per-file limit (the broker's --max-file-size; by default all the
- * instance holds), refused whole and at once, the file left as it was; ECONNREFUSED no registry or broker; EFAULT NULL
+ * instance holds), refused whole and at once, the file left as it was; ECONNREFUSED no registry or broker,
+ * or, for a reader waiting for a name from another node, that node or the
+ * name's home died; EFAULT NULL
  * pointer; EBADMSG the file's bytes do not match its checksum (tfem_read;
  * closing gives the file back); ENOSYS a call that needs the broker's
  * protocol, and the embedded Python could not start (see stderr).

@@ -10,9 +10,9 @@
  * Every call on a file whose bytes are in memory is C: no interpreter. The
  * calls that need the broker's protocol start the embedded runtime on first
  * use (tfem_embed.h): room when the arena is full (ALLOC, the broker
- * spills), bytes of a spilled file, a spilled file's checksum, and
- * discarding spill records after a spilled file is freed. DESIGN.md lists
- * them.
+ * spills), bytes of a spilled file, a spilled file's checksum, and a read
+ * of a name this node does not have when the broker has peers (WANT: the
+ * broker pulls it from another node). DESIGN.md lists them.
  *
  * Descriptors are tfem's own (3, 4, ...), in a table shared by the threads
  * of the process. A descriptor belongs to the process that opened it: in a
@@ -270,6 +270,54 @@ static int64_t producer_checksum(struct tfem_file *f) {
     return crc;
 }
 
+/* ---- across nodes ---- */
+
+static int64_t monotonic_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* A name no file of this node has, and the broker has peers (the header's
+ * `cluster`): the broker pulls it here under the same name (WANT, through
+ * the embedded runtime) and the open takes the copy as any local file.
+ * Waiting, it sleeps on its futex a slice at a time and asks again between
+ * slices, which renews the want: a renewal is how the broker tells it that
+ * the owner or the name's home died (ECONNREFUSED), and a want nobody
+ * renews lapses, so a reader killed while waiting leaves nothing. Not
+ * waiting, the WANT returns once the copy is here (ENOENT: on no node).
+ * As client.py's _open_across. */
+static int open_across(struct tfem_header *h, const char *name, uint32_t len, int wait, int64_t timeout_ns,
+                       struct tfem_file *f) {
+    int32_t state = 0;
+    int rc;
+    if (tfem_python_ready()) return errno;
+    if (!wait) {
+        if (_tfem_py_want(name, 0) < 0) return errno;
+        while ((rc = tfem_f_open(h, name, len, (uint32_t)my_pid, TFEM_OPEN_READ, 0, 0, f, &state)) == EIDRM)
+            if ((h = connected()) == NULL) return errno;
+        return rc;
+    }
+    int64_t deadline = timeout_ns < 0 ? -1 : monotonic_ns() + timeout_ns;
+    for (;;) {
+        int64_t slice = _tfem_py_want(name, 1);
+        if (slice < 0) return errno; /* the broker dropped the want, or is gone: nothing to give up */
+        int64_t left = deadline < 0 ? slice : deadline - monotonic_ns();
+        if (left <= 0) {
+            rc = ETIMEDOUT;
+            break;
+        }
+        rc = tfem_f_open(h, name, len, (uint32_t)my_pid, TFEM_OPEN_READ, 1, left < slice ? left : slice, f, &state);
+        if (rc == EIDRM && (h = connected()) == NULL) {
+            rc = errno;
+            break;
+        }
+        if (rc != ETIMEDOUT && rc != EINTR && rc != EIDRM) break; /* else: the slice is over, ask again */
+    }
+    if (rc) _tfem_py_unwant(name); /* if that fails, the want lapses unrenewed */
+    return rc;
+}
+
 /* ---- the API ---- */
 
 int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
@@ -291,14 +339,21 @@ int tfem_open_timeout(const char *name, int flags, double timeout_seconds) {
     int64_t timeout_ns = timeout_seconds < 0 ? -1 : (int64_t)(timeout_seconds * 1e9);
     d->room_timeout_ns = timeout_ns < 0 ? 0 : timeout_ns; /* TFEM_NONBLOCK: the open waits for no slot, writes may */
     int32_t state = 0;
-    for (;;) {
+    rc = -1; /* not tried yet */
+    if (access == TFEM_RDONLY && __atomic_load_n(&h->cluster, __ATOMIC_RELAXED)) {
+        /* With peers, a local hit costs what it costs without: one open that does not wait. */
+        rc = tfem_f_open(h, name, len, (uint32_t)my_pid, TFEM_OPEN_READ, 0, 0, &d->f, &state);
+        if (rc == ENOENT) rc = open_across(h, name, len, wait, timeout_ns, &d->f);
+        else if (rc) rc = -1; /* here but not ready, or a signal or a move: the local open below */
+    }
+    while (rc < 0) {
         if (access == TFEM_WRONLY)
             rc = tfem_f_create(h, name, len, (uint32_t)my_pid, wait ? d->room_timeout_ns : 0, &d->f);
         else
             rc = tfem_f_open(h, name, len, (uint32_t)my_pid, access == TFEM_AUTO ? TFEM_OPEN_AUTO : TFEM_OPEN_READ, wait,
                              timeout_ns, &d->f, &state);
         if (rc == EIDRM && (h = connected()) == NULL) rc = errno;
-        else if (rc != EINTR && rc != EIDRM) break;
+        else if (rc == EINTR || rc == EIDRM) rc = -1;
     }
     if (rc == 0 && !d->f.writing && d->f.spilled && (rc = hold_spill(d)) != 0) {
         tfem_f_abort(&d->f); /* given back, left in place */

@@ -22,5 +22,12 @@ int64_t _tfem_py_spill_write(uint32_t slot, uint32_t generation, uint64_t offset
 int _tfem_py_spill_hold(int hold);
 int64_t _tfem_py_spill_read(uint64_t file_id, uint64_t offset, char *buf, uint64_t count);
 int64_t _tfem_py_checksum(uint64_t file_id, uint64_t length, uint32_t crc);
+/* Ask the broker to pull `name` from another node (WANT). Waiting (1):
+ * returns at once, with how many nanoseconds to sleep on the futex before
+ * asking again (which renews the want). Not waiting (0): returns 0 once the
+ * copy is on this node (ENOENT: on no node). */
+int64_t _tfem_py_want(const char *name, int wait);
+/* The caller gave up waiting: the broker may stop pulling `name` for it. */
+int _tfem_py_unwant(const char *name);
 
 #endif

@@ -213,7 +213,7 @@ int tfem_f_create(struct tfem_header *h, const char *name, uint32_t len, uint32_
 int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t pid, int mode,
                 int wait, int64_t timeout_ns, struct tfem_file *f, int32_t *state_found) {
     uint32_t hash = tfem_name_hash(name, len), bucket = hash % TFEM_WAKE_BUCKETS;
-    int64_t deadline = deadline_of(timeout_ns), moment = 0;
+    int64_t deadline = 0, moment = 0; /* set at the first wait: a hit reads no clock */
     struct tfem_claim claim;
     int waited = 0;
     for (;;) {
@@ -243,7 +243,10 @@ int tfem_f_open(struct tfem_header *h, const char *name, uint32_t len, uint32_t 
         }
         if (rc == EINPROGRESS) rc = EAGAIN;
         if ((rc != ENOENT && rc != EAGAIN) || !wait) return rc;
-        if (!waited++) COUNT(h, read_waits);
+        if (!waited++) {
+            COUNT(h, read_waits);
+            deadline = deadline_of(timeout_ns);
+        }
         rc = wait_seq(&h->wake_seq[bucket], &h->wake_waiters[bucket], seen, deadline);
         if (rc == ETIMEDOUT) COUNT(h, timeouts);
         if (rc == ETIMEDOUT || rc == EINTR) return rc;

@@ -51,6 +51,10 @@
  *   all the instance can hold).
  * - The counters after next_file_id are bumped by every process with
  *   atomic adds; they are statistics, read without a lock.
+ * - `cluster` is the broker's, set before it serves (and kept by a segment
+ *   made again): C readers learn from it, without asking, that a name
+ *   missing here may be on another node. Last, so the fields before it
+ *   stay where they were.
  *
  * Everything here is 8-byte aligned and fixed-width, so the layout is the
  * same in every process that maps the segment.
@@ -61,7 +65,7 @@
 #include <stdint.h>
 
 #define TFEM_SEGMENT_MAGIC 0x314d454654ULL /* "TFEM1", little-endian */
-#define TFEM_LAYOUT_VERSION 10
+#define TFEM_LAYOUT_VERSION 11
 #define TFEM_NAME_MAX 255
 #define TFEM_MAX_EXTENTS 16
 #define TFEM_WAKE_BUCKETS 64
@@ -155,6 +159,8 @@ struct tfem_header {
     uint32_t wake_seq[TFEM_WAKE_BUCKETS];
     uint32_t wake_waiters[TFEM_WAKE_BUCKETS];
     struct tfem_stripe stripes[TFEM_WAKE_BUCKETS];
+    uint32_t cluster;       /* 1 while the broker has a peer link (--cluster, --peers): a reader whose
+                               name is not on this node asks the broker to pull it (WANT) */
 };
 
 struct tfem_slot {
