@@ -498,6 +498,38 @@ int tfem_t_let_go_shared(struct tfem_header *h, uint32_t s, uint32_t generation,
     return rc;
 }
 
+/* states.moved_reads: a file counted in reads (readers > 1) gets at most
+ * its readers back; a take takes at most what is left. EINVAL otherwise. */
+static int moved_reads(const struct tfem_slot *slot, const struct tfem_life *life, int64_t delta, int64_t *left) {
+    if (slot->readers <= 1) return EINVAL;
+    int64_t have = life->readers_left;
+    if (delta >= 0 && delta > (int64_t)slot->readers - have) return EINVAL;
+    *left = delta >= 0 ? have + delta : (-delta < have ? have + delta : 0);
+    return 0;
+}
+
+int tfem_t_add_reads(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint32_t hold,
+                     int64_t delta, uint32_t *moved) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    *moved = 0;
+    if (s >= g->slot_count || hold == 0) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
+    uint32_t hash = slot->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
+    int rc = ESTALE;
+    if (holds(g, hold - 1, pid, s, generation)) {
+        struct tfem_life *life = tfem_life_at(g, s);
+        int64_t left = 0;
+        if ((rc = moved_reads(slot, life, delta, &left)) == 0) {
+            *moved = (uint32_t)(left > life->readers_left ? left - life->readers_left : life->readers_left - left);
+            life->readers_left = (uint32_t)left;
+        }
+    }
+    unlock_stripe(h, stripe_of(hash));
+    if (rc == 0 && *moved && delta > 0) publish_bucket(h, hash); /* reads to take: waiting readers look again */
+    return rc;
+}
+
 /* Unlink slot s (under its stripe's lock): freed now if nobody holds it,
  * else its name goes now and its last holder frees it. 1 if freed. */
 static int unlink_at(const struct tfem_geometry *g, uint32_t s, struct tfem_claim *out, int *rc) {
