@@ -19,7 +19,10 @@ Theory of operation:
   broker's own read (the state machine arbitrates between takers), sends
   it in CHUNKs of views of the segment (copy=False), WINDOW at a time, and
   keeps it until the taker says DONE (freed) or RETURN (given back); a
-  kept file is let go of as soon as its copy is whole.
+  kept file is let go of as soon as its copy is whole. A file for N
+  readers lends reads: its TAKE one, each MORE one more (taken from the
+  count under the broker's read, no bytes), and the taker's SETTLE says
+  how many were read; the rest go back to the count.
 - Home: knows which nodes hold each name it is home to; answers a LOOKUP
   with one of them, or keeps it (with wait) until an ANNOUNCE arrives.
 - Consumer: a local client's WANT becomes a Want here: LOOKUP at the home,
@@ -27,7 +30,14 @@ Theory of operation:
   in this segment (disk jobs, like any write of the broker's own:
   relocation.OwnWrites), published: the waiting client wakes on its own
   futex. The broker watches the copy; once it is consumed here it says
-  DONE to the owner.
+  DONE to the owner. A copy nobody here holds or wants for COPY_IDLE_S
+  (given back by its reader, or its reader died) is claimed through the
+  state machine, dropped, and given back to the owner (RETURN). A copy of
+  a file for N readers is held by the broker's own read (its count starts
+  at the broker's one), so that local readers share it one after
+  another; the reads lent are added to it, a local reader who finds every
+  read taken gets one more by MORE, and COPY_KEEP_S after its last local
+  reader the broker takes back the reads left, lets go, and SETTLEs.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from tfem import cluster_dir, peer_protocol, rendezvous
 from tfem._native import ffi, lib
 from tfem.cluster_dir import PeerEntry
-from tfem.errors import BrokerUnavailable, InvalidArgument, NotFound, TfemError, WouldBlock, errno_of
+from tfem.errors import BrokerUnavailable, InvalidArgument, NotFound, TfemError, WouldBlock, errno_of, from_errno
 from tfem.files import TfemFile
 from tfem.peer_protocol import Kind, Message
 from tfem.protocol import Reply
@@ -79,6 +89,16 @@ FULL_SCAN_S = 5.0  # ... and lists them even when the header's counters say noth
 RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
 WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
 FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
+# A copy pulled here that nobody holds or wants this long goes back to its
+# owner (a reader gave it back, or died); longer than a reader takes to open
+# the copy it was told of, short enough that others elsewhere are not kept
+# from it long.
+COPY_IDLE_S = 1.0
+# A copy of a file for N readers stays this long after its last local reader
+# (held by the broker's read) for the next one: its reads stay in the owner's
+# count meanwhile, so it holds only memory (and reads given back here).
+COPY_KEEP_S = 5.0
+ALL_READS = 2**32  # a take of every read left
 # A lookup, take or pull that made no progress this long (a message lost
 # to a reconnection) starts again.
 STALL_S = 5.0
@@ -145,6 +165,7 @@ class Want:
     found: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (created_ns, name, owner)
     find_until: float = 0.0
     moved: float = 0.0  # monotonic time of its last step: looked up, taken, a chunk written
+    more: int = 0  # the ticket of a copy here for which it asked the owner one more read
 
 
 @dataclasses.dataclass
@@ -157,11 +178,16 @@ class Pull:
     size: int
     file: TfemFile | None
     kept: bool
+    counted: bool = False  # a file for N readers: the copy holds reads lent from the owner's count
     written: int = 0
     chunks_written: int = 0
     acked: int = 0
     published: tuple[int, int] | None = None  # (slot, generation) of the copy, once published
     failed: bool = False
+    reads: int = 1  # counted: reads lent and added to the copy
+    unused: int = 0  # ... of them taken back unread
+    hold: TfemFile | None = None  # counted: the broker's own read, which keeps the copy between readers
+    idle_since: float = 0.0  # monotonic time since which nobody here holds or wants it
 
 
 @dataclasses.dataclass
@@ -175,6 +201,8 @@ class Lend:
     offset: int = 0
     sent_all: bool = False
     kept: bool = False
+    counted: bool = False  # a file for N readers: its reads are lent
+    reads: int = 1  # reads lent: the broker's own read, and one per MORE granted
 
 
 def explicit_peers(specs: list[str], keys: Keys | None) -> list[PeerEntry]:
@@ -370,7 +398,7 @@ class Cluster:
             if rendezvous.home(name, self.live) != self.node:
                 del self.pending[name]  # the asker looks up again at the new home
         for key in [k for k in self.lends if k[0] in gone]:
-            self._end_lend(key, give_back=True)
+            self._end_lend(key, unused=self.lends[key].reads)
         for want in list(self.wants.values()):
             dead = {want.home, want.owner} & gone
             if dead:
@@ -383,7 +411,8 @@ class Cluster:
             if pull.owner in gone and pull.published is None:
                 self._abandon(pull)
             elif pull.owner in gone:
-                del self.pulls[pull.ticket]  # the copy here stays; nobody to tell
+                del self.pulls[pull.ticket]  # the copy here stays, with the reads lent to it; nobody to tell
+                self._let_go_copy(pull, take_back=False)
 
     # ---- the loop's calls ----
 
@@ -460,10 +489,13 @@ class Cluster:
 
     def close(self) -> None:
         for key in list(self.lends):
-            self._end_lend(key, give_back=True)
+            self._end_lend(key, unused=self.lends[key].reads)
         for pull in list(self.pulls.values()):
             if pull.published is None:
                 self._abandon(pull)
+            elif pull.counted:
+                self._let_go_copy(pull, take_back=True)
+                self._send(pull.owner, Kind.SETTLE, {"ticket": pull.ticket, "used": pull.reads - pull.unused})
             else:
                 self._send(pull.owner, Kind.RETURN, {"ticket": pull.ticket})
         if self.directory is not None:
@@ -525,7 +557,12 @@ class Cluster:
         del self._by_ticket[want.ticket]
         want.ticket = next(self._tickets)  # late answers to the old ticket are ignored
         self._by_ticket[want.ticket] = want
-        want.home, want.owner, want.moved = rendezvous.home(want.name, self.live), "", time.monotonic()
+        copy = next((p for p in self.pulls.values() if p.name == want.name and p.hold is not None), None)
+        if copy is not None:  # every read of the copy here is taken: one more from the owner, no bytes
+            want.home, want.owner, want.more, want.moved = "", copy.owner, copy.ticket, time.monotonic()
+            self._send(copy.owner, Kind.MORE, {"ticket": copy.ticket})
+            return
+        want.home, want.owner, want.more, want.moved = rendezvous.home(want.name, self.live), "", 0, time.monotonic()
         if not self._send(want.home, Kind.LOOKUP, {"ticket": want.ticket, "name": want.name, "wait": want.wait}):
             self._fail(want, BrokerUnavailable(f"the broker at {want.home}, home of {want.name!r}, is not reachable"))
 
@@ -606,9 +643,15 @@ class Cluster:
             lend = self.lends.get((m.sender, a["ticket"]))
             if lend is not None:
                 self._send_chunk((m.sender, a["ticket"]), lend)
-        elif m.kind in (Kind.DONE, Kind.RETURN):
-            if (m.sender, a["ticket"]) in self.lends:
-                self._end_lend((m.sender, a["ticket"]), give_back=m.kind is Kind.RETURN)
+        elif m.kind in (Kind.DONE, Kind.RETURN, Kind.SETTLE):
+            lend = self.lends.get((m.sender, a["ticket"]))
+            if lend is not None:
+                used = a["used"] if m.kind is Kind.SETTLE else lend.reads if m.kind is Kind.DONE else 0
+                self._end_lend((m.sender, a["ticket"]), unused=max(lend.reads - used, 0))
+        elif m.kind is Kind.MORE:
+            self._more(m.sender, a["ticket"])
+        elif m.kind is Kind.GRANT:
+            self._granted(m.sender, a["ticket"], a["reads"])
 
     def _found(self, a: dict[str, Any]) -> None:
         want = self._by_ticket.get(a["ticket"])
@@ -687,13 +730,11 @@ class Cluster:
             return
         owner.held.add(core)
         f = TfemFile(core, name, owner)
-        slot = self.holdings.segment.slot(core.index)
-        kept = slot.readers == KEPT
-        lend = Lend(ticket, taker, f, f.chunks(CHUNK), kept=kept)
+        readers = int(self.holdings.segment.slot(core.index).readers)
+        lend = Lend(ticket, taker, f, f.chunks(CHUNK), kept=readers == KEPT, counted=readers > 1)
         self.lends[(taker, ticket)] = lend
         self.counts["lent"] += 1
-        self._send(taker, Kind.FILE, {"ticket": ticket, "errno": 0, "size": int(core.size),
-                                      "readers": KEPT if kept else 1,
+        self._send(taker, Kind.FILE, {"ticket": ticket, "errno": 0, "size": int(core.size), "readers": readers,
                                       "expires_ns": int(self.holdings.segment.life(core.index).expires_ns)})
         for _ in range(WINDOW):
             self._send_chunk((taker, ticket), lend)
@@ -701,7 +742,7 @@ class Cluster:
     def _send_chunk(self, key: tuple[str, int], lend: Lend) -> None:
         if lend.sent_all:
             if lend.kept:  # the copy is whole: a kept file needs no hold of ours
-                self._end_lend(key, give_back=False)
+                self._end_lend(key, unused=0)
             return
         try:
             chunk = next(lend.chunks)
@@ -712,19 +753,39 @@ class Cluster:
             log.error("cannot send %r to %s: %s", lend.file.name, lend.taker, exc)
             self._send(lend.taker, Kind.FILE, {"ticket": lend.ticket, "errno": errno_of(exc), "size": 0,
                                                "readers": 0, "expires_ns": 0})
-            self._end_lend(key, give_back=True)
+            self._end_lend(key, unused=lend.reads)
             return
         self._send(lend.taker, Kind.CHUNK, {"ticket": lend.ticket, "offset": lend.offset}, chunk)
         lend.offset += len(chunk)
         self.counts["lent_bytes"] += len(chunk)
 
-    def _end_lend(self, key: tuple[str, int], give_back: bool) -> None:
+    def _end_lend(self, key: tuple[str, int], unused: int) -> None:
+        """Let go of a lend, `unused` of its reads unread: those go back to
+        the file's count (all of them: a consume-once file back to WAIT)."""
         lend = self.lends.pop(key)
         lend.chunks.close()
         try:
-            lend.file.abort() if give_back else lend.file.close()
+            if unused >= lend.reads:  # the read of ours is given back too
+                _move_reads(lend.file, lend.reads - 1)
+                lend.file.abort()
+            else:  # added before our read is closed: the close then finds reads to come (WAIT), not the last
+                _move_reads(lend.file, unused)
+                lend.file.close()
         except TfemError as exc:
             log.warning("letting go of %r: %s", lend.file.name, exc)
+
+    def _more(self, taker: str, ticket: int) -> None:
+        """A taker's copy has a reader wanting one more read: lend it one
+        from the count (0: none left now)."""
+        lend = self.lends.get((taker, ticket))
+        reads = 0
+        if lend is not None and lend.counted:
+            try:
+                reads = _move_reads(lend.file, -1)
+            except TfemError as exc:
+                log.warning("cannot lend another read of %r: %s", lend.file.name, exc)
+            lend.reads += reads
+        self._send(taker, Kind.GRANT, {"ticket": ticket, "reads": reads})
 
     # ---- consumer: pulls ----
 
@@ -745,13 +806,12 @@ class Cluster:
             else:
                 self._fail(want, WouldBlock(f"{want.name!r} is held on {owner}: {os.strerror(code)}"))
             return
-        kept = a["readers"] == KEPT
-        pull = Pull(want.ticket, want.name, owner, a["size"], None, kept)
+        pull = Pull(want.ticket, want.name, owner, a["size"], None, a["readers"] == KEPT, a["readers"] > 1)
         want.pull = pull
         self.pulls[pull.ticket] = pull
-        self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["expires_ns"]))
+        self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["readers"], a["expires_ns"]))
 
-    def _create(self, pull: Pull, expires_ns: int) -> None:
+    def _create(self, pull: Pull, readers: int, expires_ns: int) -> None:
         """Disk job: the file of the copy, under the same name here."""
         owner = self._owner()
         raw = pull.name.encode()
@@ -761,7 +821,9 @@ class Cluster:
             log.warning("cannot make the copy of %r here: %s", pull.name, os.strerror(rc))
             pull.failed = True
             return
-        lib.tfem_f_set_lifetime(core, KEPT if pull.kept else 1, expires_ns)
+        lib.tfem_f_set_lifetime(core, readers, expires_ns)
+        if pull.counted:  # one read, the broker's own at publication; those lent are added then
+            self.holdings.segment.life(core.index).readers_left = 1
         owner.held.add(core)
         pull.file = TfemFile(core, pull.name, owner)
         self._complete(pull)  # a file of no bytes
@@ -798,13 +860,31 @@ class Cluster:
             return
         where = (int(f._f.index), int(f._f.generation))
         f.close()
+        if pull.counted:
+            self._hold_copy(pull)
         pull.published = where
         self.counts["pulled"] += 1
         self.counts["pulled_bytes"] += pull.size
 
+    def _hold_copy(self, pull: Pull) -> None:
+        """Disk job's end: take the copy's one read as the broker's own,
+        then add the read lent. A local reader quicker than us took that
+        one read: it is the read lent, and the copy goes at its close."""
+        owner = self._owner()
+        raw = pull.name.encode()
+        core = ffi.new("struct tfem_file *")
+        found = ffi.new("int32_t *")
+        if lib.tfem_f_open(ffi.cast("struct tfem_header *", owner.base), raw, len(raw), owner.pid,
+                           lib.TFEM_OPEN_READ, False, 0, core, found):
+            return
+        owner.held.add(core)
+        pull.hold = TfemFile(core, pull.name, owner)
+        pull.reads = _move_reads(pull.hold, pull.reads)
+
     def _watch(self) -> None:
         """Pulls finished or failed since: tell the want's clients; the
-        owner once the copy was consumed here (or at once, if kept)."""
+        owner once the copy was consumed here (or at once, if kept), or
+        given back."""
         table = self.holdings.table
         for pull in list(self.pulls.values()):
             want = self._by_ticket.get(pull.ticket)
@@ -816,9 +896,85 @@ class Cluster:
             if want is not None and want.pull is pull:
                 self._finish(want)
             state, generation, _ = table.state_of(pull.published[0])
-            if pull.kept or generation != pull.published[1] or state is State.INVALID:
+            if pull.kept:
                 del self.pulls[pull.ticket]
                 self._send(pull.owner, Kind.DONE, {"ticket": pull.ticket})
+            elif generation != pull.published[1] or state is State.INVALID:
+                del self.pulls[pull.ticket]
+                self._settle(pull)
+            else:
+                self._give_back_idle(pull, state)
+
+    def _settle(self, pull: Pull) -> None:
+        """The copy is gone: tell its owner how many of its reads were read."""
+        if pull.counted:
+            self._send(pull.owner, Kind.SETTLE, {"ticket": pull.ticket, "used": pull.reads - pull.unused})
+        else:
+            self._send(pull.owner, Kind.RETURN if pull.unused else Kind.DONE, {"ticket": pull.ticket})
+
+    def _give_back_idle(self, pull: Pull, state: State) -> None:
+        """A copy nobody here holds (but the broker) or wants, for
+        COPY_IDLE_S: given back to its owner. Claimed through the state
+        machine, so a local reader opening it at that moment either has it
+        or finds it gone (and asks again)."""
+        assert pull.published is not None
+        s, generation = pull.published
+        ours = pull.hold is not None
+        idle = pull.name not in self.wants and (
+            state is State.WAIT or ours and state is State.SHARED and self.holdings.segment.life(s).holders == 1)
+        now = time.monotonic()
+        if not idle or not pull.idle_since:
+            pull.idle_since = now if idle else 0.0
+            return
+        if now - pull.idle_since < (COPY_KEEP_S if ours else COPY_IDLE_S):
+            return
+        if ours:  # the reads left come back, and the copy goes at the last close
+            self._let_go_copy(pull, take_back=True)
+            return
+        table = self.holdings.table
+        handle = table.hold_waiting(s)
+        if handle is None:
+            return  # a reader took it meanwhile
+        if handle.generation != generation:
+            table.release(handle)  # another file in the slot by now: ours went, as the next look shows
+            return
+        unread = int(self.holdings.segment.life(s).readers_left) if pull.counted else 1
+        table.consume(handle)
+        del self.pulls[pull.ticket]
+        pull.unused += unread
+        self._settle(pull)
+
+    def _let_go_copy(self, pull: Pull, take_back: bool) -> None:
+        """Let go of the broker's read of a copy, first taking back the
+        reads nobody here took (take_back)."""
+        hold, pull.hold = pull.hold, None
+        if hold is None:
+            return
+        try:
+            if take_back:
+                pull.unused += _move_reads(hold, -ALL_READS)
+            hold.close()
+        except TfemError as exc:
+            log.warning("letting go of the copy of %r: %s", pull.name, exc)
+
+    def _granted(self, owner: str, ticket: int, reads: int) -> None:
+        """The owner's answer to MORE: add the reads to the copy, and tell
+        the want's clients (a read to take, or none left)."""
+        pull = self.pulls.get(ticket)
+        if pull is None or pull.owner != owner:
+            return  # settled meanwhile: the owner counted these as unread
+        if pull.hold is not None:
+            pull.reads += _move_reads(pull.hold, reads)
+        want = self.wants.get(pull.name)
+        if want is None or want.more != ticket:
+            return
+        want.more = 0
+        if reads and pull.hold is not None:
+            self._finish(want)  # the client takes the read here
+        elif want.wait:
+            want.owner, want.retry_at = "", time.monotonic() + RETRY_S
+        else:
+            self._fail(want, WouldBlock(f"every read of {want.name!r} is taken"))
 
     def _abandon(self, pull: Pull) -> None:
         """Give up a pull not yet published: drop the partial copy, give the owner's back."""
@@ -836,6 +992,18 @@ class Cluster:
             if pull.file is not None:
                 pull.file.abort()
         self._run_disk(f"drop the copy of {pull.name}", drop)
+
+
+def _move_reads(f: TfemFile, delta: int) -> int:
+    """Move reads to (delta > 0) or from a shared read's file count
+    (tfem_f_add_reads); how many moved."""
+    if not delta:
+        return 0
+    moved = ffi.new("uint32_t *")
+    rc = lib.tfem_f_add_reads(f._f, delta, moved)
+    if rc:
+        raise from_errno(rc, f"cannot move {delta} reads of {f.name!r}: {os.strerror(rc)}")
+    return int(moved[0])
 
 
 def _batches(names: list[str], size: int = 512) -> Iterator[list[str]]:

@@ -221,6 +221,14 @@ class SlotTable:
         self._check(lib.tfem_t_release(self._h, handle.slot, handle.generation, self.pid, claim))
         return claim.discard_id or None
 
+    def consume(self, handle: Handle) -> None:
+        """Free a file held as its reader (READ -> INVALID): the broker,
+        dropping a copy pulled from another node that goes back to its
+        owner. A spilled copy's records are left to the sweep (owned by no
+        slot), which runs where the store may be written."""
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_consume(self._h, handle.slot, handle.generation, self.pid, claim))
+
     # ---- anyone ----
 
     def unlink(self, raw: bytes) -> None:
