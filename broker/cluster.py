@@ -24,7 +24,9 @@ Theory of operation:
   count under the broker's read, no bytes), and the taker's SETTLE says
   how many were read; the rest go back to the count.
 - Home: knows which nodes hold each name it is home to; answers a LOOKUP
-  with one of them, or keeps it (with wait) until an ANNOUNCE arrives.
+  with one of them, or keeps it (with wait) until an ANNOUNCE arrives. It
+  remembers who withdrew a name last (a file being read there), so that a
+  LOOKUP without wait asks that owner, whose refusal says why.
 - Consumer: a local client's WANT becomes a Want here: LOOKUP at the home,
   TAKE at the owner, the chunks written into a new file of the same name
   in this segment (disk jobs, like any write of the broker's own:
@@ -98,6 +100,7 @@ COPY_IDLE_S = 1.0
 # (held by the broker's read) for the next one: its reads stay in the owner's
 # count meanwhile, so it holds only memory (and reads given back here).
 COPY_KEEP_S = 5.0
+WITHDRAWN_KEPT = 4096  # a home remembers who last withdrew this many names
 ALL_READS = 2**32  # a take of every read left
 # A lookup, take or pull that made no progress this long (a message lost
 # to a reconnection) starts again.
@@ -306,6 +309,7 @@ class Cluster:
         self.pulls: dict[int, Pull] = {}  # by ticket: being written, or published and watched
         self.lends: dict[tuple[str, int], Lend] = {}  # by (taker, its ticket)
         self.where: dict[str, set[str]] = {}  # home: name -> the nodes that hold it
+        self.withdrawn: dict[str, str] = {}  # home: name -> the node that withdrew it last (oldest first)
         self.pending: dict[str, dict[str, int]] = {}  # home: name -> lookups kept, asker -> its latest ticket
         self.announced: dict[str, str] = {}  # owner: name -> the home told
         self._next_beat = self._next_scan = self._next_full_scan = 0.0
@@ -397,6 +401,8 @@ class Cluster:
         for name in list(self.pending):
             if rendezvous.home(name, self.live) != self.node:
                 del self.pending[name]  # the asker looks up again at the new home
+        for name in [n for n, node in self.withdrawn.items() if node in gone]:
+            del self.withdrawn[name]
         for key in [k for k in self.lends if k[0] in gone]:
             self._end_lend(key, unused=self.lends[key].reads)
         for want in list(self.wants.values()):
@@ -607,6 +613,7 @@ class Cluster:
         if m.kind is Kind.ANNOUNCE:
             for name in a["names"]:
                 self.where.setdefault(name, set()).add(m.sender)
+                self.withdrawn.pop(name, None)
                 for asker, ticket in self.pending.pop(name, {}).items():
                     self._send(asker, Kind.FOUND, {"ticket": ticket, "name": name, "owner": m.sender})
         elif m.kind is Kind.WITHDRAW:
@@ -615,6 +622,10 @@ class Cluster:
                 owners.discard(m.sender)
                 if not owners:
                     self.where.pop(name, None)
+                self.withdrawn.pop(name, None)  # to the end: the oldest go first
+                self.withdrawn[name] = m.sender
+            while len(self.withdrawn) > WITHDRAWN_KEPT:
+                del self.withdrawn[next(iter(self.withdrawn))]
         elif m.kind is Kind.LOOKUP:
             holders = sorted(o for o in self.where.get(a["name"], set()) if o in self.live)
             if holders:
@@ -622,8 +633,10 @@ class Cluster:
                 self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": owner})
             elif a["wait"]:
                 self.pending.setdefault(a["name"], {})[m.sender] = a["ticket"]
-            else:
-                self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": ""})
+            else:  # the node that withdrew it last may be reading it: its refusal says (WouldBlock, NotFound)
+                last = self.withdrawn.get(a["name"], "")
+                self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"],
+                                                  "owner": last if last in self.live else ""})
         elif m.kind is Kind.FOUND:
             self._found(a)
         elif m.kind is Kind.FIND:
