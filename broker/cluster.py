@@ -35,9 +35,9 @@ Theory of operation:
   DONE to the owner. A copy nobody here holds or wants for COPY_IDLE_S
   (given back by its reader, or its reader died) is claimed through the
   state machine, dropped, and given back to the owner (RETURN). A copy of
-  a file for N readers is held by the broker's own read (its count starts
-  at the broker's one), so that local readers share it one after
-  another; the reads lent are added to it, a local reader who finds every
+  a file for N readers is published with no read and held by the
+  broker's keeper hold (which takes none), so that local readers share it
+  one after another; the reads lent are added to it, a local reader who finds every
   read taken gets one more by MORE, and COPY_KEEP_S after its last local
   reader the broker takes back the reads left, lets go, and SETTLEs.
 """
@@ -97,7 +97,7 @@ FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
 # from it long.
 COPY_IDLE_S = 1.0
 # A copy of a file for N readers stays this long after its last local reader
-# (held by the broker's read) for the next one: its reads stay in the owner's
+# (kept by the broker's keeper hold) for the next one: its reads stay in the owner's
 # count meanwhile, so it holds only memory (and reads given back here).
 COPY_KEEP_S = 5.0
 WITHDRAWN_KEPT = 4096  # a home remembers who last withdrew this many names
@@ -189,7 +189,7 @@ class Pull:
     failed: bool = False
     reads: int = 1  # counted: reads lent and added to the copy
     unused: int = 0  # ... of them taken back unread
-    hold: TfemFile | None = None  # counted: the broker's own read, which keeps the copy between readers
+    hold: TfemFile | None = None  # counted: the broker's keeper hold, which keeps the copy between readers
     idle_since: float = 0.0  # monotonic time since which nobody here holds or wants it
 
 
@@ -835,8 +835,8 @@ class Cluster:
             pull.failed = True
             return
         lib.tfem_f_set_lifetime(core, readers, expires_ns)
-        if pull.counted:  # one read, the broker's own at publication; those lent are added then
-            self.holdings.segment.life(core.index).readers_left = 1
+        if pull.counted:  # no read until the broker keeps the copy: those lent are added then
+            self.holdings.segment.life(core.index).readers_left = 0
         owner.held.add(core)
         pull.file = TfemFile(core, pull.name, owner)
         self._complete(pull)  # a file of no bytes
@@ -874,21 +874,21 @@ class Cluster:
         where = (int(f._f.index), int(f._f.generation))
         f.close()
         if pull.counted:
-            self._hold_copy(pull)
+            self._hold_copy(pull, *where)
         pull.published = where
         self.counts["pulled"] += 1
         self.counts["pulled_bytes"] += pull.size
 
-    def _hold_copy(self, pull: Pull) -> None:
-        """Disk job's end: take the copy's one read as the broker's own,
-        then add the read lent. A local reader quicker than us took that
-        one read: it is the read lent, and the copy goes at its close."""
+    def _hold_copy(self, pull: Pull, slot: int, generation: int) -> None:
+        """Disk job's end: keep the copy, published with no read (a keeper's
+        hold, which takes none: no local reader can be quicker), then add
+        the read lent, which wakes the waiting client."""
         owner = self._owner()
-        raw = pull.name.encode()
         core = ffi.new("struct tfem_file *")
-        found = ffi.new("int32_t *")
-        if lib.tfem_f_open(ffi.cast("struct tfem_header *", owner.base), raw, len(raw), owner.pid,
-                           lib.TFEM_OPEN_READ, False, 0, core, found):
+        rc = lib.tfem_f_keep(ffi.cast("struct tfem_header *", owner.base), slot, generation, owner.pid, core)
+        if rc:  # unlinked meanwhile: its read is never taken here, SETTLE gives it back
+            log.warning("cannot keep the copy of %r: %s", pull.name, os.strerror(rc))
+            pull.unused = pull.reads
             return
         owner.held.add(core)
         pull.hold = TfemFile(core, pull.name, owner)
@@ -958,8 +958,8 @@ class Cluster:
         self._settle(pull)
 
     def _let_go_copy(self, pull: Pull, take_back: bool) -> None:
-        """Let go of the broker's read of a copy, first taking back the
-        reads nobody here took (take_back)."""
+        """Let go of the broker's keeper hold of a copy, first taking back
+        the reads nobody here took (take_back)."""
         hold, pull.hold = pull.hold, None
         if hold is None:
             return

@@ -111,6 +111,20 @@ def test_c_moved_reads_needs_a_shared_read_held(client) -> None:
     assert lib.tfem_f_add_reads(reader._f, 1, moved) == errno.EBADF  # let go of
 
 
+def test_a_keepers_hold_takes_no_read_and_gives_none_back(client) -> None:
+    with client.open("kept2", "w", readers=2) as f:
+        f.write(b"x")
+    st = client.stat("kept2")
+    for let_go in (lib.tfem_f_abort, lib.tfem_f_close):
+        core = ffi.new("struct tfem_file *")
+        assert lib.tfem_f_keep(client._header, st.slot, client.table.state_of(st.slot)[1], client.pid, core) == 0
+        assert (client.stat("kept2").state, client.stat("kept2").holders, client.stat("kept2").readers_left) \
+            == ("SHARED", 1, 2)
+        assert let_go(core) == 0
+        assert (client.stat("kept2").state, client.stat("kept2").readers_left) == ("WAIT", 2)
+    client.unlink("kept2")
+
+
 # ---- checksums ----
 
 
