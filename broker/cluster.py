@@ -21,15 +21,28 @@ Theory of operation:
   back whole in the answer (WHOLE), a larger one in CHUNKs of views of the
   segment (copy=False), WINDOW at a time. The owner keeps it until the
   taker says DONE (freed) or RETURN (given back); a kept file is let go of
-  as soon as its copy is whole.
+  as soon as its copy is whole. A file for N readers lends reads: its
+  TAKE one, each MORE one more (taken from the count under the broker's
+  read, no bytes), and the taker's SETTLE says how many were read; the
+  rest go back to the count.
 - Home: knows which nodes hold each name it is home to; answers a LOOKUP
-  with one of them, or keeps it (with wait) until an ANNOUNCE arrives.
+  with one of them, or keeps it (with wait) until an ANNOUNCE arrives. It
+  remembers who withdrew a name last (a file being read there), so that a
+  LOOKUP without wait asks that owner, whose refusal says why.
 - Consumer: a local client's WANT becomes a Want here: LOOKUP at the home,
   TAKE at the owner, the bytes written into a new file of the same name
   in this segment (disk jobs, like any write of the broker's own:
   relocation.OwnWrites; the whole files of one turn in one job),
   published: the waiting client wakes on its own futex. The broker
   watches the copy; once it is consumed here it says DONE to the owner.
+  A copy nobody here holds or wants for COPY_IDLE_S (given back by its
+  reader, or its reader died) is claimed through the state machine,
+  dropped, and given back to the owner (RETURN). A copy of a file for N
+  readers is published with no read and held by the broker's keeper hold
+  (which takes none), so that local readers share it one after another;
+  the reads lent are added to it, a local reader who finds every read
+  taken gets one more by MORE, and COPY_KEEP_S after its last local
+  reader the broker takes back the reads left, lets go, and SETTLEs.
 - Every message for a peer waits in an outbox until the end of the loop's
   turn (flush): what one turn produced for a peer goes as one batch.
 """
@@ -56,7 +69,7 @@ from tfem import cluster_dir, peer_protocol, rendezvous
 from tfem._native import ffi, lib
 from tfem.cluster_dir import PeerEntry
 from tfem.errors import (BrokerUnavailable, InvalidArgument, NotFound, ProtocolError, TfemError, WouldBlock,
-                         errno_of)
+                         errno_of, from_errno)
 from tfem.files import TfemFile
 from tfem.peer_protocol import Kind, Message
 from tfem.protocol import Reply, Wanting
@@ -86,6 +99,17 @@ FULL_SCAN_S = 5.0  # ... and scans even when the header's counters say nothing c
 RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
 WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
 FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
+# A copy pulled here that nobody holds or wants this long goes back to its
+# owner (a reader gave it back, or died); longer than a reader takes to open
+# the copy it was told of, short enough that others elsewhere are not kept
+# from it long.
+COPY_IDLE_S = 1.0
+# A copy of a file for N readers stays this long after its last local reader
+# (kept by the broker's keeper hold) for the next one: its reads stay in the owner's
+# count meanwhile, so it holds only memory (and reads given back here).
+COPY_KEEP_S = 5.0
+WITHDRAWN_KEPT = 4096  # a home remembers who last withdrew this many names
+ALL_READS = 2**32  # a take of every read left
 # A lookup, take or pull that made no progress this long (a message lost
 # to a reconnection) starts again.
 STALL_S = 5.0
@@ -156,6 +180,7 @@ class Want:
     found: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (created_ns, name, owner)
     find_until: float = 0.0
     moved: float = 0.0  # monotonic time of its last step: looked up, taken, a chunk written
+    more: int = 0  # the ticket of a copy here for which it asked the owner one more read
 
 
 @dataclasses.dataclass
@@ -168,11 +193,16 @@ class Pull:
     size: int
     file: TfemFile | None
     kept: bool
+    counted: bool = False  # a file for N readers: the copy holds reads lent from the owner's count
     written: int = 0
     chunks_written: int = 0
     acked: int = 0
     published: tuple[int, int] | None = None  # (slot, generation) of the copy, once published
     failed: bool = False
+    reads: int = 1  # counted: reads lent and added to the copy
+    unused: int = 0  # ... of them taken back unread
+    hold: TfemFile | None = None  # counted: the broker's keeper hold, which keeps the copy between readers
+    idle_since: float = 0.0  # monotonic time since which nobody here holds or wants it
 
 
 @dataclasses.dataclass
@@ -186,6 +216,8 @@ class Lend:
     offset: int = 0
     sent_all: bool = False
     kept: bool = False
+    counted: bool = False  # a file for N readers: its reads are lent
+    reads: int = 1  # reads lent: the broker's own read, and one per MORE granted
 
 
 def explicit_peers(specs: list[str], keys: Keys | None) -> list[PeerEntry]:
@@ -285,13 +317,15 @@ class Cluster:
         self.live: tuple[str, ...] = (self.node,)
         self._tickets = itertools.count(1)
         self._own_writes: OwnWrites | None = None
-        self._arrived: list[tuple[Pull, int, Any]] = []  # WHOLE files of this turn: (pull, expires_ns, bytes)
+        # WHOLE files that came this turn: (pull, readers, expires_ns, bytes)
+        self._arrived: list[tuple[Pull, int, int, Any]] = []
         self._outbox: dict[str, list[Message]] = {}  # by peer: sent at the end of the loop's turn (flush)
         self.wants: dict[str, Want] = {}  # by name
         self._by_ticket: dict[int, Want] = {}
         self.pulls: dict[int, Pull] = {}  # by ticket: being written, or published and watched
         self.lends: dict[tuple[str, int], Lend] = {}  # by (taker, its ticket)
         self.where: dict[str, set[str]] = {}  # home: name -> the nodes that hold it
+        self.withdrawn: dict[str, str] = {}  # home: name -> the node that withdrew it last (oldest first)
         self.pending: dict[str, dict[str, int]] = {}  # home: name -> lookups kept, asker -> its latest ticket
         self.announced: dict[str, str] = {}  # owner: name -> the home told
         self.publications = Publications()
@@ -432,8 +466,10 @@ class Cluster:
         for name in list(self.pending):
             if rendezvous.home(name, self.live) != self.node:
                 del self.pending[name]  # the asker looks up again at the new home
+        for name in [n for n, node in self.withdrawn.items() if node in gone]:
+            del self.withdrawn[name]
         for key in [k for k in self.lends if k[0] in gone]:
-            self._end_lend(key, give_back=True)
+            self._end_lend(key, unused=self.lends[key].reads)
         for want in list(self.wants.values()):
             dead = {want.home, want.owner} & gone
             if dead:
@@ -446,7 +482,8 @@ class Cluster:
             if pull.owner in gone and pull.published is None:
                 self._abandon(pull)
             elif pull.owner in gone:
-                del self.pulls[pull.ticket]  # the copy here stays; nobody to tell
+                del self.pulls[pull.ticket]  # the copy here stays, with the reads lent to it; nobody to tell
+                self._let_go_copy(pull, take_back=False)
 
     # ---- the loop's calls ----
 
@@ -528,10 +565,13 @@ class Cluster:
 
     def close(self) -> None:
         for key in list(self.lends):
-            self._end_lend(key, give_back=True)
+            self._end_lend(key, unused=self.lends[key].reads)
         for pull in list(self.pulls.values()):
             if pull.published is None:
                 self._abandon(pull)
+            elif pull.counted:
+                self._let_go_copy(pull, take_back=True)
+                self._send(pull.owner, Kind.SETTLE, {"ticket": pull.ticket, "used": pull.reads - pull.unused})
             else:
                 self._send(pull.owner, Kind.RETURN, {"ticket": pull.ticket})
         self.flush()
@@ -598,7 +638,12 @@ class Cluster:
         del self._by_ticket[want.ticket]
         want.ticket = next(self._tickets)  # late answers to the old ticket are ignored
         self._by_ticket[want.ticket] = want
-        want.home, want.owner, want.moved = rendezvous.home(want.name, self.live), "", time.monotonic()
+        copy = next((p for p in self.pulls.values() if p.name == want.name and p.hold is not None), None)
+        if copy is not None:  # every read of the copy here is taken: one more from the owner, no bytes
+            want.home, want.owner, want.more, want.moved = "", copy.owner, copy.ticket, time.monotonic()
+            self._send(copy.owner, Kind.MORE, {"ticket": copy.ticket})
+            return
+        want.home, want.owner, want.more, want.moved = rendezvous.home(want.name, self.live), "", 0, time.monotonic()
         if not self._send(want.home, Kind.LOOKUP, {"ticket": want.ticket, "name": want.name, "wait": want.wait}):
             self._fail(want, BrokerUnavailable(f"the broker at {want.home}, home of {want.name!r}, is not reachable"))
 
@@ -643,6 +688,7 @@ class Cluster:
         if m.kind is Kind.ANNOUNCE:
             for name in a["names"]:
                 self.where.setdefault(name, set()).add(m.sender)
+                self.withdrawn.pop(name, None)
                 for asker, ticket in self.pending.pop(name, {}).items():
                     self._answer_lookup(asker, ticket, name, m.sender)
         elif m.kind is Kind.WITHDRAW:
@@ -651,6 +697,10 @@ class Cluster:
                 owners.discard(m.sender)
                 if not owners:
                     self.where.pop(name, None)
+                self.withdrawn.pop(name, None)  # to the end: the oldest go first
+                self.withdrawn[name] = m.sender
+            while len(self.withdrawn) > WITHDRAWN_KEPT:
+                del self.withdrawn[next(iter(self.withdrawn))]
         elif m.kind is Kind.LOOKUP:
             holders = sorted(o for o in self.where.get(a["name"], set()) if o in self.live)
             if holders:
@@ -658,8 +708,10 @@ class Cluster:
                 self._answer_lookup(m.sender, a["ticket"], a["name"], owner)
             elif a["wait"]:
                 self.pending.setdefault(a["name"], {})[m.sender] = a["ticket"]
-            else:
-                self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"], "owner": ""})
+            else:  # the node that withdrew it last may be reading it: its refusal says (WouldBlock, NotFound)
+                last = self.withdrawn.get(a["name"], "")
+                self._send(m.sender, Kind.FOUND, {"ticket": a["ticket"], "name": a["name"],
+                                                  "owner": last if last in self.live else ""})
         elif m.kind is Kind.FOUND:
             self._found(a)
         elif m.kind is Kind.FIND:
@@ -681,9 +733,15 @@ class Cluster:
             lend = self.lends.get((m.sender, a["ticket"]))
             if lend is not None:
                 self._send_chunk((m.sender, a["ticket"]), lend)
-        elif m.kind in (Kind.DONE, Kind.RETURN):
-            if (m.sender, a["ticket"]) in self.lends:
-                self._end_lend((m.sender, a["ticket"]), give_back=m.kind is Kind.RETURN)
+        elif m.kind in (Kind.DONE, Kind.RETURN, Kind.SETTLE):
+            lend = self.lends.get((m.sender, a["ticket"]))
+            if lend is not None:
+                used = a["used"] if m.kind is Kind.SETTLE else lend.reads if m.kind is Kind.DONE else 0
+                self._end_lend((m.sender, a["ticket"]), unused=max(lend.reads - used, 0))
+        elif m.kind is Kind.MORE:
+            self._more(m.sender, a["ticket"])
+        elif m.kind is Kind.GRANT:
+            self._granted(m.sender, a["ticket"], a["reads"])
 
     def _answer_lookup(self, asker: str, ticket: int, name: str, owner: str) -> None:
         """A home's answer: where `name` is; or, when it is here and
@@ -775,12 +833,11 @@ class Cluster:
             return
         owner.held.add(core)
         f = TfemFile(core, name, owner)
-        slot = self.holdings.segment.slot(core.index)
-        kept = slot.readers == KEPT
-        lend = Lend(ticket, taker, f, f.chunks(CHUNK), kept=kept)
+        readers = int(self.holdings.segment.slot(core.index).readers)
+        lend = Lend(ticket, taker, f, f.chunks(CHUNK), kept=readers == KEPT, counted=readers > 1)
         self.lends[(taker, ticket)] = lend
         self.counts["lent"] += 1
-        about = {"ticket": ticket, "size": int(core.size), "readers": KEPT if kept else 1,
+        about = {"ticket": ticket, "size": int(core.size), "readers": readers,
                  "expires_ns": int(self.holdings.segment.life(core.index).expires_ns)}
         if core.size > CHUNK:
             self._send(taker, Kind.FILE, {**about, "errno": 0})
@@ -797,7 +854,7 @@ class Cluster:
         except TfemError as exc:
             log.error("cannot send %r to %s: %s", name, taker, exc)
             self._send(taker, Kind.FILE, {**about, "errno": errno_of(exc), "size": 0})
-            self._end_lend((taker, ticket), give_back=True)
+            self._end_lend((taker, ticket), unused=lend.reads)
             return
         lend.sent_all = True
         self._send(taker, Kind.WHOLE, about, data)
@@ -806,7 +863,7 @@ class Cluster:
     def _send_chunk(self, key: tuple[str, int], lend: Lend) -> None:
         if lend.sent_all:
             if lend.kept:  # the copy is whole: a kept file needs no hold of ours
-                self._end_lend(key, give_back=False)
+                self._end_lend(key, unused=0)
             return
         try:
             chunk = next(lend.chunks)
@@ -817,19 +874,39 @@ class Cluster:
             log.error("cannot send %r to %s: %s", lend.file.name, lend.taker, exc)
             self._send(lend.taker, Kind.FILE, {"ticket": lend.ticket, "errno": errno_of(exc), "size": 0,
                                                "readers": 0, "expires_ns": 0})
-            self._end_lend(key, give_back=True)
+            self._end_lend(key, unused=lend.reads)
             return
         self._send(lend.taker, Kind.CHUNK, {"ticket": lend.ticket, "offset": lend.offset}, chunk)
         lend.offset += len(chunk)
         self.counts["lent_bytes"] += len(chunk)
 
-    def _end_lend(self, key: tuple[str, int], give_back: bool) -> None:
+    def _end_lend(self, key: tuple[str, int], unused: int) -> None:
+        """Let go of a lend, `unused` of its reads unread: those go back to
+        the file's count (all of them: a consume-once file back to WAIT)."""
         lend = self.lends.pop(key)
         lend.chunks.close()
         try:
-            lend.file.abort() if give_back else lend.file.close()
+            if unused >= lend.reads:  # the read of ours is given back too
+                _move_reads(lend.file, lend.reads - 1)
+                lend.file.abort()
+            else:  # added before our read is closed: the close then finds reads to come (WAIT), not the last
+                _move_reads(lend.file, unused)
+                lend.file.close()
         except TfemError as exc:
             log.warning("letting go of %r: %s", lend.file.name, exc)
+
+    def _more(self, taker: str, ticket: int) -> None:
+        """A taker's copy has a reader wanting one more read: lend it one
+        from the count (0: none left now)."""
+        lend = self.lends.get((taker, ticket))
+        reads = 0
+        if lend is not None and lend.counted:
+            try:
+                reads = _move_reads(lend.file, -1)
+            except TfemError as exc:
+                log.warning("cannot lend another read of %r: %s", lend.file.name, exc)
+            lend.reads += reads
+        self._send(taker, Kind.GRANT, {"ticket": ticket, "reads": reads})
 
     # ---- consumer: pulls ----
 
@@ -852,15 +929,14 @@ class Cluster:
             else:
                 self._fail(want, WouldBlock(f"{want.name!r} is held on {owner}: {os.strerror(code)}"))
             return
-        kept = a["readers"] == KEPT
         want.owner = owner
-        pull = Pull(want.ticket, want.name, owner, a["size"], None, kept)
+        pull = Pull(want.ticket, want.name, owner, a["size"], None, a["readers"] == KEPT, a["readers"] > 1)
         want.pull, want.moved = pull, time.monotonic()
         self.pulls[pull.ticket] = pull
         if data is None:
-            self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["expires_ns"]))
+            self._run_disk(f"pull {want.name}", lambda: self._create(pull, a["readers"], a["expires_ns"]))
         else:
-            self._arrived.append((pull, a["expires_ns"], data))
+            self._arrived.append((pull, a["readers"], a["expires_ns"], data))
 
     def _write_arrived(self) -> None:
         """The whole files that came in this turn: written and published
@@ -870,16 +946,16 @@ class Cluster:
         batch, self._arrived = self._arrived, []
 
         def write_all() -> None:
-            for pull, expires_ns, data in batch:
+            for pull, readers, expires_ns, data in batch:
                 if self.pulls.get(pull.ticket) is not pull:
                     continue  # given up meanwhile (its owner died)
-                self._create(pull, expires_ns)
+                self._create(pull, readers, expires_ns)
                 if pull.size:
                     self._write(pull, 0, data, ack=False)
 
         self._run_disk(f"pull {len(batch)} whole files", write_all)
 
-    def _create(self, pull: Pull, expires_ns: int) -> None:
+    def _create(self, pull: Pull, readers: int, expires_ns: int) -> None:
         """Disk job: the file of the copy, under the same name here."""
         owner = self._owner()
         raw = pull.name.encode()
@@ -889,7 +965,9 @@ class Cluster:
             log.warning("cannot make the copy of %r here: %s", pull.name, os.strerror(rc))
             pull.failed = True
             return
-        lib.tfem_f_set_lifetime(core, KEPT if pull.kept else 1, expires_ns)
+        lib.tfem_f_set_lifetime(core, readers, expires_ns)
+        if pull.counted:  # no read until the broker keeps the copy: those lent are added then
+            self.holdings.segment.life(core.index).readers_left = 0
         owner.held.add(core)
         pull.file = TfemFile(core, pull.name, owner)
         self._complete(pull)  # a file of no bytes
@@ -927,13 +1005,31 @@ class Cluster:
             return
         where = (int(f._f.index), int(f._f.generation))
         f.close()
+        if pull.counted:
+            self._hold_copy(pull, *where)
         pull.published = where
         self.counts["pulled"] += 1
         self.counts["pulled_bytes"] += pull.size
 
+    def _hold_copy(self, pull: Pull, slot: int, generation: int) -> None:
+        """Disk job's end: keep the copy, published with no read (a keeper's
+        hold, which takes none: no local reader can be quicker), then add
+        the read lent, which wakes the waiting client."""
+        owner = self._owner()
+        core = ffi.new("struct tfem_file *")
+        rc = lib.tfem_f_keep(ffi.cast("struct tfem_header *", owner.base), slot, generation, owner.pid, core)
+        if rc:  # unlinked meanwhile: its read is never taken here, SETTLE gives it back
+            log.warning("cannot keep the copy of %r: %s", pull.name, os.strerror(rc))
+            pull.unused = pull.reads
+            return
+        owner.held.add(core)
+        pull.hold = TfemFile(core, pull.name, owner)
+        pull.reads = _move_reads(pull.hold, pull.reads)
+
     def _watch(self) -> None:
         """Pulls finished or failed since: tell the want's clients; the
-        owner once the copy was consumed here (or at once, if kept)."""
+        owner once the copy was consumed here (or at once, if kept), or
+        given back."""
         table = self.holdings.table
         for pull in list(self.pulls.values()):
             want = self._by_ticket.get(pull.ticket)
@@ -945,9 +1041,85 @@ class Cluster:
             if want is not None and want.pull is pull:
                 self._finish(want)
             state, generation, _ = table.state_of(pull.published[0])
-            if pull.kept or generation != pull.published[1] or state is State.INVALID:
+            if pull.kept:
                 del self.pulls[pull.ticket]
                 self._send(pull.owner, Kind.DONE, {"ticket": pull.ticket})
+            elif generation != pull.published[1] or state is State.INVALID:
+                del self.pulls[pull.ticket]
+                self._settle(pull)
+            else:
+                self._give_back_idle(pull, state)
+
+    def _settle(self, pull: Pull) -> None:
+        """The copy is gone: tell its owner how many of its reads were read."""
+        if pull.counted:
+            self._send(pull.owner, Kind.SETTLE, {"ticket": pull.ticket, "used": pull.reads - pull.unused})
+        else:
+            self._send(pull.owner, Kind.RETURN if pull.unused else Kind.DONE, {"ticket": pull.ticket})
+
+    def _give_back_idle(self, pull: Pull, state: State) -> None:
+        """A copy nobody here holds (but the broker) or wants, for
+        COPY_IDLE_S: given back to its owner. Claimed through the state
+        machine, so a local reader opening it at that moment either has it
+        or finds it gone (and asks again)."""
+        assert pull.published is not None
+        s, generation = pull.published
+        ours = pull.hold is not None
+        idle = pull.name not in self.wants and (
+            state is State.WAIT or ours and state is State.SHARED and self.holdings.segment.life(s).holders == 1)
+        now = time.monotonic()
+        if not idle or not pull.idle_since:
+            pull.idle_since = now if idle else 0.0
+            return
+        if now - pull.idle_since < (COPY_KEEP_S if ours else COPY_IDLE_S):
+            return
+        if ours:  # the reads left come back, and the copy goes at the last close
+            self._let_go_copy(pull, take_back=True)
+            return
+        table = self.holdings.table
+        handle = table.hold_waiting(s)
+        if handle is None:
+            return  # a reader took it meanwhile
+        if handle.generation != generation:
+            table.release(handle)  # another file in the slot by now: ours went, as the next look shows
+            return
+        unread = int(self.holdings.segment.life(s).readers_left) if pull.counted else 1
+        table.consume(handle)
+        del self.pulls[pull.ticket]
+        pull.unused += unread
+        self._settle(pull)
+
+    def _let_go_copy(self, pull: Pull, take_back: bool) -> None:
+        """Let go of the broker's keeper hold of a copy, first taking back
+        the reads nobody here took (take_back)."""
+        hold, pull.hold = pull.hold, None
+        if hold is None:
+            return
+        try:
+            if take_back:
+                pull.unused += _move_reads(hold, -ALL_READS)
+            hold.close()
+        except TfemError as exc:
+            log.warning("letting go of the copy of %r: %s", pull.name, exc)
+
+    def _granted(self, owner: str, ticket: int, reads: int) -> None:
+        """The owner's answer to MORE: add the reads to the copy, and tell
+        the want's clients (a read to take, or none left)."""
+        pull = self.pulls.get(ticket)
+        if pull is None or pull.owner != owner:
+            return  # settled meanwhile: the owner counted these as unread
+        if pull.hold is not None:
+            pull.reads += _move_reads(pull.hold, reads)
+        want = self.wants.get(pull.name)
+        if want is None or want.more != ticket:
+            return
+        want.more = 0
+        if reads and pull.hold is not None:
+            self._finish(want)  # the client takes the read here
+        elif want.wait:
+            want.owner, want.retry_at = "", time.monotonic() + RETRY_S
+        else:
+            self._fail(want, WouldBlock(f"every read of {want.name!r} is taken"))
 
     def _abandon(self, pull: Pull) -> None:
         """Give up a pull not yet published: drop the partial copy, give the owner's back."""
@@ -965,6 +1137,18 @@ class Cluster:
             if pull.file is not None:
                 pull.file.abort()
         self._run_disk(f"drop the copy of {pull.name}", drop)
+
+
+def _move_reads(f: TfemFile, delta: int) -> int:
+    """Move reads to (delta > 0) or from a shared read's file count
+    (tfem_f_add_reads); how many moved."""
+    if not delta:
+        return 0
+    moved = ffi.new("uint32_t *")
+    rc = lib.tfem_f_add_reads(f._f, delta, moved)
+    if rc:
+        raise from_errno(rc, f"cannot move {delta} reads of {f.name!r}: {os.strerror(rc)}")
+    return int(moved[0])
 
 
 def _batches(names: list[str], size: int = 512) -> Iterator[list[str]]:

@@ -348,7 +348,9 @@ class Client:
         if self.cluster and kind == "r":
             rc = lib.tfem_f_open(self._header, raw, len(raw), self.pid, _OPEN_MODE[kind], False, 0, core,
                                  self._state_found)
-            if rc == errno.ENOENT:  # not on this node: its broker pulls it from another
+            # Not on this node, or every read of it here taken (of a copy
+            # from another node, its owner may lend one more): the broker asks.
+            if rc == errno.ENOENT or rc == errno.EAGAIN and self._state_found[0] == State.SHARED:
                 return self._open_across(raw, timeout, wait, deadline, core)
             if rc == 0:
                 return self._opened(core, name, raw, 0)

@@ -45,6 +45,10 @@ class Kind(str, enum.Enum):
     ACK = "ack"  # a chunk written: send the next
     DONE = "done"  # the pulled copy was consumed: free yours
     RETURN = "return"  # the pull was given up: give yours back
+    # A file for N readers: a node's copy holds reads lent from the owner's count.
+    MORE = "more"  # to an owner: lend one more read to the copy of ticket (a reader here wants one)
+    GRANT = "grant"  # an owner's answer: reads lent (0: none left)
+    SETTLE = "settle"  # the copy of ticket is gone, `used` of its reads read: give the rest back
 
 
 _LIST = list  # a list of strings; names of 1 to 255 bytes
@@ -63,6 +67,9 @@ _ARGS: dict[Kind, dict[str, type]] = {
     Kind.ACK: {"ticket": int},
     Kind.DONE: {"ticket": int},
     Kind.RETURN: {"ticket": int},
+    Kind.MORE: {"ticket": int},
+    Kind.GRANT: {"ticket": int, "reads": int},
+    Kind.SETTLE: {"ticket": int, "used": int},
 }
 _CAN_BE_EMPTY = {"owner", "prefix"}  # "": nobody, everything
 WITH_DATA = {Kind.CHUNK, Kind.WHOLE}  # followed by a data frame

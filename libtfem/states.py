@@ -93,6 +93,20 @@ def shared_close(holders_after: int, readers_left: int | None) -> Event:
     return Event.FINAL_CLOSE
 
 
+def moved_reads(readers: int, readers_left: int, delta: int) -> int:
+    """A shared reader's move of reads to (`delta` > 0) or from (< 0) a
+    file's count of reads still to come, the state staying SHARED (a broker
+    lending reads to a copy on another node): the count after it. A file
+    gets back at most its `readers`; a take takes at most what is left.
+    ValueError for a file not counted in reads (consume-once or kept), or
+    one given more than its readers. Mirrored by moved_reads in C."""
+    if readers <= 1:
+        raise ValueError("only a file of several readers counts its reads")
+    if delta > readers - readers_left:
+        raise ValueError(f"{readers_left} + {delta} reads is more than the file's {readers}")
+    return max(readers_left + delta, 0)
+
+
 class TransitionError(Exception):
     """An event that the table does not allow from the current state."""
 

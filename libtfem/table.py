@@ -221,6 +221,16 @@ class SlotTable:
         self._check(lib.tfem_t_release(self._h, handle.slot, handle.generation, self.pid, claim))
         return claim.discard_id or None
 
+    def consume(self, handle: Handle) -> None:
+        """Free a file held as its reader (READ -> INVALID): the broker,
+        dropping a copy pulled from another node that goes back to its
+        owner. A spilled copy's records are left to the sweep (owned by no
+        slot), which runs where the store may be written. A reader that
+        found it held a moment is woken, to find it gone at once."""
+        claim = self._claim_struct()
+        self._check(lib.tfem_t_consume(self._h, handle.slot, handle.generation, self.pid, claim))
+        lib.tfem_publish(self._wake_seq + handle.bucket, self._wake_waiters + handle.bucket)
+
     # ---- anyone ----
 
     def unlink(self, raw: bytes) -> None:

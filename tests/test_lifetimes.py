@@ -17,7 +17,7 @@ import time
 import pytest
 
 import tfem
-from tfem._native import ffi
+from tfem._native import ffi, lib
 from tfem.segment import Segment
 from tfem.states import unpack_word
 
@@ -100,6 +100,29 @@ def test_a_reader_waiting_for_a_taken_read_gets_the_one_given_back(client, insta
     reader.expect("closed")
     assert reader.finish() == 0
     held[1].close()  # the second of two reads: freed
+    assert_all_free(client)
+
+
+def test_a_reader_waiting_for_a_taken_read_wakes_when_reads_are_added(client, instance, workers):
+    """What a broker lending reads across nodes does (tfem_f_add_reads):
+    the reads it takes are gone for local readers; given back, a waiting
+    reader wakes and takes one."""
+    data = put(client, "lent", 2_000, readers=3)
+    held = client.open("lent", wait=False)
+    moved = ffi.new("uint32_t *")
+    assert lib.tfem_f_add_reads(held._f, -5, moved) == 0 and moved[0] == 2
+    with pytest.raises(tfem.WouldBlock):
+        client.open("lent", wait=False)
+    reader = workers(instance.env, "read", "lent", "--timeout", "30")
+    reader.expect("waiting")
+    wait_until(lambda: in_futex_wait(reader.pid), 10, "the reader to wait for a read of 'lent'")
+    assert lib.tfem_f_add_reads(held._f, 1, moved) == 0 and moved[0] == 1
+    got = reader.expect("got")
+    assert (got["size"], got["sha256"]) == (len(data), sha256(data))
+    reader.expect("closed")
+    assert reader.finish() == 0
+    assert client.stat("lent").readers_left == 0
+    held.close()  # freed: two reads done here, the third still taken (as if lent to another node)
     assert_all_free(client)
 
 

@@ -72,6 +72,59 @@ def test_the_generated_header_is_states_py() -> None:
     assert [getattr(lib, f"TFEM_EVENT_{e.name}") for e in Event] == [EVENT_NUMBER[e] for e in Event]
 
 
+@pytest.mark.parametrize("readers, delta", [(3, -1), (3, -5), (3, 0), (3, 1), (4, 2), (3, 2), (4, -3)])
+def test_c_moved_reads_matches_states_py(client, readers: int, delta: int) -> None:
+    """tfem_f_add_reads on a real shared read (readers - 1 left) against
+    states.moved_reads: the count after it, and what was moved."""
+    with client.open("counted", "w", readers=readers) as f:
+        f.write(b"x")
+    reader = client.open("counted", "r", wait=False)
+    moved = ffi.new("uint32_t *")
+    rc = lib.tfem_f_add_reads(reader._f, delta, moved)
+    try:
+        expected = states.moved_reads(readers, readers - 1, delta)
+    except ValueError:
+        assert (rc, client.stat("counted").readers_left) == (errno.EINVAL, readers - 1)
+    else:
+        assert rc == 0
+        assert (client.stat("counted").readers_left, moved[0]) == (expected, abs(expected - (readers - 1)))
+    assert client.stat("counted").state == "SHARED"
+    client.unlink("counted")
+    reader.close()
+    assert client.list() == []
+
+
+def test_c_moved_reads_needs_a_shared_read_held(client) -> None:
+    moved = ffi.new("uint32_t *")
+    with client.open("once", "w") as f:
+        f.write(b"x")
+    with client.open("once", "r", wait=False) as reader:  # consume-once: no shared read
+        assert lib.tfem_f_add_reads(reader._f, 1, moved) == errno.EBADF
+    with client.open("kept", "w", keep=True) as f:
+        f.write(b"x")
+    with client.open("kept", "r", wait=False) as reader:  # kept: no count of reads
+        assert lib.tfem_f_add_reads(reader._f, 1, moved) == errno.EINVAL
+        core = reader._f
+        assert lib.tfem_t_add_reads(core.h, core.index, core.generation + 1, core.pid, core.hold, 1, moved) \
+            == errno.ESTALE
+    client.unlink("kept")
+    assert lib.tfem_f_add_reads(reader._f, 1, moved) == errno.EBADF  # let go of
+
+
+def test_a_keepers_hold_takes_no_read_and_gives_none_back(client) -> None:
+    with client.open("kept2", "w", readers=2) as f:
+        f.write(b"x")
+    st = client.stat("kept2")
+    for let_go in (lib.tfem_f_abort, lib.tfem_f_close):
+        core = ffi.new("struct tfem_file *")
+        assert lib.tfem_f_keep(client._header, st.slot, client.table.state_of(st.slot)[1], client.pid, core) == 0
+        assert (client.stat("kept2").state, client.stat("kept2").holders, client.stat("kept2").readers_left) \
+            == ("SHARED", 1, 2)
+        assert let_go(core) == 0
+        assert (client.stat("kept2").state, client.stat("kept2").readers_left) == ("WAIT", 2)
+    client.unlink("kept2")
+
+
 # ---- checksums ----
 
 

@@ -205,6 +205,24 @@ def test_three_readers_sharing_a_file_walk_the_table() -> None:
     assert readers_left == 0 and holders == 0
 
 
+@pytest.mark.parametrize("readers, readers_left, delta, after", [
+    (3, 2, -1, 1),   # a read lent to a copy on another node
+    (3, 2, -5, 0),   # a take takes at most what is left
+    (3, 0, -1, 0),
+    (3, 1, 2, 3),    # reads given back, up to the file's readers
+    (3, 2, 0, 2),
+])
+def test_moved_reads(readers: int, readers_left: int, delta: int, after: int) -> None:
+    assert states.moved_reads(readers, readers_left, delta) == after
+
+
+@pytest.mark.parametrize("readers, readers_left, delta", [(3, 2, 2), (1, 1, 1), (1, 0, -1), (0, 0, 1)])
+def test_moved_reads_refuses_more_than_the_readers_or_an_uncounted_file(readers: int, readers_left: int,
+                                                                         delta: int) -> None:
+    with pytest.raises(ValueError):
+        states.moved_reads(readers, readers_left, delta)
+
+
 def test_unpack_rejects_an_unknown_state() -> None:
     with pytest.raises(ValueError):
         unpack_word(pack_word(State.WAIT, 1, 1) | 0x7F)

@@ -533,6 +533,19 @@ int tfem_f_set_lifetime(struct tfem_file *f, uint32_t readers, uint64_t expires_
     return 0;
 }
 
+int tfem_f_keep(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, struct tfem_file *f) {
+    struct tfem_claim claim;
+    int rc = tfem_t_keep_shared(h, slot, generation, pid, &claim);
+    if (rc == 0) start_file(h, &claim, pid, tfem_slot_at(tfem_geometry(h), slot)->name_hash, 0, f);
+    return rc;
+}
+
+int tfem_f_add_reads(struct tfem_file *f, int64_t delta, uint32_t *moved) {
+    *moved = 0;
+    if (!f->held || !f->hold) return EBADF;
+    return tfem_t_add_reads(f->h, f->index, f->generation, f->pid, f->hold, delta, moved);
+}
+
 int tfem_f_publish(struct tfem_file *f, uint32_t checksum) {
     struct tfem_claim out;
     f->held = 0;

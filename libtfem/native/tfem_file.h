@@ -85,6 +85,11 @@ uint32_t tfem_f_memory_crc(struct tfem_file *f);
  * opens (1, the default: consume-once), or kept (0) until unlinked;
  * expires_ns (CLOCK_REALTIME, 0: never) is when the broker frees it. */
 int tfem_f_set_lifetime(struct tfem_file *f, uint32_t readers, uint64_t expires_ns);
+/* A keeper's hold of slot s (tfem_t_keep_shared), as a file held for reading. */
+int tfem_f_keep(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, struct tfem_file *f);
+/* A shared read's holder moves reads to or from its file's count
+ * (tfem_t_add_reads). EBADF: not a shared read. */
+int tfem_f_add_reads(struct tfem_file *f, int64_t delta, uint32_t *moved);
 int tfem_f_close(struct tfem_file *f);
 int tfem_f_publish(struct tfem_file *f, uint32_t checksum);
 int tfem_f_abort(struct tfem_file *f);

@@ -88,7 +88,8 @@ struct tfem_hold {
     uint32_t pid;
     uint32_t slot;
     uint32_t generation;
-    uint32_t counted; /* 1 once the slot's holders and readers_left include this read */
+    uint32_t counted; /* 1 once the slot's holders and readers_left include this read; 2: a keeper's
+                         hold, in holders only (tfem_t_keep_shared) */
 };
 
 /* A slot's lifetime counts (see above), one per slot, changed under the

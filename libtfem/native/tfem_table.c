@@ -340,7 +340,7 @@ static int drop_hold(const struct tfem_geometry *g, uint32_t i, int closing, str
     int counted = e->counted;
     free_hold(e);
     if (!counted) return 0; /* its reader died before taking the read */
-    if (!closing && slot->readers > 1) life->readers_left++;
+    if (!closing && slot->readers > 1 && counted == 1) life->readers_left++; /* a keeper took none */
     if (life->holders) life->holders--;
     int event = shared_close_event(slot, life);
     if (!life->holders && slot->flags & TFEM_SLOT_DOOMED) event = TFEM_EVENT_UNLINK;
@@ -495,6 +495,67 @@ int tfem_t_let_go_shared(struct tfem_header *h, uint32_t s, uint32_t generation,
     unlock_stripe(h, stripe_of(hash));
     if (rc == 0 && out->for_write == -1) publish_space(h);
     else if (rc == 0 && give_back) publish_bucket(h, hash); /* a read to take again */
+    return rc;
+}
+
+/* states.moved_reads: a file counted in reads (readers > 1) gets at most
+ * its readers back; a take takes at most what is left. EINVAL otherwise. */
+static int moved_reads(const struct tfem_slot *slot, const struct tfem_life *life, int64_t delta, int64_t *left) {
+    if (slot->readers <= 1) return EINVAL;
+    int64_t have = life->readers_left;
+    if (delta >= 0 && delta > (int64_t)slot->readers - have) return EINVAL;
+    *left = delta >= 0 ? have + delta : (-delta < have ? have + delta : 0);
+    return 0;
+}
+
+int tfem_t_add_reads(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid, uint32_t hold,
+                     int64_t delta, uint32_t *moved) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    *moved = 0;
+    if (s >= g->slot_count || hold == 0) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
+    uint32_t hash = slot->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
+    int rc = ESTALE;
+    if (holds(g, hold - 1, pid, s, generation)) {
+        struct tfem_life *life = tfem_life_at(g, s);
+        int64_t left = 0;
+        if ((rc = moved_reads(slot, life, delta, &left)) == 0) {
+            *moved = (uint32_t)(left > life->readers_left ? left - life->readers_left : life->readers_left - left);
+            life->readers_left = (uint32_t)left;
+        }
+    }
+    unlock_stripe(h, stripe_of(hash));
+    if (rc == 0 && *moved && delta > 0) publish_bucket(h, hash); /* reads to take: waiting readers look again */
+    return rc;
+}
+
+int tfem_t_keep_shared(struct tfem_header *h, uint32_t s, uint32_t generation, uint32_t pid,
+                       struct tfem_claim *out) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    memset(out, 0, sizeof *out);
+    if (s >= g->slot_count) return ESTALE;
+    struct tfem_slot *slot = slot_at(g, s);
+    uint32_t hash = slot->name_hash;
+    if (lock_stripe(h, stripe_of(hash), pid)) return EBUSY;
+    uint64_t word = __atomic_load_n(&slot->state, SC);
+    int rc = ESTALE;
+    if (slot->readers <= 1) {
+        rc = EINVAL;
+    } else if (generation_of(word) == generation && slot->name_hash == hash && !(slot->flags & TFEM_SLOT_DOOMED)) {
+        int64_t i = claim_hold(g, pid, s, generation);
+        rc = i < 0 ? EMFILE : transition(slot, TFEM_EVENT_OPEN_SHARED, generation, 0);
+        if (i >= 0 && rc) free_hold(tfem_hold_at(g, (uint32_t)i));
+        if (rc == 0) {
+            tfem_life_at(g, s)->holders++;
+            tfem_hold_at(g, (uint32_t)i)->counted = 2;
+            out->slot = s;
+            out->generation = generation;
+            out->file_id = slot->file_id;
+            out->hold = (uint32_t)i + 1;
+        }
+    }
+    unlock_stripe(h, stripe_of(hash));
     return rc;
 }
 

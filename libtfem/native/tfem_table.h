@@ -59,6 +59,20 @@ int tfem_t_release(struct tfem_header *h, uint32_t slot, uint32_t generation, ui
  * or unlinked meanwhile, frees it (out->for_write = -1). */
 int tfem_t_let_go_shared(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, uint32_t hold,
                          int give_back, struct tfem_claim *out);
+/* The holder of a shared read (hold) of a file counted in reads (readers >
+ * 1) moves reads to its count (delta > 0: at most up to its readers) or
+ * from it (delta < 0: at most what is left); *moved says how many. For a
+ * broker lending reads to another node's copy (broker/cluster.py). EINVAL:
+ * not counted in reads, or more than its readers. */
+int tfem_t_add_reads(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid, uint32_t hold,
+                     int64_t delta, uint32_t *moved);
+/* A keeper's hold of a WAIT or SHARED file counted in reads, of that
+ * generation: it holds the file (holders) without taking a read, so the
+ * file stays between its readers even with none left to come; let go of,
+ * or settled, it gives none back. For a broker keeping a copy pulled from
+ * another node, published with no reads, that it then adds. */
+int tfem_t_keep_shared(struct tfem_header *h, uint32_t slot, uint32_t generation, uint32_t pid,
+                       struct tfem_claim *out);
 int tfem_t_unlink(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
                   uint32_t pid, struct tfem_claim *out);
 int tfem_t_lookup(struct tfem_header *h, const char *name, uint32_t len, uint32_t hash,
