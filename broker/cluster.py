@@ -939,21 +939,47 @@ class Cluster:
             self._arrived.append((pull, a["readers"], a["expires_ns"], data))
 
     def _write_arrived(self) -> None:
-        """The whole files that came in this turn: written and published
-        here in one disk job, not a job (and a message) per step of each."""
-        if not self._arrived:
-            return
+        """The whole files that came this turn: created, written and
+        published here and now, as a client's put is, when the arena has
+        room (a few µs each: a disk job's hand-over to the worker thread
+        cost more than the write); what needs room or the spill store
+        goes on as a disk job."""
         batch, self._arrived = self._arrived, []
+        for pull, readers, expires_ns, data in batch:
+            if self.pulls.get(pull.ticket) is not pull:
+                continue  # given up meanwhile (its owner died)
+            self._create(pull, readers, expires_ns)
+            f = pull.file
+            if f is None or not pull.size:
+                continue
+            try:
+                done = f.write_nowait(data)
+            except TfemError as exc:
+                self._write_failed(pull, exc)
+                continue
+            if callable(done):
+                self._run_disk(f"pull {pull.name}", lambda pull=pull, rest=done: self._write_rest(pull, rest))
+            else:
+                pull.written = done
+                self._complete(pull)
 
-        def write_all() -> None:
-            for pull, readers, expires_ns, data in batch:
-                if self.pulls.get(pull.ticket) is not pull:
-                    continue  # given up meanwhile (its owner died)
-                self._create(pull, readers, expires_ns)
-                if pull.size:
-                    self._write(pull, 0, data, ack=False)
+    def _write_rest(self, pull: Pull, rest: Callable[[], int]) -> None:
+        """Disk job: the rest of a whole file, for which the arena had no room."""
+        if pull.file is None or pull.failed:
+            return
+        try:
+            pull.written = rest()
+        except TfemError as exc:
+            self._write_failed(pull, exc)
+            return
+        self._complete(pull)
 
-        self._run_disk(f"pull {len(batch)} whole files", write_all)
+    def _write_failed(self, pull: Pull, exc: TfemError) -> None:
+        """The copy is dropped; the watch gives the owner's back (RETURN)."""
+        assert pull.file is not None
+        log.warning("cannot write the copy of %r here: %s", pull.name, exc)
+        pull.failed = True
+        pull.file.abort()
 
     def _create(self, pull: Pull, readers: int, expires_ns: int) -> None:
         """Disk job: the file of the copy, under the same name here."""
@@ -990,9 +1016,7 @@ class Cluster:
             pull.file.seek(offset)
             pull.file.write(data)
         except TfemError as exc:
-            log.warning("cannot write the copy of %r here: %s", pull.name, exc)
-            pull.failed = True
-            pull.file.abort()
+            self._write_failed(pull, exc)
             return
         pull.written += len(data)
         pull.chunks_written += ack
