@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -958,7 +959,7 @@ class Cluster:
                 self._write_failed(pull, exc)
                 continue
             if callable(done):
-                self._run_disk(f"pull {pull.name}", lambda pull=pull, rest=done: self._write_rest(pull, rest))
+                self._run_disk(f"pull {pull.name}", functools.partial(self._write_rest, pull, done))
             else:
                 pull.written = done
                 self._complete(pull)
@@ -982,7 +983,8 @@ class Cluster:
         pull.file.abort()
 
     def _create(self, pull: Pull, readers: int, expires_ns: int) -> None:
-        """Disk job: the file of the copy, under the same name here."""
+        """The file of the copy, under the same name here (in the loop for
+        a whole file, as a client's create is; it never waits for a slot)."""
         owner = self._owner()
         raw = pull.name.encode()
         core = ffi.new("struct tfem_file *")
