@@ -100,6 +100,7 @@ FULL_SCAN_S = 5.0  # ... and scans even when the header's counters say nothing c
 RETRY_S = 0.2  # a consumer looks up again after a taker beat it to a file
 WANT_LEASE_S = 2.0  # a waiting client renews its want each WANT_SLICE_S (client.py): else it is dropped
 FIND_TIMEOUT_S = 1.0  # open_next: how long to wait for the peers' oldest names
+FIND_ANSWERS = 8  # ... and how many each gives
 # A copy pulled here that nobody holds or wants this long goes back to its
 # owner (a reader gave it back, or died); longer than a reader takes to open
 # the copy it was told of, short enough that others elsewhere are not kept
@@ -810,8 +811,8 @@ class Cluster:
                     self.announced.update((name, home) for name in part)
 
     def _find(self, asker: str, ticket: int, prefix: str) -> None:
-        files = sorted((f for f in self.holdings.table.list() if f.state == "WAIT" and f.name.startswith(prefix)
-                        and f.name not in self.wants), key=lambda f: f.created)[:8]
+        oldest = self.holdings.table.oldest_waiting(prefix.encode(), FIND_ANSWERS + len(self.wants))
+        files = [f for f in oldest if f.name not in self.wants][:FIND_ANSWERS]  # not those pulled here
         self._send(asker, Kind.FOUND_NEXT, {"ticket": ticket,
                                             "names": [[f.name, int(f.created * 1e9)] for f in files]})
 

@@ -54,6 +54,7 @@ LIVENESS_POLL_MS = 200  # while waiting for a reply, how often the broker's pid 
 # broker's answer is BrokerUnavailable once the owner or home died).
 WANT_SLICE_S = 0.25
 NEXT_POLL_S = 0.02  # open_next: how often a waiting caller looks again
+NEXT_CANDIDATES = 8  # open_next: the oldest files tried before looking again
 _MODES = {m: m[0] for m in ("r", "w", "a")} | {m + "b": m for m in "rwa"} | {"b" + m: m for m in "rwa"}
 _FILE = ffi.typeof("struct tfem_file *")
 _OPEN_MODE = {"r": lib.TFEM_OPEN_READ, "a": lib.TFEM_OPEN_AUTO}
@@ -428,9 +429,13 @@ class Client:
         if type(prefix) is not str:
             raise InvalidArgument(f"prefix must be text, not {type(prefix).__name__}")
         deadline = Deadline(timeout)
+        raw = prefix.encode()
         while True:
-            for stat in sorted(self.list_stats(), key=operator.attrgetter("created")):
-                if stat.state == "WAIT" and stat.name.startswith(prefix):
+            tried: set[str] = set()  # this look's: each name once, so that the look ends
+            while candidates := [stat for stat in self.table.oldest_waiting(raw, NEXT_CANDIDATES + len(tried))
+                                 if stat.name not in tried]:
+                for stat in candidates:
+                    tried.add(stat.name)
                     try:
                         return self.open(stat.name, "r", wait=False)
                     except (NotFound, WouldBlock):

@@ -421,6 +421,22 @@ class SlotTable:
         n = lib.tfem_t_published_changes(self._h, seen, slots, marks, count)
         return [(slots[i], marks[i]) for i in range(n)]
 
+    def oldest_waiting(self, prefix: bytes, most: int) -> builtins_list[FileStat]:
+        """Up to `most` (at most TFEM_OLDEST_MAX) WAIT files whose names
+        start with `prefix`, oldest first: one C pass over the slots, not
+        a listing of every file. No lock: each is checked again here, and
+        opening it by name is where the state machine decides."""
+        most = min(most, lib.TFEM_OLDEST_MAX)
+        slots = ffi.new("uint32_t[]", most)
+        out = ffi.new("struct tfem_fileinfo *")
+        found = []
+        for i in range(lib.tfem_t_oldest_waiting(self._h, prefix, len(prefix), slots, most)):
+            lib.tfem_t_info(self._h, slots[i], out)
+            stat = file_stat(out)
+            if stat.state == "WAIT" and ffi.buffer(out.name, out.name_len)[:].startswith(prefix):
+                found.append(stat)
+        return found
+
     def published_name(self, s: int, mark: int) -> str | None:
         """The name of the published file `mark` saw in slot s; None if
         the slot holds another by now (freed, reused: no lock is taken)."""

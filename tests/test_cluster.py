@@ -565,3 +565,41 @@ def test_a_waiting_c_reader_hears_that_the_names_home_died(cluster, programs):
         if c not in cluster.nodes:  # killed: again, to take over its segment and peer file and remove them
             cluster.restart(c)
     assert got == "ECONNREFUSED" and heard < DEAD_BOUND_S
+
+
+def test_open_next_takes_the_oldest_under_its_prefix_once_each(instance, client):
+    """On one node: oldest first, only under the prefix, each file to one
+    of the consumers racing for them, past more files than one look's
+    candidates, and NotFound once none is left."""
+    names = [f"job/{i:03d}" for i in range(40)]
+    for name in names:
+        with client.open(name, "w") as f:
+            f.write(name.encode())
+        with client.open(f"other/{name}", "w") as f:
+            f.write(b"not under the prefix")
+    with client.open("job/being-written", "w"):  # not published: never offered
+        with client.open_next("job/") as f:
+            assert f.name == names[0] and f.read() == names[0].encode()
+        got: list[str] = []
+        lock = threading.Lock()
+
+        def take() -> None:
+            with instance.connect() as c:
+                while True:
+                    try:
+                        with c.open_next("job/", wait=False) as f:
+                            assert f.read() == f.name.encode()
+                            with lock:
+                                got.append(f.name)
+                    except NotFound:
+                        return
+
+        threads = [threading.Thread(target=take) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(got) == names[1:]  # each once, none lost
+        with pytest.raises(NotFound):
+            client.open_next("job/", wait=False)
+    assert len(client.list()) == 41  # the other prefix's, and the one written

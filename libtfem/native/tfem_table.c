@@ -734,6 +734,29 @@ uint32_t tfem_t_published_changes(struct tfem_header *h, const uint64_t *seen, u
     return n;
 }
 
+uint32_t tfem_t_oldest_waiting(struct tfem_header *h, const char *prefix, uint32_t len, uint32_t *slots,
+                               uint32_t max) {
+    const struct tfem_geometry *g = tfem_geometry(h);
+    if (max > TFEM_OLDEST_MAX) max = TFEM_OLDEST_MAX; /* the creation times live on the stack */
+    uint64_t created[TFEM_OLDEST_MAX];
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < g->slot_count && max; s++) {
+        struct tfem_slot *slot = slot_at(g, s);
+        if (state_of(__atomic_load_n(&slot->state, SC)) != TFEM_STATE_WAIT || slot->flags & TFEM_SLOT_DOOMED) continue;
+        if (slot->name_len < len || memcmp(slot->name, prefix, len) != 0) continue;
+        uint64_t when = slot->created_ns;
+        if (n == max && when >= created[n - 1]) continue;
+        uint32_t i = n < max ? n++ : n - 1; /* insertion into the sorted few, the youngest falling off */
+        for (; i > 0 && created[i - 1] > when; i--) {
+            created[i] = created[i - 1];
+            slots[i] = slots[i - 1];
+        }
+        created[i] = when;
+        slots[i] = s;
+    }
+    return n;
+}
+
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max) {
     const struct tfem_geometry *g = tfem_geometry(h);
     uint32_t n = 0;

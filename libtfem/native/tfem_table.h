@@ -120,6 +120,12 @@ uint32_t tfem_t_published_changes(struct tfem_header *h, const uint64_t *seen, u
  * belongs to the file that mark saw (a slot can be freed and reused
  * between the two reads). */
 uint64_t tfem_t_published_mark(struct tfem_header *h, uint32_t slot);
+/* open_next's candidates: the slots of the (at most max) oldest WAIT files
+ * whose names start with the len bytes of prefix, oldest first, by their
+ * creation. One pass, no lock: a caller opens each by name, rechecked. */
+#define TFEM_OLDEST_MAX 64
+uint32_t tfem_t_oldest_waiting(struct tfem_header *h, const char *prefix, uint32_t len, uint32_t *slots,
+                               uint32_t max);
 /* The file ids of spilled files a slot still holds (not INVALID). */
 uint32_t tfem_t_spilled_ids(struct tfem_header *h, uint64_t *ids, uint32_t max);
 /* Slots of files whose time limit has passed by now_ns (not yet unlinked),
