@@ -797,10 +797,10 @@ class Cluster:
         new |= {name for name in self._announce_again if self.publications.holds(name)}
         self._announce_again.clear()
         to_announce: dict[str, list[str]] = {}
-        for name in new - set(self.announced):
+        for name in new - self.announced.keys():
             to_announce.setdefault(rendezvous.home(name, self.live), []).append(name)
         to_withdraw: dict[str, list[str]] = {}
-        for name in gone & set(self.announced):
+        for name in gone & self.announced.keys():
             to_withdraw.setdefault(self.announced.pop(name), []).append(name)
         for home, names in to_withdraw.items():
             for part in _batches(names):

@@ -242,18 +242,19 @@ class Client:
         with self._socket_lock:
             if self._broker_replaced():
                 self._rejoin()
-            if self._socket is None:
-                raise ValueError("the tfem client is closed")
-            self._socket.send_multipart(protocol.encode_request(Request(next(self._ids), op, args)), copy=False)
+            self._send_request(Request(next(self._ids), op, args))
+
+    def _send_request(self, request: Request) -> None:
+        if self._socket is None:
+            raise ValueError("the tfem client is closed")
+        self._socket.send_multipart(protocol.encode_request(request), copy=False)
 
     def _exchange(self, request: Request, wait_ms: int) -> Reply | None:
         """Send `request` and wait for its reply; None if the broker died
         (or was replaced) before answering."""
-        if self._socket is None:
-            raise ValueError("the tfem client is closed")
         header = self.segment.header if self.segment is not None else None  # none before the first HELLO
         broker = header.broker_pid if header is not None else 0
-        self._socket.send_multipart(protocol.encode_request(request), copy=False)
+        self._send_request(request)
         deadline = time.monotonic() + wait_ms / 1000
         while True:
             left_ms = (deadline - time.monotonic()) * 1000

@@ -144,10 +144,16 @@ def table_error(rc: int, what: str, header: Header) -> TfemError:
     return from_errno(rc, message)
 
 
+def raw_name(info: FileInfo) -> bytes:
+    """The name in the core's struct tfem_fileinfo, as stored."""
+    name: bytes = ffi.buffer(info.name, info.name_len)[:]
+    return name
+
+
 def file_stat(info: FileInfo) -> FileStat:
     """A FileStat from the core's struct tfem_fileinfo."""
     return FileStat(
-        name=ffi.buffer(info.name, info.name_len)[:].decode(errors="replace"),
+        name=raw_name(info).decode(errors="replace"),
         size=info.size,
         state=State(info.state).name,
         created=info.created_ns / 1e9,
@@ -433,7 +439,7 @@ class SlotTable:
         for i in range(lib.tfem_t_oldest_waiting(self._h, prefix, len(prefix), slots, most)):
             lib.tfem_t_info(self._h, slots[i], out)
             stat = file_stat(out)
-            if stat.state == "WAIT" and ffi.buffer(out.name, out.name_len)[:].startswith(prefix):
+            if stat.state == "WAIT" and raw_name(out).startswith(prefix):
                 found.append(stat)
         return found
 
@@ -442,7 +448,7 @@ class SlotTable:
         the slot holds another by now (freed, reused: no lock is taken)."""
         out = ffi.new("struct tfem_fileinfo *")
         lib.tfem_t_info(self._h, s, out)
-        name = ffi.buffer(out.name, out.name_len)[:].decode(errors="replace")
+        name = raw_name(out).decode(errors="replace")
         return name if lib.tfem_t_published_mark(self._h, s) == mark else None
 
     def spilled_ids(self) -> set[int]:
